@@ -1,0 +1,1 @@
+"""Ahead-of-time backends (imported as ``rehyat_compile.backends``), one per file."""

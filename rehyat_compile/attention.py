@@ -1,0 +1,359 @@
+"""The ReHyAt hybrid attention, in the three forms REHYAT.md defines.
+
+* :func:`hybrid_attention_reference` -- the O(N^2) masked definition (short, obviously right);
+* :func:`hybrid_attention_chunked`   -- the chunk-parallel form, O(N) memory for fixed chunk size;
+* :func:`hybrid_attention_step`      -- the recurrent form, one chunk at a time with a fixed state.
+
+All tensors are ``[B, H, N, D]`` (q, k, v) and ``[B, H, N, F]`` (feature-mapped q and k), with
+``N = extra_before + frames * tokens_per_frame + extra_after``. The softmax stabiliser is the
+row's log-sum-exp over its window (REHYAT.md "Decision (stabiliser)"), so the softmax part is a
+normalised attention output ``o`` and ``y = (o + phi_q S) / (1 + phi_q z)``. The linear part is
+accumulated in fp32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ShapeError
+
+
+@dataclass(frozen=True)
+class HybridLayout:
+    """Where the video sits in the token axis, and how it is chunked (units: frames, tokens)."""
+
+    tokens_per_frame: int
+    chunk_frames: int
+    overlap_frames: int
+    causal: bool = True
+    extra_before: int = 0
+    extra_after: int = 0
+
+    @property
+    def extra(self) -> int:
+        return self.extra_before + self.extra_after
+
+    def frames(self, n_tokens) -> int:
+        return (n_tokens - self.extra) // self.tokens_per_frame
+
+    def window(self, chunk: int, frames: int) -> tuple[int, int]:
+        """Softmax window of chunk ``chunk``: frames [start, stop)."""
+        start = max(chunk * self.chunk_frames - self.overlap_frames, 0)
+        return start, min((chunk + 1) * self.chunk_frames, frames)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def make_layout(tokens_per_frame, chunk_frames, overlap_frames, causal=True, extra_before=0,
+                extra_after=0) -> HybridLayout:
+    """Validate the layout arguments and bundle them."""
+    _check_int("tokens_per_frame", tokens_per_frame, 1)
+    _check_int("chunk_frames", chunk_frames, 1)
+    _check_int("overlap_frames", overlap_frames, 0)
+    _check_int("extra_before", extra_before, 0)
+    _check_int("extra_after", extra_after, 0)
+    if overlap_frames > chunk_frames:
+        raise ValueError(f"overlap_frames must be <= chunk_frames ({chunk_frames}), got {overlap_frames}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    return HybridLayout(tokens_per_frame, chunk_frames, overlap_frames, causal, extra_before, extra_after)
+
+
+def validate_inputs(q, k, v, fq, fk, layout: HybridLayout, *, whole_video: bool = True) -> None:
+    """Raise TypeError/ValueError naming the argument when the inputs do not fit the op."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("fq", fq), ("fk", fk)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ShapeError(f"{name} must be 4-D [B, H, N, {'F' if name.startswith('f') else 'D'}], "
+                             f"got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share a device")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ShapeError(f"{name} must have q's shape {tuple(q.shape)} [B, H, N, D], got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if fq.shape[:3] != q.shape[:3]:
+        raise ShapeError(f"fq must be [B, H, N, F] with B, H, N = {tuple(q.shape[:3])}, got {tuple(fq.shape)}")
+    if fk.shape != fq.shape:
+        raise ShapeError(f"fk must have fq's shape {tuple(fq.shape)} (same feature dim F), got {tuple(fk.shape)}")
+    for name, t in (("fq", fq), ("fk", fk)):
+        if t.dtype not in (q.dtype, torch.float32):
+            raise TypeError(f"{name} must have q's dtype {q.dtype} or float32, got {t.dtype}")
+    n = q.shape[2]
+    video = n - layout.extra
+    if whole_video:
+        if video <= 0 or video % layout.tokens_per_frame != 0:
+            raise ShapeError(
+                f"token count N={n} of q must be extra_before + frames * tokens_per_frame + extra_after "
+                f"= {layout.extra_before} + frames * {layout.tokens_per_frame} + {layout.extra_after} with frames >= 1")
+    elif video <= 0 or video % layout.tokens_per_frame != 0 or video // layout.tokens_per_frame > layout.chunk_frames:
+        raise ShapeError(
+            f"a chunk's token count N={n} of q must be extra_before + frames * tokens_per_frame + extra_after "
+            f"= {layout.extra_before} + frames * {layout.tokens_per_frame} + {layout.extra_after} "
+            f"with 1 <= frames <= chunk_frames={layout.chunk_frames}")
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32, or the input's own dtype when it is wider (float64)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+    return float(scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the O(N^2) masked definition
+# ---------------------------------------------------------------------------------------------
+
+def token_frames(layout: HybridLayout, n_tokens: int, device=None) -> torch.Tensor:
+    """Latent frame of every token; -1 marks extra (non-video) tokens."""
+    frames = layout.frames(n_tokens)
+    video = torch.arange(frames, device=device).repeat_interleave(layout.tokens_per_frame)
+    before = torch.full((layout.extra_before,), -1, device=device, dtype=torch.long)
+    after = torch.full((layout.extra_after,), -1, device=device, dtype=torch.long)
+    return torch.cat([before, video, after])
+
+
+def attention_masks(layout: HybridLayout, n_tokens: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean [N, N] masks (softmax window, linear set) of the parallel form."""
+    frame = token_frames(layout, n_tokens, device)
+    is_video = frame >= 0
+    chunk = torch.div(frame.clamp(min=0), layout.chunk_frames, rounding_mode="floor")
+    win_start = (chunk * layout.chunk_frames - layout.overlap_frames).clamp(min=0)
+    win_stop = (chunk + 1) * layout.chunk_frames
+    kf = frame[None, :]
+    in_window = (kf >= win_start[:, None]) & (kf < win_stop[:, None])
+    video_pair = is_video[:, None] & is_video[None, :]
+    window = (video_pair & in_window) | ~is_video[None, :] | ~is_video[:, None]
+    if layout.causal:
+        linear = video_pair & (kf < win_start[:, None])
+    else:
+        linear = video_pair & ~in_window
+    return window, linear
+
+
+def hybrid_attention_reference(q, k, v, fq, fk, *, tokens_per_frame, chunk_frames, overlap_frames,
+                               causal=True, extra_before=0, extra_after=0, scale=None):
+    """The definition: masked softmax over the window plus masked linear attention, O(N^2)."""
+    layout = make_layout(tokens_per_frame, chunk_frames, overlap_frames, causal, extra_before, extra_after)
+    validate_inputs(q, k, v, fq, fk, layout)
+    scale = resolve_scale(scale, q.shape[-1])
+    window, linear = attention_masks(layout, q.shape[2], q.device)
+    scores = (q.to(_acc(q)) @ k.to(_acc(q)).transpose(-1, -2)) * scale
+    o = torch.softmax(scores.masked_fill(~window, float("-inf")), dim=-1) @ v.to(_acc(q))
+    lin = (fq.to(_acc(q)) @ fk.to(_acc(q)).transpose(-1, -2)) * linear
+    y = (o + lin @ v.to(_acc(q))) / (1.0 + lin.sum(-1, keepdim=True))
+    return y.to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk-parallel form
+# ---------------------------------------------------------------------------------------------
+
+def _split_tokens(t, layout: HybridLayout):
+    """[B,H,N,X] -> (extra_before, video [B,H,T*M,X], extra_after)."""
+    n = t.shape[2]
+    a, b = layout.extra_before, n - layout.extra_after
+    return t[:, :, :a], t[:, :, a:b], t[:, :, b:]
+
+
+def _frames_padded(t, m: int, front: int, total: int):
+    """Video tokens [B,H,T*M,X] -> frames [B,H,total,M,X] with `front` zero frames before."""
+    bsz, heads, _, width = t.shape
+    frames = t.reshape(bsz, heads, -1, m, width)
+    back = total - front - frames.shape[2]
+    return F.pad(frames, (0, 0, 0, 0, front, back))
+
+
+def _exclusive_prefix(x, dim: int, prefix: str):
+    """Sum over earlier entries along dim (exclusive). 'matmul' avoids cumsum for backends."""
+    if prefix == "cumsum":
+        return torch.cumsum(x, dim=dim) - x
+    n = x.shape[dim]
+    lower = torch.ones(n, n, dtype=x.dtype, device=x.device).tril(-1)
+    moved = x.movedim(dim, -1)
+    return (moved @ lower.T).movedim(-1, dim)
+
+
+def _segment_states(fk_video, v_video, layout: HybridLayout, n_seg: int, shift: int):
+    """Per-segment S [B,H,n_seg,F,D] and z [B,H,n_seg,F] in fp32; segment s holds frames
+    [s*Tc - shift, (s+1)*Tc - shift)."""
+    tc, m = layout.chunk_frames, layout.tokens_per_frame
+    total = n_seg * tc
+    fk_f = _frames_padded(fk_video.to(_acc(v_video)), m, shift, total)
+    v_f = _frames_padded(v_video.to(_acc(v_video)), m, shift, total)
+    bsz, heads = fk_f.shape[:2]
+    fk_s = fk_f.reshape(bsz, heads, n_seg, tc * m, -1)
+    v_s = v_f.reshape(bsz, heads, n_seg, tc * m, -1)
+    return fk_s.transpose(-1, -2) @ v_s, fk_s.sum(3)
+
+
+def linear_states(fk_video, v_video, layout: HybridLayout, frames: int, prefix: str = "cumsum"):
+    """S_t, z_t of every chunk t (fp32): the sums of phi_k v^T and phi_k over its linear set."""
+    tc, to = layout.chunk_frames, layout.overlap_frames
+    n_chunks = -(-frames // tc)
+    seg_s, seg_z = _segment_states(fk_video, v_video, layout, n_chunks, to)
+    s = _exclusive_prefix(seg_s, 2, prefix)
+    z = _exclusive_prefix(seg_z, 2, prefix)
+    if not layout.causal:
+        # Frames after the window are the whole chunks after t (chunk-aligned partition).
+        ch_s, ch_z = _segment_states(fk_video, v_video, layout, n_chunks, 0)
+        s = s + _exclusive_prefix(ch_s.flip(2), 2, prefix).flip(2)
+        z = z + _exclusive_prefix(ch_z.flip(2), 2, prefix).flip(2)
+    return s, z
+
+
+def _windowed_softmax(q_video, k, v, layout: HybridLayout, frames: int, scale: float):
+    """Normalised softmax attention of each chunk's queries over (extra tokens + its window)."""
+    tc, to, m = layout.chunk_frames, layout.overlap_frames, layout.tokens_per_frame
+    n_chunks = -(-frames // tc)
+    kb, k_video, ka = _split_tokens(k, layout)
+    vb, v_video, va = _split_tokens(v, layout)
+    bsz, heads, _, d = q_video.shape
+    qc = _frames_padded(q_video, m, 0, n_chunks * tc).reshape(bsz, heads * n_chunks, tc * m, d)
+
+    def windows(t_video, t_before, t_after):
+        fr = _frames_padded(t_video, m, to, to + n_chunks * tc)          # [B,H,To+nC*Tc,M,D]
+        win = fr.unfold(2, tc + to, tc)                                  # [B,H,nC,M,D,Tc+To]
+        win = win.permute(0, 1, 2, 5, 3, 4).reshape(bsz, heads, n_chunks, (tc + to) * m, d)
+        extra = torch.cat([t_before, t_after], dim=2)[:, :, None].expand(-1, -1, n_chunks, -1, -1)
+        return torch.cat([extra, win], dim=3).reshape(bsz, heads * n_chunks, -1, d)
+
+    kw, vw = windows(k_video, kb, ka), windows(v_video, vb, va)
+    # Key validity: extra tokens always; window frame f (= t*Tc - To + i) when 0 <= f < frames.
+    first = torch.arange(n_chunks, device=q_video.device)[:, None] * tc - to
+    frame = first + torch.arange(tc + to, device=q_video.device)[None, :]
+    valid = ((frame >= 0) & (frame < frames)).repeat_interleave(m, dim=1)
+    valid = torch.cat([valid.new_ones(n_chunks, layout.extra), valid], dim=1)
+    mask = valid[None, :, None, :].expand(heads, -1, -1, -1).reshape(1, heads * n_chunks, 1, -1)
+    o = F.scaled_dot_product_attention(qc, kw, vw, attn_mask=mask, scale=scale)
+    return o.reshape(bsz, heads, n_chunks, tc * m, d)
+
+
+def hybrid_attention_chunked(q, k, v, fq, fk, *, tokens_per_frame, chunk_frames, overlap_frames,
+                             causal=True, extra_before=0, extra_after=0, scale=None, prefix="cumsum",
+                             validate=True):
+    """Chunk-parallel hybrid attention (pure PyTorch). ``prefix='matmul'`` writes the prefix
+    sums over chunks as a lower-triangular matmul, for compilers that cannot lower cumsum."""
+    layout = make_layout(tokens_per_frame, chunk_frames, overlap_frames, causal, extra_before, extra_after)
+    if validate:
+        validate_inputs(q, k, v, fq, fk, layout)
+    scale = resolve_scale(scale, q.shape[-1])
+    n = q.shape[2]
+    frames = layout.frames(n)
+    tc, m = layout.chunk_frames, layout.tokens_per_frame
+    n_chunks = -(-frames // tc)
+    bsz, heads, _, d = q.shape
+
+    qb, q_video, qa = _split_tokens(q, layout)
+    _, fk_video, _ = _split_tokens(fk, layout)
+    _, v_video, _ = _split_tokens(v, layout)
+    _, fq_video, _ = _split_tokens(fq, layout)
+
+    o = _windowed_softmax(q_video, k, v, layout, frames, scale)            # [B,H,nC,Tc*M,D]
+    s, z = linear_states(fk_video, v_video, layout, frames, prefix)       # fp32
+    fqc = _frames_padded(fq_video.to(_acc(q)), m, 0, n_chunks * tc).reshape(bsz, heads, n_chunks, tc * m, -1)
+    num = o.to(_acc(q)) + fqc @ s
+    den = 1.0 + fqc @ z.unsqueeze(-1)
+    y_video = (num / den).reshape(bsz, heads, n_chunks * tc * m, d)[:, :, : frames * m].to(q.dtype)
+
+    parts = []
+    if layout.extra_before:
+        parts.append(F.scaled_dot_product_attention(qb, k, v, scale=scale))
+    parts.append(y_video)
+    if layout.extra_after:
+        parts.append(F.scaled_dot_product_attention(qa, k, v, scale=scale))
+    return torch.cat(parts, dim=2) if len(parts) > 1 else y_video
+
+
+# ---------------------------------------------------------------------------------------------
+# Recurrent form
+# ---------------------------------------------------------------------------------------------
+
+class HybridState(NamedTuple):
+    """Carried between chunks, per layer: S [B,H,F,D] and z [B,H,F] (fp32), and the k, v, phi_k
+    of the last ``min(overlap_frames, frames seen)`` frames ([B,H,frames*M,X], input dtypes)."""
+
+    s: torch.Tensor
+    z: torch.Tensor
+    k_overlap: torch.Tensor
+    v_overlap: torch.Tensor
+    fk_overlap: torch.Tensor
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self)
+
+
+def initial_state(k, v, fk) -> HybridState:
+    """The state before the first chunk: S = 0, z = 0, no overlap frames."""
+    bsz, heads, _, d = k.shape
+    feat = fk.shape[-1]
+    s = torch.zeros(bsz, heads, feat, d, dtype=_acc(k), device=k.device)
+    return HybridState(s, s.new_zeros(bsz, heads, feat), k[:, :, :0], v[:, :, :0], fk[:, :, :0])
+
+
+def _validate_state(state, k, v, fk, layout: HybridLayout) -> None:
+    if not isinstance(state, HybridState):
+        raise TypeError(f"state must be None or a HybridState, got {type(state).__name__}")
+    bsz, heads, _, d = k.shape
+    feat = fk.shape[-1]
+    if tuple(state.s.shape) != (bsz, heads, feat, d) or tuple(state.z.shape) != (bsz, heads, feat):
+        raise ShapeError(f"state.s / state.z must be [B,H,F,D]=[{bsz},{heads},{feat},{d}] / [B,H,F], "
+                         f"got {tuple(state.s.shape)} / {tuple(state.z.shape)}")
+    cached = state.k_overlap.shape[2]
+    if cached % layout.tokens_per_frame or cached // layout.tokens_per_frame > layout.overlap_frames:
+        raise ShapeError(f"state overlap holds {cached} tokens; expected a multiple of tokens_per_frame="
+                         f"{layout.tokens_per_frame} of at most overlap_frames={layout.overlap_frames} frames")
+
+
+def hybrid_attention_step(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_frames, overlap_frames,
+                          extra_before=0, extra_after=0, scale=None):
+    """One chunk of the causal recurrent form. Inputs hold [extra_before, this chunk's frames,
+    extra_after] tokens; returns (output for those tokens, state for the next chunk)."""
+    layout = make_layout(tokens_per_frame, chunk_frames, overlap_frames, True, extra_before, extra_after)
+    validate_inputs(q, k, v, fq, fk, layout, whole_video=False)
+    state = initial_state(k, v, fk) if state is None else state
+    _validate_state(state, k, v, fk, layout)
+    scale = resolve_scale(scale, q.shape[-1])
+    m = layout.tokens_per_frame
+
+    kb, k_video, ka = _split_tokens(k, layout)
+    vb, v_video, va = _split_tokens(v, layout)
+    _, fk_video, _ = _split_tokens(fk, layout)
+    window_k = torch.cat([state.k_overlap, k_video], dim=2)
+    window_v = torch.cat([state.v_overlap, v_video], dim=2)
+    window_fk = torch.cat([state.fk_overlap, fk_video], dim=2)
+
+    # Every query of the chunk (extra tokens included) sees extras + window with softmax.
+    keys = torch.cat([kb, ka, window_k], dim=2)
+    values = torch.cat([vb, va, window_v], dim=2)
+    o = F.scaled_dot_product_attention(q, keys, values, scale=scale).to(_acc(q))
+    fqf = fq.to(_acc(q))
+    y = (o + fqf @ state.s) / (1.0 + fqf @ state.z.unsqueeze(-1))
+
+    # Frames leaving the window move into the state; the last To frames stay as the overlap.
+    keep = min(layout.overlap_frames * m, window_k.shape[2])
+    leave = window_k.shape[2] - keep
+    fk_leave = window_fk[:, :, :leave].to(_acc(q))
+    s = state.s + fk_leave.transpose(-1, -2) @ window_v[:, :, :leave].to(_acc(q))
+    z = state.z + fk_leave.sum(2)
+    new_state = HybridState(s, z, window_k[:, :, leave:], window_v[:, :, leave:], window_fk[:, :, leave:])
+    return y.to(q.dtype), new_state
