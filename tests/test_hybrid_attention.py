@@ -55,11 +55,13 @@ def run_recurrent(inputs, layout, frames):
 
 
 @SETTINGS
-@given(problems())
-def test_chunked_equals_reference_fp32(problem):
+@given(problems(), st.sampled_from(["grouped", "masked"]), st.sampled_from(["cumsum", "matmul"]))
+def test_chunked_equals_reference_fp32(problem, windows, prefix):
     inputs, layout, _ = problem
     ref = rc.hybrid_attention_reference(*inputs, **layout)
     torch.testing.assert_close(rc.hybrid_attention(*inputs, **layout), ref, rtol=1e-5, atol=1e-5)
+    chunked = rc.hybrid_attention_chunked(*inputs, **layout, windows=windows, prefix=prefix)
+    torch.testing.assert_close(chunked, ref, rtol=1e-5, atol=1e-5)
 
 
 @SETTINGS
