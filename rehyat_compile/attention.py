@@ -337,39 +337,47 @@ def hybrid_attention_chunked(q, k, v, fq, fk, *, tokens_per_frame, chunk_frames,
 # ---------------------------------------------------------------------------------------------
 
 class HybridState(NamedTuple):
-    """Carried between chunks, per layer: S [B,H,F,D] and z [B,H,F] (fp32), and the k, v, phi_k
-    of the last ``min(overlap_frames, frames seen)`` frames ([B,H,frames*M,X], input dtypes)."""
+    """Carried between chunks, per layer; every field has a fixed shape, whatever the frame count.
+
+    s [B,H,F,D] and z [B,H,F] (fp32 or wider): sums of phi_k v^T and phi_k over the frames that
+    have left the window. k_overlap, v_overlap [B,H,To*M,D] and fk_overlap [B,H,To*M,F] (input
+    dtypes): the last To frames seen, zero before they exist; overlap_valid [To*M] (bool) marks
+    which of them exist yet (only the first chunks have fewer than To frames behind them).
+    """
 
     s: torch.Tensor
     z: torch.Tensor
     k_overlap: torch.Tensor
     v_overlap: torch.Tensor
     fk_overlap: torch.Tensor
+    overlap_valid: torch.Tensor
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self)
 
 
-def initial_state(k, v, fk) -> HybridState:
-    """The state before the first chunk: S = 0, z = 0, no overlap frames."""
+def initial_state(k, v, fk, overlap_tokens: int) -> HybridState:
+    """The state before the first chunk: S = 0, z = 0, an empty (all-invalid) overlap cache."""
     bsz, heads, _, d = k.shape
     feat = fk.shape[-1]
     s = torch.zeros(bsz, heads, feat, d, dtype=_acc(k), device=k.device)
-    return HybridState(s, s.new_zeros(bsz, heads, feat), k[:, :, :0], v[:, :, :0], fk[:, :, :0])
+    return HybridState(s, s.new_zeros(bsz, heads, feat), k.new_zeros(bsz, heads, overlap_tokens, d),
+                       v.new_zeros(bsz, heads, overlap_tokens, d), fk.new_zeros(bsz, heads, overlap_tokens, feat),
+                       torch.zeros(overlap_tokens, dtype=torch.bool, device=k.device))
 
 
-def _validate_state(state, k, v, fk, layout: HybridLayout) -> None:
+def _validate_state(state, k, v, fk, overlap_tokens: int) -> None:
     if not isinstance(state, HybridState):
         raise TypeError(f"state must be None or a HybridState, got {type(state).__name__}")
     bsz, heads, _, d = k.shape
     feat = fk.shape[-1]
-    if tuple(state.s.shape) != (bsz, heads, feat, d) or tuple(state.z.shape) != (bsz, heads, feat):
-        raise ShapeError(f"state.s / state.z must be [B,H,F,D]=[{bsz},{heads},{feat},{d}] / [B,H,F], "
-                         f"got {tuple(state.s.shape)} / {tuple(state.z.shape)}")
-    cached = state.k_overlap.shape[2]
-    if cached % layout.tokens_per_frame or cached // layout.tokens_per_frame > layout.overlap_frames:
-        raise ShapeError(f"state overlap holds {cached} tokens; expected a multiple of tokens_per_frame="
-                         f"{layout.tokens_per_frame} of at most overlap_frames={layout.overlap_frames} frames")
+    expected = {"s": (bsz, heads, feat, d), "z": (bsz, heads, feat), "k_overlap": (bsz, heads, overlap_tokens, d),
+                "v_overlap": (bsz, heads, overlap_tokens, d), "fk_overlap": (bsz, heads, overlap_tokens, feat),
+                "overlap_valid": (overlap_tokens,)}
+    for name, shape in expected.items():
+        got = tuple(getattr(state, name).shape)
+        if got != shape:
+            raise ShapeError(f"state.{name} must have shape {shape} for these inputs and overlap_frames, got {got}")
 
 
 def hybrid_attention_step(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_frames, overlap_frames,
@@ -378,10 +386,10 @@ def hybrid_attention_step(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_fra
     extra_after] tokens; returns (output for those tokens, state for the next chunk)."""
     layout = make_layout(tokens_per_frame, chunk_frames, overlap_frames, True, extra_before, extra_after)
     validate_inputs(q, k, v, fq, fk, layout, whole_video=False)
-    state = initial_state(k, v, fk) if state is None else state
-    _validate_state(state, k, v, fk, layout)
+    overlap_tokens = layout.overlap_frames * layout.tokens_per_frame
+    state = initial_state(k, v, fk, overlap_tokens) if state is None else state
+    _validate_state(state, k, v, fk, overlap_tokens)
     scale = resolve_scale(scale, q.shape[-1])
-    m = layout.tokens_per_frame
 
     kb, k_video, ka = _split_tokens(k, layout)
     vb, v_video, va = _split_tokens(v, layout)
@@ -389,19 +397,24 @@ def hybrid_attention_step(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_fra
     window_k = torch.cat([state.k_overlap, k_video], dim=2)
     window_v = torch.cat([state.v_overlap, v_video], dim=2)
     window_fk = torch.cat([state.fk_overlap, fk_video], dim=2)
+    window_valid = torch.cat([state.overlap_valid, state.overlap_valid.new_ones(k_video.shape[2])])
 
     # Every query of the chunk (extra tokens included) sees extras + window with softmax.
     keys = torch.cat([kb, ka, window_k], dim=2)
     values = torch.cat([vb, va, window_v], dim=2)
-    o = F.scaled_dot_product_attention(q, keys, values, scale=scale).to(_acc(q))
+    mask = None
+    if overlap_tokens:
+        mask = torch.cat([window_valid.new_ones(layout.extra), window_valid])[None, :]
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale).to(_acc(q))
     fqf = fq.to(_acc(q))
     y = (o + fqf @ state.s) / (1.0 + fqf @ state.z.unsqueeze(-1))
 
-    # Frames leaving the window move into the state; the last To frames stay as the overlap.
-    keep = min(layout.overlap_frames * m, window_k.shape[2])
-    leave = window_k.shape[2] - keep
+    # Frames leaving the window move into the state (not-yet-existing overlap slots hold zeros and
+    # add nothing); the last To frames stay as the overlap.
+    leave = k_video.shape[2]
     fk_leave = window_fk[:, :, :leave].to(_acc(q))
     s = state.s + fk_leave.transpose(-1, -2) @ window_v[:, :, :leave].to(_acc(q))
     z = state.z + fk_leave.sum(2)
-    new_state = HybridState(s, z, window_k[:, :, leave:], window_v[:, :, leave:], window_fk[:, :, leave:])
+    new_state = HybridState(s, z, window_k[:, :, leave:], window_v[:, :, leave:], window_fk[:, :, leave:],
+                            window_valid[leave:])
     return y.to(q.dtype), new_state

@@ -46,11 +46,13 @@ def run_recurrent(inputs, layout, frames):
     m, eb, ea = layout["tokens_per_frame"], layout["extra_before"], layout["extra_after"]
     n = inputs[0].shape[2]
     kw = {k: v for k, v in layout.items() if k != "causal"}
-    state, outs = None, []
+    state, outs, shapes = None, [], set()
     for t0, t1 in chunks_of(frames, layout["chunk_frames"]):
         idx = [*range(eb), *range(eb + t0 * m, eb + t1 * m), *range(n - ea, n)]
         y, state = rc.hybrid_attention_step(*(x[:, :, idx] for x in inputs), state, **kw)
         outs.append(y[:, :, eb:eb + (t1 - t0) * m])
+        shapes.add(tuple(tuple(t.shape) for t in state))
+    assert len(shapes) == 1, "the carried state changed shape between chunks"
     return torch.cat(outs, dim=2), state
 
 
@@ -242,6 +244,23 @@ def test_bad_tensors_name_the_argument(word, change, error):
     args.update(change)
     with pytest.raises(error, match=rf"\b{word}\b"):
         rc.hybrid_attention(**args, tokens_per_frame=3, chunk_frames=2, overlap_frames=1)
+
+
+def test_step_exports_with_state_as_inputs_and_outputs():
+    def step(q, k, v, fq, fk, *state):
+        y, new = rc.hybrid_attention_step(q, k, v, fq, fk, rc.HybridState(*state), tokens_per_frame=3,
+                                          chunk_frames=2, overlap_frames=1, extra_before=2)
+        return y, *new
+
+    class Step(torch.nn.Module):
+        def forward(self, *a):
+            return step(*a)
+
+    chunk = [torch.randn(1, 2, 8, 4) for _ in range(3)] + [torch.rand(1, 2, 8, 3) for _ in range(2)]
+    _, state = rc.hybrid_attention_step(*chunk, None, tokens_per_frame=3, chunk_frames=2, overlap_frames=1,
+                                        extra_before=2)
+    ep = torch.export.export(Step(), (*chunk, *state))
+    torch.testing.assert_close(ep.module()(*chunk, *state), Step()(*chunk, *state))
 
 
 def test_step_rejects_chunk_longer_than_chunk_frames():
