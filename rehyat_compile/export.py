@@ -136,12 +136,39 @@ def find_frame_input(model, args: tuple, kwargs: dict, frames=None) -> tuple[str
                 raise ValueError(f"frames={frames!r}: no 5-D floating-point input tensor to take it from")
             return None
         name, tensor = candidates[0]
-        dim = 2 if frames is None else frames
+        dim = frames if frames is not None else _default_time_dim(model, tensor)
     else:
         raise ValueError(f"frames must be None, an int dim, or (input name or index, dim), got {frames!r}")
     if not -tensor.dim() <= dim < tensor.dim():
         raise ValueError(f"frames: dim {dim} is out of range for input {name!r} of shape {tuple(tensor.shape)}")
     return name, tensor, dim % tensor.dim()
+
+
+def _default_time_dim(model, tensor: torch.Tensor) -> int:
+    """2 ([B, C, T, H, W]), or 1 when dim 2 matches the config's ``in_channels`` and dim 1 does not
+    (CogVideoX-style [B, T, C, H, W])."""
+    config = getattr(model, "config", None)
+    channels = config.get("in_channels") if isinstance(config, dict) else getattr(config, "in_channels", None)
+    if isinstance(channels, int) and tensor.shape[2] == channels and tensor.shape[1] != channels:
+        return 1
+    return 2
+
+
+class _ModuleAttributes:
+    """Snapshot of every submodule's plain attributes, restored after an export attempt: a failed
+    symbolic trace can leave symbolic values cached on modules (Cosmos' RoPE does)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+
+    def restore(self) -> None:
+        for module, attrs, params, buffers in self.saved:
+            module.__dict__.clear()
+            module.__dict__.update(attrs)
+            module._parameters.clear()
+            module._parameters.update(params)
+            module._buffers.clear()
+            module._buffers.update(buffers)
 
 
 def _export(model, args, kwargs, dynamic_shapes=None) -> ExportedProgram:
@@ -182,9 +209,11 @@ def export_video_model(model, args, kwargs=None, *, frames=None, video_shape=Non
         name, tensor, dim = found
         collection = ShapesCollection()
         collection[tensor] = {dim: Dim.AUTO}
+        attributes = _ModuleAttributes(model)
         try:
             ep = _export(model, args, kwargs, collection.dynamic_shapes(model, tuple(args), kwargs))
         except Exception as exc:  # any export failure: fall back to static below
+            attributes.restore()
             reason = f"dynamic export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         else:
             flat = [t for t in torch.utils._pytree.tree_leaves((tuple(args), kwargs))]
@@ -193,6 +222,8 @@ def export_video_model(model, args, kwargs=None, *, frames=None, video_shape=Non
             if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
                 return ep, FrameAxis(name, dim, tensor.shape[dim], patch, size.node.expr, video_shape)
             reason = "the model's code specialises the frame axis (shapes used as python ints)"
+    # Fresh input tensors: a failed symbolic export can leave the old ones memoised as symbolic fakes.
+    args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, (tuple(args), kwargs))
     try:
         ep = _export(model, args, kwargs)
     except Exception as exc:
