@@ -118,30 +118,33 @@ def run_table(frame_counts, causal: bool) -> None:
 
 
 def sweep_configs(frames: int, causal: bool) -> None:
-    """ms of the fused kernel's main launch for each block configuration (states precomputed)."""
+    """ms of the fused kernel's main launch for each K/V load mode and block configuration."""
+    layout = dict(tokens_per_frame=TOKENS_PER_FRAME, chunk_frames=CHUNK_FRAMES, overlap_frames=OVERLAP_FRAMES,
+                  causal=causal, extra_before=0, extra_after=0, scale=HEAD_DIM ** -0.5)
     q, k, v, fq, fk = make_inputs(frames)
-    n = q.shape[2]
     states = triton_hybrid.prefix_states(fk, v, tokens_per_frame=TOKENS_PER_FRAME, extra_before=0, frames=frames)
     out = torch.empty_like(q)
-    n_chunks = -(-frames // CHUNK_FRAMES)
-    flops = rc.hybrid_attention_flops(1, HEADS, n, HEAD_DIM, FEATURES, tokens_per_frame=TOKENS_PER_FRAME,
+    flops = rc.hybrid_attention_flops(1, HEADS, q.shape[2], HEAD_DIM, FEATURES, tokens_per_frame=TOKENS_PER_FRAME,
                                       chunk_frames=CHUNK_FRAMES, overlap_frames=OVERLAP_FRAMES, causal=causal)
-    print(f"config sweep, {frames} frames, causal={causal}: BLOCK_M BLOCK_N warps stages -> ms TFLOP/s")
-    args = (q, k, v, fq, states, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *fq.stride()[:3],
-            *out.stride()[:3], HEADS, n, frames, TOKENS_PER_FRAME, CHUNK_FRAMES, OVERLAP_FRAMES, 0, 0, FEATURES,
-            HEAD_DIM ** -0.5 * triton_hybrid.LOG2E)
-    for bm, bn, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4)):
-        grid = (n_chunks * triton.cdiv(CHUNK_FRAMES * TOKENS_PER_FRAME, bm), HEADS)
+    ref = rc.hybrid_attention_chunked(q, k, v, fq, fk, **layout).float()
+    print(f"config sweep, {frames} frames, causal={causal}: mode BLOCK_M BLOCK_N warps stages -> ms TFLOP/s relerr")
+    modes = {"ptr": triton_hybrid.POINTERS, "hosttma": triton_hybrid.HOST_TMA, "devtma": triton_hybrid.DEVICE_TMA}
+    for (mode_name, mode), (bm, bn, warps, stages) in itertools.product(
+            modes.items(), [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+                            (64, 128, 4, 3), (128, 64, 4, 3)]):
+        config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
         def launch():
-            triton_hybrid._hybrid_fwd_kernel[grid](*args, CAUSAL=causal, HEAD_DIM=HEAD_DIM, BLOCK_F=FEATURES,
-                                                   BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            triton_hybrid.launch_main_kernel(q, k, v, fq, states, out, **layout, kv_mode=mode, config=config)
         try:
+            out.fill_(float("nan"))
+            launch()
+            err = ((out.float() - ref).norm() / ref.norm()).item()
             ms = do_bench(launch, warmup=25, rep=100, return_mode="median")
         except Exception as exc:  # out of shared memory / registers for this config
-            print(f"  {bm:4} {bn:4} {warps:2} {stages:2} -> failed: {type(exc).__name__}")
+            print(f"  {mode_name:8} {bm:4} {bn:4} {warps:2} {stages:2} -> failed: {type(exc).__name__} {str(exc)[:80]}")
             continue
-        print(f"  {bm:4} {bn:4} {warps:2} {stages:2} -> {ms:7.3f} {flops / ms / 1e9:6.0f}")
+        print(f"  {mode_name:8} {bm:4} {bn:4} {warps:2} {stages:2} -> {ms:7.3f} {flops / ms / 1e9:6.0f} {err:8.1e}")
     states_ms = do_bench(lambda: triton_hybrid.prefix_states(fk, v, tokens_per_frame=TOKENS_PER_FRAME,
                                                              extra_before=0, frames=frames),
                          warmup=25, rep=100, return_mode="median")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..attention import resolve_scale
 
@@ -121,34 +122,66 @@ def prefix_states(fk, v, *, tokens_per_frame: int, extra_before: int, frames: in
 # Windowed softmax + linear readout, fused
 # ---------------------------------------------------------------------------------------------
 
+# How the main loop reads K/V blocks (a constexpr of the kernel):
+POINTERS = 0        # plain masked loads (any layout; the interpreter's path)
+HOST_TMA = 1        # host-built 4-D tensor descriptors [B, H, N, D]: TMA bulk copies on Hopper
+DEVICE_TMA = 2      # per-program 2-D descriptors of the head, built in the kernel (needs an allocator)
+
+
 @triton.jit
-def _attend(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_keys, s_k_n, s_v_n, qk_scale, BLOCK_N: tl.constexpr):
-    """Online softmax of q over ``n_keys`` consecutive keys from k_ptrs/v_ptrs ([BLOCK_N, D] pointer
-    blocks). Full blocks run unmasked; the one partial block at the end is masked."""
-    n_full = (n_keys // BLOCK_N) * BLOCK_N
-    for _ in range(0, n_full, BLOCK_N):
-        k = tl.load(k_ptrs)
-        qk = tl.dot(q, tl.trans(k))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
-        k_ptrs += BLOCK_N * s_k_n
-        v_ptrs += BLOCK_N * s_v_n
-    if n_full < n_keys:
-        valid = (n_full + tl.arange(0, BLOCK_N)) < n_keys
-        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
-        qk = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+def _kv_block(src, b, h, row, s_n, valid, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              KV_MODE: tl.constexpr, MASKED: tl.constexpr):
+    """Rows [row, row + BLOCK_N) of one head of K or V as a [BLOCK_N, HEAD_DIM] block. Masked
+    blocks read zeros outside ``valid``, so nothing outside the key range (not even a NaN) enters."""
+    if KV_MODE == 0:
+        ptrs = src + (row + tl.arange(0, BLOCK_N))[:, None] * s_n + tl.arange(0, HEAD_DIM)[None, :]
+        if MASKED:
+            block = tl.load(ptrs, mask=valid[:, None], other=0.0)
+        else:
+            block = tl.load(ptrs)
+    else:
+        if KV_MODE == 1:
+            block = src.load([b, h, row, 0]).reshape(BLOCK_N, HEAD_DIM)
+        else:
+            block = src.load([row, 0])
+        if MASKED:
+            block = tl.where(valid[:, None], block, 0.0)
+    return block
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, q, k, v, valid, qk_scale, MASKED: tl.constexpr):
+    """One online-softmax update (exp2 domain, fp32 running max m_i and sum l_i)."""
+    qk = tl.dot(q, tl.trans(k))
+    if MASKED:
+        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, k_src, v_src, b, h, key0, n_keys, s_k_n, s_v_n, qk_scale,
+            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, KV_MODE: tl.constexpr):
+    """Online softmax of q over keys [key0, key0 + n_keys) of head (b, h) (int32). Full blocks run unmasked;
+    the one partial block at the end is masked."""
+    n_full = (n_keys // BLOCK_N) * BLOCK_N
+    valid = tl.full([BLOCK_N], 1, tl.int1)
+    for start in range(0, n_full, BLOCK_N):
+        k = _kv_block(k_src, b, h, key0 + start, s_k_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, False)
+        v = _kv_block(v_src, b, h, key0 + start, s_v_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, False)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, valid, qk_scale, False)
+    if n_full < n_keys:
+        valid = (n_full + tl.arange(0, BLOCK_N)) < n_keys
+        k = _kv_block(k_src, b, h, key0 + n_full, s_k_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, True)
+        v = _kv_block(v_src, b, h, key0 + n_full, s_v_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, True)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, valid, qk_scale, True)
     return acc, l_i, m_i
 
 
@@ -159,12 +192,15 @@ def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT,
                        n_heads, n_tokens, frames, tokens_per_frame, chunk_frames, overlap_frames,
                        extra_before, extra_after, feature_dim, qk_scale,
                        CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program (query block, bh): BLOCK_M video queries of one chunk -> their rows of OUT."""
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_MODE: tl.constexpr):
+    """Program (query block, bh): BLOCK_M video queries of one chunk -> their rows of OUT.
+    K, V are tensors (KV_MODE 0, 2) or 4-D tensor descriptors (KV_MODE 1)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    b32 = bh // n_heads                   # descriptor coordinates are int32
+    h32 = bh % n_heads
+    b = b32.to(tl.int64)                  # pointer offsets are int64
+    h = h32.to(tl.int64)
     blocks_per_chunk = tl.cdiv(chunk_frames * tokens_per_frame, BLOCK_M)
     chunk = pid // blocks_per_chunk
     row0 = (pid % blocks_per_chunk) * BLOCK_M
@@ -177,24 +213,31 @@ def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT,
         row_ok = offs_m < rows_here
         tokens = extra_before + f_start * tokens_per_frame + offs_m
         offs_d = tl.arange(0, HEAD_DIM)
-        offs_n = tl.arange(0, BLOCK_N)
         q = tl.load(Q + b * s_q_b + h * s_q_h + tokens[:, None] * s_q_n + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
-        k_head = K + b * s_k_b + h * s_k_h + offs_n[:, None] * s_k_n + offs_d[None, :]
-        v_head = V + b * s_v_b + h * s_v_h + offs_n[:, None] * s_v_n + offs_d[None, :]
+        if KV_MODE == 0:
+            k_src = K + b * s_k_b + h * s_k_h
+            v_src = V + b * s_v_b + h * s_v_h
+        elif KV_MODE == 1:
+            k_src = K
+            v_src = V
+        else:
+            k_src = tl.make_tensor_descriptor(K + b * s_k_b + h * s_k_h, shape=[n_tokens, HEAD_DIM],
+                                              strides=[s_k_n, 1], block_shape=[BLOCK_N, HEAD_DIM])
+            v_src = tl.make_tensor_descriptor(V + b * s_v_b + h * s_v_h, shape=[n_tokens, HEAD_DIM],
+                                              strides=[s_v_n, 1], block_shape=[BLOCK_N, HEAD_DIM])
 
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         w_start = tl.maximum(f_start - overlap_frames, 0)
-        key0 = extra_before + w_start * tokens_per_frame
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_head + key0 * s_k_n, v_head + key0 * s_v_n,
-                                (f_stop - w_start) * tokens_per_frame, s_k_n, s_v_n, qk_scale, BLOCK_N)
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_head, v_head, extra_before, s_k_n, s_v_n, qk_scale,
-                                BLOCK_N)
-        key0 = n_tokens - extra_after
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_head + key0 * s_k_n, v_head + key0 * s_v_n,
-                                extra_after, s_k_n, s_v_n, qk_scale, BLOCK_N)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b32, h32, extra_before + w_start * tokens_per_frame,
+                                (f_stop - w_start) * tokens_per_frame, s_k_n, s_v_n, qk_scale,
+                                BLOCK_N, HEAD_DIM, KV_MODE)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b32, h32, 0, extra_before, s_k_n, s_v_n, qk_scale,
+                                BLOCK_N, HEAD_DIM, KV_MODE)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b32, h32, n_tokens - extra_after, extra_after,
+                                s_k_n, s_v_n, qk_scale, BLOCK_N, HEAD_DIM, KV_MODE)
         o = acc / l_i[:, None]
 
         # Linear readout with the chunk's fp32 states: S_t (F x D), z_t (F).
@@ -221,12 +264,61 @@ def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT,
                  y.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
 
+def _set_descriptor_blocks(nargs) -> None:
+    """Autotune pre-hook: a host descriptor's block is the config's [1, 1, BLOCK_N, D] tile."""
+    for name in ("K", "V"):
+        if isinstance(nargs[name], TensorDescriptor):
+            nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+
+
 _FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-                         (64, 64, 4, 3), (128, 64, 4, 4)]
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_descriptor_blocks)
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)]
 ]
-_hybrid_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["HEAD_DIM", "BLOCK_F", "CAUSAL"])(_hybrid_fwd_kernel)
+_hybrid_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["HEAD_DIM", "BLOCK_F", "CAUSAL", "KV_MODE"])(
+    _hybrid_fwd_kernel)
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base and 16-byte multiples for every stride but the last."""
+    return t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+
+
+def _device_descriptor_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def launch_main_kernel(q, k, v, fq, states, out, *, tokens_per_frame, chunk_frames, overlap_frames, causal,
+                       extra_before, extra_after, scale, kv_mode=None, config=None) -> None:
+    """Run :func:`_hybrid_fwd_kernel` into ``out``. kv_mode None picks HOST_TMA on a GPU when the
+    strides allow it, else POINTERS; config None autotunes (fixed 16x16 blocks when interpreting)."""
+    bsz, heads, n, d = q.shape
+    feat = fq.shape[-1]
+    frames = (n - extra_before - extra_after) // tokens_per_frame
+    n_chunks = -(-frames // chunk_frames)
+    chunk_rows = chunk_frames * tokens_per_frame
+    if kv_mode is None:
+        kv_mode = HOST_TMA if not interpreting() and _tma_ready(k) and _tma_ready(v) else POINTERS
+    k_src, v_src = k, v
+    if kv_mode == HOST_TMA:
+        block_n = config.kwargs["BLOCK_N"] if config else 16
+        k_src, v_src = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, d]) for t in (k, v))
+    elif kv_mode == DEVICE_TMA:
+        triton.set_allocator(_device_descriptor_scratch)
+    args = (q, k_src, v_src, fq, states, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *fq.stride()[:3], *out.stride()[:3], heads, n, frames, tokens_per_frame, chunk_frames, overlap_frames,
+            extra_before, extra_after, feat, scale * LOG2E)
+    consts = dict(CAUSAL=causal, HEAD_DIM=d, BLOCK_F=max(16, triton.next_power_of_2(feat)), KV_MODE=kv_mode)
+    if config is None and interpreting():
+        config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})
+    if config is None:
+        def grid(meta):
+            return (n_chunks * triton.cdiv(chunk_rows, meta["BLOCK_M"]), bsz * heads)
+        _hybrid_fwd_tuned[grid](*args, **consts)
+    else:
+        grid = (n_chunks * triton.cdiv(chunk_rows, config.kwargs["BLOCK_M"]), bsz * heads)
+        _hybrid_fwd_kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
+                                 num_stages=config.num_stages)
 
 
 def unsupported_reason(q, k, v, fq, fk) -> str | None:
@@ -249,30 +341,21 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def hybrid_attention_fused(q, k, v, fq, fk, *, tokens_per_frame: int, chunk_frames: int,
                            overlap_frames: int, causal: bool = True, extra_before: int = 0,
-                           extra_after: int = 0, scale: float | None = None) -> torch.Tensor:
+                           extra_after: int = 0, scale: float | None = None, kv_mode: int | None = None
+                           ) -> torch.Tensor:
     """Forward of ``rehyat::hybrid_attention`` with the fused kernel: the function of
     :func:`rehyat_compile.attention.hybrid_attention_chunked`, for inputs the op has validated and
-    :func:`unsupported_reason` accepts. Returns a contiguous [B, H, N, D] tensor in q's dtype."""
+    :func:`unsupported_reason` accepts. Returns a contiguous [B, H, N, D] tensor in q's dtype.
+    ``kv_mode`` (POINTERS, HOST_TMA, DEVICE_TMA) overrides how the main loop reads K and V."""
     scale = resolve_scale(scale, q.shape[-1])
     q, k, v, fq, fk = (_last_dim_contiguous(t) for t in (q, k, v, fq, fk))
     bsz, heads, n, d = q.shape
-    feat = fq.shape[-1]
     frames = (n - extra_before - extra_after) // tokens_per_frame
-    n_chunks = -(-frames // chunk_frames)
-    chunk_rows = chunk_frames * tokens_per_frame
     states = prefix_states(fk, v, tokens_per_frame=tokens_per_frame, extra_before=extra_before, frames=frames)
     out = torch.empty(bsz, heads, n, d, device=q.device, dtype=q.dtype)
-    args = (q, k, v, fq, states, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *fq.stride()[:3],
-            *out.stride()[:3], heads, n, frames, tokens_per_frame, chunk_frames, overlap_frames, extra_before,
-            extra_after, feat, scale * LOG2E)
-    consts = dict(CAUSAL=causal, HEAD_DIM=d, BLOCK_F=max(16, triton.next_power_of_2(feat)))
-    if interpreting():
-        grid = (n_chunks * triton.cdiv(chunk_rows, 16), bsz * heads)
-        _hybrid_fwd_kernel[grid](*args, **consts, BLOCK_M=16, BLOCK_N=16)
-    else:
-        def grid(meta):
-            return (n_chunks * triton.cdiv(chunk_rows, meta["BLOCK_M"]), bsz * heads)
-        _hybrid_fwd_tuned[grid](*args, **consts)
+    launch_main_kernel(q, k, v, fq, states, out, tokens_per_frame=tokens_per_frame, chunk_frames=chunk_frames,
+                       overlap_frames=overlap_frames, causal=causal, extra_before=extra_before,
+                       extra_after=extra_after, scale=scale, kv_mode=kv_mode)
 
     # Extra-token queries: plain softmax over every key.
     if extra_before:
