@@ -99,6 +99,15 @@ def test_fused_takes_strided_views_and_no_overlap():
     assert _rel_err(out, _reference64(q, k, v, fq, fk, **layout)) < 3e-3
 
 
+@pytest.mark.parametrize("kv_mode", [triton_hybrid.POINTERS, triton_hybrid.HOST_TMA, triton_hybrid.DEVICE_TMA])
+def test_every_kv_load_mode_matches_reference(kv_mode):
+    layout = dict(tokens_per_frame=12, chunk_frames=2, overlap_frames=1, causal=False, extra_before=3,
+                  extra_after=2)
+    q, k, v, fq, fk = _inputs(1, 2, 5, 12, 16, 16, torch.float16, extra_before=3, extra_after=2, seed=1)
+    out = triton_hybrid.hybrid_attention_fused(q, k, v, fq, fk, scale=0.25, kv_mode=kv_mode, **layout)
+    assert _rel_err(out, _reference64(q, k, v, fq, fk, **layout)) < 3e-3
+
+
 def test_one_chunk_over_the_video_is_softmax_attention():
     layout = dict(tokens_per_frame=8, chunk_frames=4, overlap_frames=2, causal=True)
     q, k, v, fq, fk = _inputs(1, 1, 3, 8, 16, 16, torch.float16)
@@ -183,11 +192,3 @@ def test_gradients_flow_through_the_cuda_op():
     for half, leaf in zip(halves, leaves):
         assert _rel_err(half.grad, leaf.grad) < 3e-2
 
-
-@pytest.mark.parametrize("kv_mode", [triton_hybrid.POINTERS, triton_hybrid.HOST_TMA, triton_hybrid.DEVICE_TMA])
-def test_every_kv_load_mode_matches_reference(kv_mode):
-    layout = dict(tokens_per_frame=12, chunk_frames=2, overlap_frames=1, causal=False, extra_before=3,
-                  extra_after=2)
-    q, k, v, fq, fk = _inputs(1, 2, 5, 12, 16, 16, torch.float16, extra_before=3, extra_after=2, seed=1)
-    out = triton_hybrid.hybrid_attention_fused(q, k, v, fq, fk, scale=0.25, kv_mode=kv_mode, **layout)
-    assert _rel_err(out, _reference64(q, k, v, fq, fk, **layout)) < 3e-3
