@@ -118,7 +118,7 @@ def run_table(frame_counts, causal: bool) -> None:
 
 
 def sweep_configs(frames: int, causal: bool) -> None:
-    """ms of the fused kernel's main launch for each K/V load mode and block configuration."""
+    """ms of the fused kernel's main launch per K/V load mode, block configuration and warp specialization."""
     layout = dict(tokens_per_frame=TOKENS_PER_FRAME, chunk_frames=CHUNK_FRAMES, overlap_frames=OVERLAP_FRAMES,
                   causal=causal, extra_before=0, extra_after=0, scale=HEAD_DIM ** -0.5)
     q, k, v, fq, fk = make_inputs(frames)
@@ -127,24 +127,31 @@ def sweep_configs(frames: int, causal: bool) -> None:
     flops = rc.hybrid_attention_flops(1, HEADS, q.shape[2], HEAD_DIM, FEATURES, tokens_per_frame=TOKENS_PER_FRAME,
                                       chunk_frames=CHUNK_FRAMES, overlap_frames=OVERLAP_FRAMES, causal=causal)
     ref = rc.hybrid_attention_chunked(q, k, v, fq, fk, **layout).float()
-    print(f"config sweep, {frames} frames, causal={causal}: mode BLOCK_M BLOCK_N warps stages -> ms TFLOP/s relerr")
+    print(f"config sweep, {frames} frames, causal={causal}: "
+          "mode BLOCK_M BLOCK_N warps stages warp-specialize -> ms TFLOP/s relerr")
     modes = {"ptr": triton_hybrid.POINTERS, "hosttma": triton_hybrid.HOST_TMA, "devtma": triton_hybrid.DEVICE_TMA}
-    for (mode_name, mode), (bm, bn, warps, stages) in itertools.product(
-            modes.items(), [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
-                            (64, 128, 4, 3), (128, 64, 4, 3)]):
-        config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+    for mode_name, (bm, bn, warps, stages, ws) in itertools.chain(
+            (("ptr", (128, 128, 8, 3, False)), ("devtma", (128, 128, 8, 3, False))),
+            (("hosttma", cfg) for cfg in [
+                (128, 128, 8, 3, False), (128, 64, 8, 3, False), (128, 64, 8, 2, False), (64, 64, 4, 2, False),
+                (64, 128, 4, 2, False), (128, 128, 4, 2, False), (128, 128, 8, 3, True), (128, 128, 8, 2, True),
+                (128, 64, 8, 3, True), (128, 128, 4, 3, True), (128, 128, 4, 2, True)])):
+        config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=warps,
+                               num_stages=stages)
+        row = f"  {mode_name:8} {bm:4} {bn:4} {warps:2} {stages:2} {ws!s:5}"
 
         def launch():
-            triton_hybrid.launch_main_kernel(q, k, v, fq, states, out, **layout, kv_mode=mode, config=config)
+            triton_hybrid.launch_main_kernel(q, k, v, fq, states, out, **layout, kv_mode=modes[mode_name],
+                                             config=config)
         try:
             out.fill_(float("nan"))
             launch()
             err = ((out.float() - ref).norm() / ref.norm()).item()
             ms = do_bench(launch, warmup=25, rep=100, return_mode="median")
-        except Exception as exc:  # out of shared memory / registers for this config
-            print(f"  {mode_name:8} {bm:4} {bn:4} {warps:2} {stages:2} -> failed: {type(exc).__name__} {str(exc)[:80]}")
+        except Exception as exc:  # out of shared memory / registers, or unsupported here
+            print(f"{row} -> failed: {type(exc).__name__} {str(exc)[:80]}")
             continue
-        print(f"  {mode_name:8} {bm:4} {bn:4} {warps:2} {stages:2} -> {ms:7.3f} {flops / ms / 1e9:6.0f} {err:8.1e}")
+        print(f"{row} -> {ms:7.3f} {flops / ms / 1e9:6.0f} {err:8.1e}")
     states_ms = do_bench(lambda: triton_hybrid.prefix_states(fk, v, tokens_per_frame=TOKENS_PER_FRAME,
                                                              extra_before=0, frames=frames),
                          warmup=25, rep=100, return_mode="median")
