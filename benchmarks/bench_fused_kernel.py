@@ -118,7 +118,7 @@ def run_table(frame_counts, causal: bool) -> None:
 
 
 def sweep_configs(frames: int, causal: bool) -> None:
-    """ms of the fused kernel's main launch per K/V load mode, block configuration and warp specialization."""
+    """ms of the fused kernel's main launch for each K/V load mode and block configuration."""
     layout = dict(tokens_per_frame=TOKENS_PER_FRAME, chunk_frames=CHUNK_FRAMES, overlap_frames=OVERLAP_FRAMES,
                   causal=causal, extra_before=0, extra_after=0, scale=HEAD_DIM ** -0.5)
     q, k, v, fq, fk = make_inputs(frames)
@@ -127,18 +127,12 @@ def sweep_configs(frames: int, causal: bool) -> None:
     flops = rc.hybrid_attention_flops(1, HEADS, q.shape[2], HEAD_DIM, FEATURES, tokens_per_frame=TOKENS_PER_FRAME,
                                       chunk_frames=CHUNK_FRAMES, overlap_frames=OVERLAP_FRAMES, causal=causal)
     ref = rc.hybrid_attention_chunked(q, k, v, fq, fk, **layout).float()
-    print(f"config sweep, {frames} frames, causal={causal}: "
-          "mode BLOCK_M BLOCK_N warps stages warp-specialize -> ms TFLOP/s relerr")
+    print(f"config sweep, {frames} frames, causal={causal}: mode BLOCK_M BLOCK_N warps stages -> ms TFLOP/s relerr")
     modes = {"ptr": triton_hybrid.POINTERS, "hosttma": triton_hybrid.HOST_TMA, "devtma": triton_hybrid.DEVICE_TMA}
-    for mode_name, (bm, bn, warps, stages, ws) in itertools.chain(
-            (("ptr", (128, 128, 8, 3, False)), ("devtma", (128, 128, 8, 3, False))),
-            (("hosttma", cfg) for cfg in [
-                (128, 128, 8, 3, False), (128, 64, 8, 3, False), (128, 64, 8, 2, False), (64, 64, 4, 2, False),
-                (64, 128, 4, 2, False), (128, 128, 4, 2, False), (128, 128, 8, 3, True), (128, 128, 8, 2, True),
-                (128, 64, 8, 3, True), (128, 128, 4, 3, True), (128, 128, 4, 2, True)])):
-        config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=warps,
-                               num_stages=stages)
-        row = f"  {mode_name:8} {bm:4} {bn:4} {warps:2} {stages:2} {ws!s:5}"
+    for mode_name, (bm, bn, warps, stages) in itertools.product(
+            modes, [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)]):
+        config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+        row = f"  {mode_name:8} {bm:4} {bn:4} {warps:2} {stages:2}"
 
         def launch():
             triton_hybrid.launch_main_kernel(q, k, v, fq, states, out, **layout, kv_mode=modes[mode_name],
