@@ -178,7 +178,12 @@ class _Symbols:
             return sympy.Integer(value)
         expr = value.node.expr if isinstance(value, torch.SymInt) else value
         if expr not in self.cache:
-            self.cache[expr] = sympy.expand(symbolic.to_standard(expr).xreplace(self.substitution))
+            converted = sympy.expand(symbolic.to_standard(expr).xreplace(self.substitution))
+            unknown = converted.free_symbols - {symbolic.T}
+            if unknown:
+                raise ValueError(f"a size in the graph depends on {sorted(map(str, unknown))}, not only on the "
+                                 "frame count (data-dependent output sizes cannot be costed)")
+            self.cache[expr] = converted
         return self.cache[expr]
 
     def shape(self, t: torch.Tensor) -> tuple:
