@@ -20,7 +20,6 @@ cost grows faster than linearly in T.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +34,7 @@ from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_
 
 from . import symbolic
 from .errors import ComplexityError, ConversionError
+from .export import export_video_model, find_frame_input
 from .op import hybrid_attention_flops
 from rehyat_compile.passes.liveness import activation_liveness, storage_key
 
@@ -317,68 +317,27 @@ class _CostInterpreter(Interpreter):
 # Export with a symbolic frame axis
 # ---------------------------------------------------------------------------------------------
 
-def _video_input(args: tuple, kwargs: dict, frames) -> tuple[Any, int]:
-    """(position or keyword of the input holding the video, its frame axis)."""
-    named = list(enumerate(args)) + list(kwargs.items())
-    if isinstance(frames, tuple):
-        if len(frames) != 2 or not isinstance(frames[1], int):
-            raise TypeError(f"frames must be None, an int axis, or (argument, axis); got {frames!r}")
-        where, axis = frames
-        if where not in dict(named):
-            raise ValueError(f"frames names input {where!r}, which is not among the arguments "
-                             f"{[k for k, _ in named]}")
-        return where, axis
-    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int)):
-        raise TypeError(f"frames must be None, an int axis, or (argument, axis); got {frames!r}")
-    videos = [(k, v) for k, v in named if isinstance(v, torch.Tensor) and v.dim() == 5]
-    if frames is None:
-        if not videos:
-            raise ValueError("no frame axis: no 5-D [B, C, T, H, W] tensor among the inputs; pass frames=axis "
-                             "or frames=(argument, axis), or chunk_frames=... for a streaming step graph")
-        return videos[0][0], 2
-    tensors = videos or [(k, v) for k, v in named if isinstance(v, torch.Tensor)]
-    if not tensors:
-        raise ValueError("frames given but no tensor input to take the frame axis from")
-    return tensors[0][0], frames
-
-
-def _mark(value, video: torch.Tensor, spec: dict):
-    """dynamic_shapes entry for one forward parameter: ``spec`` where it holds the video tensor."""
-    if value is video:
-        return spec
-    if isinstance(value, (tuple, list)):
-        return type(value)(_mark(v, video, spec) for v in value)
-    if isinstance(value, dict):
-        return {k: _mark(v, video, spec) for k, v in value.items()}
-    return None
-
-
-def _export_with_symbolic_frames(model, args: tuple, kwargs: dict, frames):
-    """torch.export with the chosen frame axis dynamic (Dim.AUTO: the model's own constraints on
-    the frame count, e.g. divisibility, are kept as derived expressions)."""
-    where, axis = _video_input(args, kwargs, frames)
-    video = args[where] if isinstance(where, int) else kwargs[where]
-    if not -video.dim() <= axis < video.dim():
-        raise ValueError(f"frame axis {axis} is out of range for input {where!r} of shape {tuple(video.shape)}")
+def _export_whole_video(model, args: tuple, kwargs: dict, frames):
+    """Export with the latent-frame axis symbolic (export_video_model's rules for ``frames``)."""
+    found = find_frame_input(model, args, kwargs, frames)
+    if found is None:
+        raise ValueError("no frame axis: no 5-D [B, C, T, H, W] tensor among the inputs; pass frames=axis "
+                         "or frames=(argument, axis), or chunk_frames=... for a streaming step graph")
+    name, video, axis = found
     if video.shape[axis] < 2:
-        raise ValueError(f"the example input needs at least 2 frames on axis {axis} to make it symbolic "
+        raise ValueError(f"the example input {name!r} needs at least 2 frames on axis {axis} to make it symbolic "
                          f"(torch.export specialises sizes 0 and 1); got shape {tuple(video.shape)}")
-    spec = {axis % video.dim(): torch.export.Dim.AUTO}
-    # torch.export wants dynamic_shapes keyed like forward's parameters; mark the video's one
-    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-    target = video
-    dynamic = {name: _mark(value, target, spec) for name, value in bound.items()}
-    try:
-        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
-    except Exception as err:  # any tracing failure: report it as the model not exporting
-        raise ConversionError(f"{type(model).__name__} could not be exported with a symbolic frame axis "
-                              f"(input {where!r}, axis {axis}): {type(err).__name__}: {err}") from err
+    ep, axis_info = export_video_model(model, args, kwargs, frames=frames)
+    if not axis_info.dynamic:
+        raise ConversionError(f"{type(model).__name__} exports only with a fixed frame count, so its cost cannot be "
+                              f"expressed in T: {axis_info.reason}")
+    return ep
 
 
 def _export_static(model, args: tuple, kwargs: dict):
     try:
         return torch.export.export(model, args, kwargs, strict=False)
-    except Exception as err:
+    except Exception as err:  # any tracing failure: report it as the model not exporting
         raise ConversionError(f"{type(model).__name__} could not be exported: {type(err).__name__}: {err}") from err
 
 
@@ -524,7 +483,7 @@ def cost(model, args=(), kwargs=None, *, frames=None, chunk_frames: int | None =
         ep = model if exported else _export_static(model, args, kwargs)
         substitution, calls = {}, sympy.ceiling(symbolic.T / chunk_frames)
     else:
-        ep = model if exported else _export_with_symbolic_frames(model, args, kwargs, frames)
+        ep = model if exported else _export_whole_video(model, args, kwargs, frames)
         substitution, calls = _frame_substitution(ep), sympy.Integer(1)
 
     by_node, by_site, peak, weights = _walk(ep, substitution, attention)
