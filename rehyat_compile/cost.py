@@ -35,7 +35,7 @@ from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_
 from . import symbolic
 from .errors import ComplexityError, ConversionError
 from .export import export_video_model, find_frame_input
-from .op import hybrid_attention_flops
+from .op import decompositions, hybrid_attention_flops
 from rehyat_compile.passes.liveness import activation_liveness, storage_key
 
 aten = torch.ops.aten
@@ -437,6 +437,15 @@ def _walk(ep, substitution: dict, attention: str) -> tuple[dict[str, NodeCost], 
     return by_node, by_site, peak, weights
 
 
+def _unfuse_hybrid(ep):
+    """The program with each hybrid op replaced by its chunk-parallel aten form (node metadata such
+    as rehyat_site is lost with the retrace; module paths are kept)."""
+    table = torch.export.default_decompositions()
+    table.clear()
+    table.update(decompositions())
+    return ep.run_decompositions(table)
+
+
 def _sum_sites(by_node: dict[str, NodeCost], sites: dict) -> dict[str, SiteCost]:
     out = {}
     for name, module in sites.values():
@@ -462,9 +471,11 @@ def cost(model, args=(), kwargs=None, *, frames=None, chunk_frames: int | None =
     chunk_frames: the model is a streaming step graph processing ``chunk_frames`` latent frames per
     call (nothing symbolic is exported); totals are per-call cost times ceiling(T / chunk_frames),
     peak memory is one call's.
-    attention: "fused" counts scaled_dot_product_attention as one kernel (FLOPs by PyTorch's SDPA
-    formula; reads q, k, v, writes the output, no score matrix in memory); "math" runs its
-    unfused decomposition (score and probability matrices are materialised, as on most phone GPUs).
+    attention: "fused" counts scaled_dot_product_attention and the hybrid op as one kernel each
+    (FLOPs by their registered formulas; they read q, k, v (and phi_q, phi_k) and write the output,
+    no score matrix in memory); "math" runs both as their unfused aten decompositions (SDPA's math
+    path, the hybrid op's chunk-parallel form), so score and probability matrices are materialised
+    as on most phone GPUs, and FLOPs are those of the decomposed ops.
     """
     kwargs = dict(kwargs or {})
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
@@ -486,6 +497,8 @@ def cost(model, args=(), kwargs=None, *, frames=None, chunk_frames: int | None =
         ep = model if exported else _export_whole_video(model, args, kwargs, frames)
         substitution, calls = _frame_substitution(ep), sympy.Integer(1)
 
+    if attention == "math" and any(n.target == HYBRID_OP for n in ep.graph.nodes):
+        ep = _unfuse_hybrid(ep)
     by_node, by_site, peak, weights = _walk(ep, substitution, attention)
     totals = {m: calls * sympy.expand(sum((getattr(c, m) for c in by_node.values()), sympy.Integer(0)))
               for m in ("flops", "flops_elementwise", "bytes")}

@@ -253,3 +253,9 @@ def test_evaluate_and_to_dict():
         cost.evaluate(T=0)
     with pytest.raises(ValueError, match="metric"):
         cost.degree("latency")
+
+
+def test_unfused_hybrid_layer_stays_linear():
+    cost = rc.cost(VideoAttention((2, 1)).eval(), (video(4),), attention="math")
+    assert cost.degree("flops") == 1 and cost.degree("bytes") == 1 and cost.degree("peak_memory") == 1
+    rc.check_linear(cost)
