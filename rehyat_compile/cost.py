@@ -30,6 +30,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._sympy.numbers import int_oo
 from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop
 
 from . import symbolic
@@ -110,6 +111,7 @@ class CostReport:
     weights_bytes: sympy.Expr
     calls: sympy.Expr = sympy.Integer(1)
     chunk_frames: int | None = None
+    frames_range: tuple[int, int | None] = (1, None)  # T for which the exported graph is valid
     T: sympy.Symbol = field(default=symbolic.T, init=False)
 
     def metric(self, name: str) -> sympy.Expr:
@@ -131,12 +133,17 @@ class CostReport:
         """The four metrics at ``T`` latent frames, as integers."""
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             raise ValueError(f"T must be a positive int (latent frames), got {T!r}")
+        lower, upper = self.frames_range
+        if T < lower or (upper is not None and T > upper):
+            raise ValueError(f"T={T} is outside the frame counts [{lower}, {upper or 'oo'}] the exported graph "
+                             "holds for (its guards)")
         return {name: int(sympy.sympify(self.metric(name)).subs(self.T, T)) for name in METRICS}
 
     def to_dict(self) -> dict:
         """JSON-serialisable: expressions as strings, degrees as ints."""
         return {
             "symbol": str(self.T), "chunk_frames": self.chunk_frames, "calls": str(self.calls),
+            "frames_range": list(self.frames_range),
             "weights_bytes": str(self.weights_bytes),
             **{name: str(self.metric(name)) for name in METRICS},
             "degree": {name: self.degree(name) for name in METRICS},
@@ -397,7 +404,8 @@ def _weights(ep) -> set[str]:
     return set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)
 
 
-def _walk(ep, substitution: dict, attention: str) -> tuple[dict[str, NodeCost], dict[str, SiteCost], Any, Any]:
+def _walk(ep, substitution: dict, attention: str):
+    """(by_node, by_site, peak memory, weight bytes, the fake mode's ShapeEnv after the walk)."""
     gm = ep.graph_module
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = [n.meta.get("val") for n in placeholders]
@@ -434,7 +442,26 @@ def _walk(ep, substitution: dict, attention: str) -> tuple[dict[str, NodeCost], 
     weights = sum((sym.storage_nbytes(t) for k, t in {storage_key(t): t for n in weight_nodes
                                                        for t in _tensors(interp.env.get(n))}.items()),
                   sympy.Integer(0))
-    return by_node, by_site, peak, weights
+    return by_node, by_site, peak, weights, fake_mode.shape_env
+
+
+def _valid_frames(substitution: dict, exported_range: dict, shape_env) -> tuple[int, int | None]:
+    """(lowest, highest or None) frame count for which the graph's guards hold. Decompositions can
+    guard on the example's frame count (e.g. "one chunk"); if that capped the range the export
+    allowed, the expressions would be wrong for longer videos, so that is an error."""
+    if not substitution:
+        return (1, None)
+    (sym, in_t), = substitution.items()
+    before, after = exported_range[sym], shape_env.var_to_range.get(sym)
+    after = after or before
+    if before is not None and after.upper < before.upper:
+        raise ConversionError(f"the graph only holds for input frame counts in [{after.lower}, {after.upper}] "
+                              f"(the export allowed up to {'oo' if before.upper == int_oo else before.upper}): it specialises on the example's "
+                              "frame count; give an example with more frames (e.g. more than chunk+overlap)")
+    frame_of = sympy.solve(sympy.Eq(in_t, sym), symbolic.T)[0]  # T as a function of the symbol
+    lower = int(frame_of.subs(sym, int(after.lower)))
+    upper = None if after.upper in (int_oo, sympy.oo) else int(frame_of.subs(sym, int(after.upper)))
+    return (max(lower, 1), upper)
 
 
 def _unfuse_hybrid(ep):
@@ -496,14 +523,16 @@ def cost(model, args=(), kwargs=None, *, frames=None, chunk_frames: int | None =
     else:
         ep = model if exported else _export_whole_video(model, args, kwargs, frames)
         substitution, calls = _frame_substitution(ep), sympy.Integer(1)
+    exported_range = {sym: ep.range_constraints.get(sym) for sym in substitution}
 
     if attention == "math" and any(n.target == HYBRID_OP for n in ep.graph.nodes):
         ep = _unfuse_hybrid(ep)
-    by_node, by_site, peak, weights = _walk(ep, substitution, attention)
+    by_node, by_site, peak, weights, shape_env = _walk(ep, substitution, attention)
+    frames_range = _valid_frames(substitution, exported_range, shape_env)
     totals = {m: calls * sympy.expand(sum((getattr(c, m) for c in by_node.values()), sympy.Integer(0)))
               for m in ("flops", "flops_elementwise", "bytes")}
     return CostReport(**totals, peak_memory=peak, by_node=by_node, by_site=by_site, weights_bytes=weights,
-                      calls=calls, chunk_frames=chunk_frames)
+                      calls=calls, chunk_frames=chunk_frames, frames_range=frames_range)
 
 
 def check_linear(report: CostReport, metrics=("flops", "flops_elementwise", "bytes", "peak_memory")) -> CostReport:

@@ -259,3 +259,13 @@ def test_unfused_hybrid_layer_stays_linear():
     cost = rc.cost(VideoAttention((2, 1)).eval(), (video(4),), attention="math")
     assert cost.degree("flops") == 1 and cost.degree("bytes") == 1 and cost.degree("peak_memory") == 1
     rc.check_linear(cost)
+
+
+def test_graph_specialised_on_the_example_length_is_an_error():
+    # one chunk in the example: the hybrid op's decomposition guards on it, capping the valid T
+    with pytest.raises(rc.ConversionError, match="specialises on the example"):
+        rc.cost(VideoAttention((5, 1)).eval(), (video(3),), attention="math")
+    cost = rc.cost(VideoAttention((5, 1)).eval(), (video(12),), attention="math")
+    assert cost.frames_range[1] is None and cost.degree("bytes") == 1
+    with pytest.raises(ValueError, match="outside the frame counts"):
+        cost.evaluate(T=cost.frames_range[0] - 1)
