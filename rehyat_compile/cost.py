@@ -228,7 +228,7 @@ def _registered_flops(func, args, kwargs, out, sym: _Symbols):
     return sympy.expand(shape_formula(*args, out_shape=out, **kwargs))
 
 
-def _hybrid_scores(q: torch.Tensor, fq: torch.Tensor, layout_args, sym: _Symbols):
+def _hybrid_scores(q: torch.Tensor, layout_args, sym: _Symbols):
     """Number of (query, key) softmax scores the hybrid op computes: its FLOP formula with
     head_dim 1 and no features counts 4 per score."""
     bsz, heads, n, _ = sym.shape(q)
@@ -240,9 +240,8 @@ def _hybrid_scores(q: torch.Tensor, fq: torch.Tensor, layout_args, sym: _Symbols
 
 def _elementwise(func, args, inputs, outputs, sym: _Symbols):
     if func == HYBRID_OP:
-        q, fq = args[0], args[3]
         # softmax over the window scores + combining o with the linear numerator and denominator
-        return _hybrid_scores(q, fq, args[5:], sym) + 2 * sym.numel(q)
+        return _hybrid_scores(args[0], args[5:], sym) + 2 * sym.numel(args[0])
     if torch.Tag.pointwise in func.tags:
         return sum(sym.numel(t) for t in outputs)
     if (torch.Tag.reduction in func.tags or func._overloadpacket in _NORMALISATIONS) and inputs:

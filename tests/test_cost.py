@@ -269,3 +269,27 @@ def test_graph_specialised_on_the_example_length_is_an_error():
     assert cost.frames_range[1] is None and cost.degree("bytes") == 1
     with pytest.raises(ValueError, match="outside the frame counts"):
         cost.evaluate(T=cost.frames_range[0] - 1)
+
+
+class ScaleAddOne(nn.Module):
+    def forward(self, x):
+        a = x * 2              # new buffer; x dies here
+        b = a.view(-1)         # a view: no new memory, keeps a alive
+        return (b + 1).view(1, CHANNELS, -1, 4, 4)  # constant sizes: x is not used again
+
+
+def test_peak_memory_follows_storages_not_views():
+    cost = rc.cost(ScaleAddOne(), (video(3),))
+    frame_bytes = 4 * CHANNELS * TPF
+    assert sympy.expand(cost.peak_memory - 2 * frame_bytes * cost.T) == 0  # two buffers alive at once
+    assert cost.by_node["view"].bytes == 0
+
+
+def test_degree_of_floors_and_min_from_the_hybrid_formula():
+    from rehyat_compile.symbolic import T, degree, upper_envelope
+    flops = rc.hybrid_attention_flops(1, 2, 16 * T + 3, 8, 4, tokens_per_frame=16, chunk_frames=3,
+                                      overlap_frames=1, extra_before=3)
+    assert degree(flops) == 1
+    assert degree(sympy.Max(T**2, 5 * T)) == 2 and degree(sympy.Min(T**2, 5 * T)) == 1
+    assert degree(sympy.Integer(7)) == 0
+    assert upper_envelope([T, 2 * T, 3 * T + 1, T**2]) == [3 * T + 1, T**2]
