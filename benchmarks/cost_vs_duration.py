@@ -113,8 +113,11 @@ def block_costs(attention: str = "fused") -> dict:
     one = rc.cost(wan(1), kwargs=example, attention=attention)
 
     def block(report):
+        self_attention = [site for site in report.by_site.values() if site.module.endswith("attn1")]
         return {m: sympy.expand(report.metric(m) - base.metric(m)) for m in ADDITIVE} | {
-            "peak_memory": report.peak_memory}
+            "peak_memory": report.peak_memory, "self_attention_bytes": sum(s.bytes for s in self_attention),
+            "self_attention_core_flops": sum(c.flops for c in report.by_node.values() if c.site in
+                                             {s.name for s in self_attention} and "attention" in c.target)}
 
     costs = {"base": {m: base.metric(m) for m in ADDITIVE}, "original": block(one)}
     for tc in CHUNKS:
@@ -153,40 +156,40 @@ def flops_table(costs: dict) -> list[dict]:
 
 
 def traffic_per_block(fused: dict, math: dict, frames: int = 31) -> list[dict]:
-    """Bytes moved by one block (and its self-attention alone) at ``frames`` latent frames."""
+    """Bytes moved by one block, and by its self-attention site alone, at ``frames`` latent frames."""
     rows = []
     for name, costs in (("fused", fused), ("math", math)):
-        original = value(costs["original"]["bytes"], frames)
+        block, site = value(costs["original"]["bytes"], frames), value(costs["original"]["self_attention_bytes"], frames)
         for tc in CHUNKS:
             for to in OVERLAPS:
-                b = value(costs[(tc, to)]["bytes"], frames)
-                rows.append({"attention": name, "Tc": tc, "To": to, "block_bytes_original": original,
-                             "block_bytes_converted": b, "ratio": original / b})
+                b, a = value(costs[(tc, to)]["bytes"], frames), value(costs[(tc, to)]["self_attention_bytes"], frames)
+                rows.append({"attention": name, "Tc": tc, "To": to, "block_original": block, "block_converted": b,
+                             "block_ratio": block / b, "attn_original": site, "attn_converted": a,
+                             "attn_ratio": site / a})
     return rows
 
 
-def plot(costs: dict, path: Path) -> None:
+def plot(fused: dict, math: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     seconds = [s / 2 for s in range(1, 25)]
     frames = [latent_frames(s) for s in seconds]
-    fig, (ax_f, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     curves = [("original", 0, None)] + [(f"{k} blocks, Tc=3 To=1", k, (3, 1)) for k in CONVERTED] + [
         ("30 blocks, Tc=1 To=0", 30, (1, 0))]
-    for label, k, chunk in curves:
-        ax_f.plot(seconds, [value(model_cost(costs, "flops", k, chunk), t) / 1e12 for t in frames], label=label)
-        ax_m.plot(seconds, [value(model_cost(costs, "peak_memory", k, chunk), t) / 2**30 for t in frames],
-                  label=label)
-    ax_f.set(xlabel="video duration (s, 16 fps)", ylabel="TFLOPs per forward", title="Wan2.1-1.3B, 480x832: FLOPs")
-    ax_m.set(xlabel="video duration (s, 16 fps)", ylabel="GiB (fp32 activations)",
-             title="peak activation memory (fused attention)")
-    for ax in (ax_f, ax_m):
+    panels = [(fused, "flops", 1e12, "TFLOPs per forward", "FLOPs (matmul, attention)"),
+              (math, "bytes", 1e12, "TB read + written per forward", "memory traffic, unfused attention"),
+              (math, "peak_memory", 2**30, "GiB (fp32)", "peak activations, unfused attention")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, (costs, metric, unit, ylabel, title) in zip(axes, panels):
+        for label, k, chunk in curves:
+            ax.plot(seconds, [value(model_cost(costs, metric, k, chunk), t) / unit for t in frames], label=label)
+        ax.set(xlabel="video duration (s, 16 fps)", ylabel=ylabel, title=f"Wan2.1-1.3B 480x832: {title}")
         ax.axvline(5, color="grey", lw=0.5, ls="--")
         ax.grid(alpha=0.3)
-    ax_f.legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def check_full(costs: dict) -> dict:
@@ -221,15 +224,22 @@ def main(argv=None) -> dict:
     for r in result["flops"]:
         print(f"{r['seconds']:>3}s {r['T']:>3} {r['blocks']:>6} {r['Tc'] or '-':>3} {r['To'] if r['To'] is not None else '-':>3} "
               f"{r['flops'] / 1e12:>9.1f} {r['ratio']:>8.2f}")
-    print("\nbytes moved by one block at 121 frames (T=31), original vs converted (all blocks same):")
-    print(f"{'attention':>9} {'Tc':>3} {'To':>3} {'orig GB':>8} {'conv GB':>8} {'x less':>7}")
+    print("\nGB moved at 121 frames (T=31) by one block and by its self-attention site, original vs converted:")
+    print(f"{'attention':>9} {'Tc':>3} {'To':>3} {'block':>8} {'conv':>8} {'x less':>7} {'attn':>8} {'conv':>8} {'x less':>7}")
     for r in result["traffic_per_block_121_frames"]:
-        print(f"{r['attention']:>9} {r['Tc']:>3} {r['To']:>3} {r['block_bytes_original'] / 1e9:>8.2f} "
-              f"{r['block_bytes_converted'] / 1e9:>8.2f} {r['ratio']:>7.2f}")
+        print(f"{r['attention']:>9} {r['Tc']:>3} {r['To']:>3} {r['block_original'] / 1e9:>8.1f} "
+              f"{r['block_converted'] / 1e9:>8.1f} {r['block_ratio']:>7.2f} {r['attn_original'] / 1e9:>8.1f} "
+              f"{r['attn_converted'] / 1e9:>8.1f} {r['attn_ratio']:>7.2f}")
+    t5 = latent_frames(5)
+    total = value(model_cost(fused, "flops"), t5)
+    core = BLOCKS * value(fused["original"]["self_attention_core_flops"], t5)
+    result["flops_bound_5s"] = {"total": total, "self_attention_core": core, "bound": total / (total - core)}
+    print(f"\nat 5 s: {total / 1e12:.1f} TFLOPs, of which self-attention softmax cores {core / 1e12:.1f}; even free "
+          f"attention would save at most {total / (total - core):.2f}x")
     if opts.check_full:
         print("\nfull-model check:", result["check_full"])
     out = Path(opts.out)
-    plot(fused, out)
+    plot(fused, math, out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     print(f"\nwrote {out} and {out.with_suffix('.json')} ({time.perf_counter() - started:.1f} s)")
     return result
