@@ -293,3 +293,44 @@ def test_degree_of_floors_and_min_from_the_hybrid_formula():
     assert degree(sympy.Max(T**2, 5 * T)) == 2 and degree(sympy.Min(T**2, 5 * T)) == 1
     assert degree(sympy.Integer(7)) == 0
     assert upper_envelope([T, 2 * T, 3 * T + 1, T**2]) == [3 * T + 1, T**2]
+
+
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def meta_wan(num_layers):
+    from diffusers import WanTransformer3DModel
+    with torch.device("meta"):
+        return WanTransformer3DModel(**{**WAN_1_3B, "num_layers": num_layers}).eval()
+
+
+def meta_wan_inputs(frames):
+    with torch.device("meta"):
+        return dict(hidden_states=torch.empty(1, 16, frames, 60, 104), timestep=torch.zeros(1, dtype=torch.long),
+                    encoder_hidden_states=torch.empty(1, 512, 4096), return_dict=False)
+
+
+@pytest.mark.slow
+def test_paper_width_wan_on_meta_matches_flop_counter():
+    model = meta_wan(2)  # Wan2.1-1.3B width and 480x832, two blocks: no weights anywhere
+    cost = rc.cost(model, kwargs=meta_wan_inputs(3))
+    assert cost.degree("flops") == 2
+    for frames in (5, 21):
+        assert cost.evaluate(T=frames)["flops"] == counted_flops(model, **meta_wan_inputs(frames))
+    tokens = 21 * 30 * 52
+    attention = sum(c.flops for c in cost.by_node.values() if c.site and c.site.endswith("attn1")
+                    and "attention" in c.target)
+    assert attention.subs(cost.T, 21) == 2 * 4 * tokens**2 * 1536  # 4 N^2 D per block, D = 12 heads x 128
+
+
+@pytest.mark.slow
+def test_wan_1_3b_costs_on_meta_in_under_a_minute():
+    import time
+    started = time.perf_counter()
+    cost = rc.cost(meta_wan(30), kwargs=meta_wan_inputs(3))
+    elapsed = time.perf_counter() - started
+    assert cost.degree("flops") == 2 and cost.degree("peak_memory") == 1
+    assert len(cost.by_site) == 60
+    assert elapsed < 90, f"costing Wan2.1-1.3B took {elapsed:.0f} s"  # ~30 s on 2 loaded cores
