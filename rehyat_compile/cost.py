@@ -28,6 +28,7 @@ import torch
 from torch.fx import Interpreter, Node
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch._decomp import decomposition_table
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils._sympy.numbers import int_oo
@@ -36,6 +37,7 @@ from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_
 from . import symbolic
 from .errors import ComplexityError, ConversionError
 from .export import export_video_model, find_frame_input
+from .transform import HybridModel
 from .op import decompositions, hybrid_attention_flops
 from rehyat_compile.passes.liveness import activation_liveness, storage_key
 
@@ -265,22 +267,35 @@ class _OpCounter(TorchDispatchMode):
     """Records the cost of every op that reaches dispatch, following FlopCounterMode's rule: try to
     decompose first (CompositeImplicit ops), count what cannot be decomposed."""
 
-    def __init__(self, sym: _Symbols):
+    def __init__(self, sym: _Symbols, unfuse_hybrid: bool = False):
         super().__init__()
         self.sym = sym
         self.ops: list[_OpCost] = []
         self.opaque = False  # while True, ops pass through uncounted (a node costed as a whole)
+        # attention="math": the hybrid op runs as its chunk-parallel aten form (materialised windows)
+        self.hybrid_decomposition = decompositions()[HYBRID_OP] if unfuse_hybrid else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.opaque or func in _SHAPE_QUERIES or isinstance(func, torch._ops.HigherOrderOperator):
             return func(*args, **kwargs)
+        if func == HYBRID_OP and self.hybrid_decomposition is not None:
+            with self:
+                return self.hybrid_decomposition(*args, **kwargs)
         if func is not torch.ops.prim.device.default:
             with self:
                 decomposed = func.decompose(*args, **kwargs)
             if decomposed is not NotImplemented:
                 return decomposed
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except RuntimeError:
+            # some C++ kernels (constant_pad_nd) reject symbolic sizes outside export tracing; their
+            # Python decomposition (what export itself would trace) takes them
+            if func not in decomposition_table:
+                raise
+            with self:
+                return decomposition_table[func](*args, **kwargs)
         self.ops.append(op_cost(func, args, kwargs, out, self.sym))
         return out
 
@@ -300,11 +315,30 @@ def _fused_attention_cost(node: Node, env: dict, out, sym: _Symbols) -> _OpCost:
 class _CostInterpreter(Interpreter):
     """Runs the exported graph on fake tensors and keeps, per node, the ops it dispatched."""
 
-    def __init__(self, gm, counter: _OpCounter, fused_attention: bool):
+    def __init__(self, gm, counter: _OpCounter, fake_mode, fused_attention: bool):
         super().__init__(gm, garbage_collect_values=False)
         self.counter = counter
+        self.fake_mode = fake_mode
         self.fused_attention = fused_attention
         self.node_ops: dict[Node, list[_OpCost]] = {}
+        self.fakes: dict[int, torch.Tensor] = {}  # id(real tensor) -> its fake twin
+
+    def _fake(self, t):
+        if not isinstance(t, torch.Tensor) or isinstance(t, torch._subclasses.FakeTensor):
+            return t
+        if id(t) not in self.fakes:
+            self.fakes[id(t)] = self.fake_mode.from_tensor(t, static_shapes=True)
+        return self.fakes[id(t)]
+
+    def get_attr(self, target, args, kwargs):
+        # weights are real (or meta) tensors on the module: run on fake twins, as export did
+        return self._fake(super().get_attr(target, args, kwargs))
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        state = {k: self._fake(v) for k, v in
+                 list(module.named_parameters()) + list(module.named_buffers())}
+        return torch.func.functional_call(module, state, args, kwargs)
 
     def run_node(self, n: Node):
         self.counter.ops = []
@@ -347,11 +381,43 @@ def _export_static(model, args: tuple, kwargs: dict):
         raise ConversionError(f"{type(model).__name__} could not be exported: {type(err).__name__}: {err}") from err
 
 
-def _frame_substitution(ep) -> dict:
+@dataclass
+class _Program:
+    """A graph to cost: its GraphModule, user-input placeholders, and the nodes holding weights."""
+
+    gm: torch.fx.GraphModule
+    inputs: list[Node]
+    weights: set[Node]
+
+    @classmethod
+    def exported(cls, ep) -> "_Program":
+        sig = ep.graph_signature
+        weights = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)
+        placeholders = [n for n in ep.graph_module.graph.nodes if n.op == "placeholder"]
+        return cls(ep.graph_module, [n for n in placeholders if n.name in set(sig.user_inputs)],
+                   {n for n in placeholders if n.name in weights} | _get_attrs(ep.graph_module))
+
+    @classmethod
+    def unlifted(cls, gm) -> "_Program":
+        """An ``ExportedProgram.module()`` graph (as HybridModel keeps): weights are get_attr nodes."""
+        return cls(gm, [n for n in gm.graph.nodes if n.op == "placeholder"], _get_attrs(gm))
+
+    def fake_mode(self):
+        mode = torch._guards.detect_fake_mode([n.meta.get("val") for n in self.gm.graph.nodes])
+        if mode is None:
+            raise ValueError("the graph carries no fake tensor values (node.meta['val']); pass an nn.Module or an "
+                             "ExportedProgram")
+        return mode
+
+
+def _get_attrs(gm) -> set[Node]:
+    return {n for n in gm.graph.nodes if n.op == "get_attr"}
+
+
+def _frame_substitution(program: _Program) -> dict:
     """{export symbol: expression in T} from the one symbolic dim of the user inputs."""
-    user = set(ep.graph_signature.user_inputs)
-    dims = [d for n in ep.graph.nodes if n.op == "placeholder" and n.name in user
-            for t in _tensors(n.meta.get("val")) for d in t.shape if isinstance(d, torch.SymInt)]
+    dims = [d for n in program.inputs for t in _tensors(n.meta.get("val")) for d in t.shape
+            if isinstance(d, torch.SymInt)]
     if not dims:
         raise ValueError("the exported graph has no symbolic input dimension: the frame axis was specialised "
                          "(the model's code depends on the exact number of frames)")
@@ -375,8 +441,15 @@ def _module_path(node: Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
+# softmax-attention kernels as they appear in exported graphs, before and after decomposition
+_ATTENTION_TARGETS = {SDPA_OP, HYBRID_OP, aten._scaled_dot_product_flash_attention_for_cpu.default,
+                      aten._scaled_dot_product_flash_attention.default,
+                      aten._scaled_dot_product_efficient_attention.default,
+                      aten._scaled_dot_product_cudnn_attention.default}
+
+
 def _is_attention(node: Node) -> bool:
-    return node.target in (SDPA_OP, HYBRID_OP) or "rehyat_site" in node.meta
+    return node.target in _ATTENTION_TARGETS or "rehyat_site" in node.meta
 
 
 def _sites(nodes: list[Node]) -> dict[str, tuple[str, str]]:
@@ -398,38 +471,41 @@ def _site_of(module: str, sites: dict) -> tuple[str, str] | None:
     return None
 
 
-def _weights(ep) -> set[str]:
-    sig = ep.graph_signature
-    return set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)
+def _node_sites(nodes: list[Node], sites: dict) -> dict[Node, str]:
+    """Site of each node: by its module path, else (nodes a pass inserted without one, such as the
+    feature maps) the one site all its users belong to."""
+    found = {}
+    for n in reversed(nodes):
+        site = _site_of(_module_path(n), sites) if _module_path(n) else None
+        if site:
+            found[n] = site[0]
+        elif n.users and len({found.get(u) for u in n.users}) == 1 and found.get(next(iter(n.users))):
+            found[n] = found[next(iter(n.users))]
+    return found
 
 
-def _walk(ep, substitution: dict, attention: str):
-    """(by_node, by_site, peak memory, weight bytes, the fake mode's ShapeEnv after the walk)."""
-    gm = ep.graph_module
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    values = [n.meta.get("val") for n in placeholders]
-    fake_mode = torch._guards.detect_fake_mode(values)
-    if fake_mode is None:
-        raise ValueError("the exported program carries no fake tensor values (node.meta['val'])")
+def _walk(program: _Program, substitution: dict, attention: str):
+    """(by_node, by_site, peak memory, weight bytes)."""
+    gm = program.gm
+    fake_mode = program.fake_mode()
     sym = _Symbols(substitution)
-    counter = _OpCounter(sym)
-    interp = _CostInterpreter(gm, counter, fused_attention=attention == "fused")
+    counter = _OpCounter(sym, unfuse_hybrid=attention == "math")
+    interp = _CostInterpreter(gm, counter, fake_mode, fused_attention=attention == "fused")
     backend = sdpa_kernel([SDPBackend.MATH]) if attention == "math" else contextlib.nullcontext()
     with fake_mode, backend, torch.no_grad(), counter:
-        interp.run(*values)
+        interp.run(*[n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
 
-    weight_nodes = {n for n in placeholders if n.name in _weights(ep)} | {
-        n for n in gm.graph.nodes if n.op == "get_attr"}
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    weight_nodes = program.weights
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_module")]
     sites = _sites(nodes)
+    node_site = _node_sites(nodes, sites)
     by_node, workspace = {}, {}
     for n in nodes:
         ops = interp.node_ops.get(n, [])
         own = {storage_key(t) for t in _tensors(interp.env.get(n))}
         workspace[n] = sum((size for op in ops for key, size in op.new_storages.items() if key not in own),
                            sympy.Integer(0))
-        site = _site_of(_module_path(n), sites)
-        by_node[n.name] = NodeCost(n.name, str(n.target), _module_path(n), site[0] if site else None,
+        by_node[n.name] = NodeCost(n.name, str(n.target), _module_path(n), node_site.get(n),
                                    sympy.expand(sum((o.flops for o in ops), sympy.Integer(0))),
                                    sympy.expand(sum((o.flops_elementwise for o in ops), sympy.Integer(0))),
                                    sympy.expand(sum((o.bytes for o in ops), sympy.Integer(0))),
@@ -438,10 +514,11 @@ def _walk(ep, substitution: dict, attention: str):
     live = activation_liveness(gm.graph, interp.env, sym.storage_nbytes, weight_nodes, workspace)
     envelope = symbolic.upper_envelope(live.candidates or [sympy.Integer(0)])
     peak = envelope[0] if len(envelope) == 1 else sympy.Max(*envelope)
-    weights = sum((sym.storage_nbytes(t) for k, t in {storage_key(t): t for n in weight_nodes
-                                                       for t in _tensors(interp.env.get(n))}.items()),
-                  sympy.Integer(0))
-    return by_node, by_site, peak, weights, fake_mode.shape_env
+    held = {storage_key(t): t for n in weight_nodes for t in _tensors(interp.env.get(n))}
+    held |= {storage_key(t): t for n in nodes if n.op == "call_module"  # inserted modules, e.g. phi
+             for t in interp.fetch_attr(n.target).state_dict().values()}
+    weights = sum((sym.storage_nbytes(t) for t in held.values()), sympy.Integer(0))
+    return by_node, by_site, peak, weights
 
 
 def _valid_frames(substitution: dict, exported_range: dict, shape_env) -> tuple[int, int | None]:
@@ -454,22 +531,14 @@ def _valid_frames(substitution: dict, exported_range: dict, shape_env) -> tuple[
     before, after = exported_range[sym], shape_env.var_to_range.get(sym)
     after = after or before
     if before is not None and after.upper < before.upper:
+        allowed = "oo" if before.upper == int_oo else before.upper
         raise ConversionError(f"the graph only holds for input frame counts in [{after.lower}, {after.upper}] "
-                              f"(the export allowed up to {'oo' if before.upper == int_oo else before.upper}): it specialises on the example's "
-                              "frame count; give an example with more frames (e.g. more than chunk+overlap)")
+                              f"(the export allowed up to {allowed}): it specialises on the example's frame "
+                              "count; give an example with more frames (e.g. more than chunk+overlap)")
     frame_of = sympy.solve(sympy.Eq(in_t, sym), symbolic.T)[0]  # T as a function of the symbol
     lower = int(frame_of.subs(sym, int(after.lower)))
     upper = None if after.upper in (int_oo, sympy.oo) else int(frame_of.subs(sym, int(after.upper)))
     return (max(lower, 1), upper)
-
-
-def _unfuse_hybrid(ep):
-    """The program with each hybrid op replaced by its chunk-parallel aten form (node metadata such
-    as rehyat_site is lost with the retrace; module paths are kept)."""
-    table = torch.export.default_decompositions()
-    table.clear()
-    table.update(decompositions())
-    return ep.run_decompositions(table)
 
 
 def _sum_sites(by_node: dict[str, NodeCost], sites: dict) -> dict[str, SiteCost]:
@@ -516,17 +585,23 @@ def cost(model, args=(), kwargs=None, *, frames=None, chunk_frames: int | None =
     if not exported and not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or an ExportedProgram, got {type(model).__name__}")
 
+    if isinstance(model, HybridModel):
+        # its rewritten graph is already exported with the frame axis symbolic (and knows its sites)
+        program = _Program.unlifted(model.graph_module(*args, **kwargs))
+    elif exported:
+        program = _Program.exported(model)
+    elif chunk_frames is not None:
+        program = _Program.exported(_export_static(model, args, kwargs))
+    else:
+        program = _Program.exported(_export_whole_video(model, args, kwargs, frames))
     if chunk_frames is not None:
-        ep = model if exported else _export_static(model, args, kwargs)
         substitution, calls = {}, sympy.ceiling(symbolic.T / chunk_frames)
     else:
-        ep = model if exported else _export_whole_video(model, args, kwargs, frames)
-        substitution, calls = _frame_substitution(ep), sympy.Integer(1)
-    exported_range = {sym: ep.range_constraints.get(sym) for sym in substitution}
+        substitution, calls = _frame_substitution(program), sympy.Integer(1)
+    shape_env = program.fake_mode().shape_env
+    exported_range = {sym: shape_env.var_to_range.get(sym) for sym in substitution}
 
-    if attention == "math" and any(n.target == HYBRID_OP for n in ep.graph.nodes):
-        ep = _unfuse_hybrid(ep)
-    by_node, by_site, peak, weights, shape_env = _walk(ep, substitution, attention)
+    by_node, by_site, peak, weights = _walk(program, substitution, attention)
     frames_range = _valid_frames(substitution, exported_range, shape_env)
     totals = {m: calls * sympy.expand(sum((getattr(c, m) for c in by_node.values()), sympy.Integer(0)))
               for m in ("flops", "flops_elementwise", "bytes")}

@@ -88,13 +88,26 @@ def growth_polynomial(expr, symbol=T) -> sympy.Expr:
     if isinstance(expr, (sympy.Add, sympy.Mul)):
         parts = [growth_polynomial(a, symbol) for a in expr.args]
         result = sympy.expand(expr.func(*parts))
-    elif isinstance(expr, sympy.Pow) and expr.exp.is_Integer and expr.exp >= 0:
-        result = sympy.expand(growth_polynomial(expr.base, symbol) ** expr.exp)
+    elif isinstance(expr, sympy.Pow) and expr.exp.is_Integer:
+        result = growth_polynomial(expr.base, symbol) ** expr.exp
     else:
         result = expr
-    if not result.is_polynomial(symbol):
-        raise ValueError(f"cost expression is not eventually polynomial in {symbol}: {expr}")
-    return result
+    return _polynomial_part(result, symbol, expr)
+
+
+def _polynomial_part(result, symbol, original) -> sympy.Expr:
+    """``result`` as a polynomial with the same growth: sizes inferred by division (reshape(-1))
+    are rational functions P/Q; keep the leading behaviour LC(P)/LC(Q) * T^(deg P - deg Q)."""
+    result = sympy.expand(result)
+    if result.is_polynomial(symbol):
+        return result
+    num, den = sympy.fraction(sympy.cancel(sympy.together(result)))
+    if not (num.is_polynomial(symbol) and den.is_polynomial(symbol)):
+        raise ValueError(f"cost expression is not eventually polynomial in {symbol}: {original}")
+    if symbol not in den.free_symbols:
+        return sympy.expand(num / den)
+    (dn, cn), (dd, cd) = _leading(num, symbol), _leading(den, symbol)
+    return cn / cd * symbol ** (dn - dd) if dn >= dd else sympy.Integer(0)
 
 
 def _growth_key(poly, symbol):
