@@ -191,7 +191,8 @@ class _Symbols:
             unknown = converted.free_symbols - {symbolic.T}
             if unknown:
                 raise ValueError(f"a size in the graph depends on {sorted(map(str, unknown))}, not only on the "
-                                 "frame count (data-dependent output sizes cannot be costed)")
+                                 "frame count: another dynamic input size, or a data-dependent output size "
+                                 "(nonzero, masking), which cannot be costed")
             self.cache[expr] = converted
         return self.cache[expr]
 
@@ -226,8 +227,13 @@ def _registered_flops(func, args, kwargs, out, sym: _Symbols):
             return sym.shape(x)
         return sym(x) if isinstance(x, torch.SymInt) else x
 
-    args, kwargs, out = tree_map(as_shape, (args, kwargs, out))
-    return sympy.expand(shape_formula(*args, out_shape=out, **kwargs))
+    try:
+        shapes, kw_shapes, out_shape = tree_map(as_shape, (args, kwargs, out))
+        return sympy.expand(shape_formula(*shapes, out_shape=out_shape, **kw_shapes))
+    except AssertionError:
+        # a formula's shape check that sympy cannot prove (e.g. floor(T/floor(T/2)) == 2): evaluate
+        # it on the SymInt shapes as FlopCounterMode does (guards hold at the example length)
+        return sym(formula(*args, **kwargs, out_val=out))
 
 
 def _hybrid_scores(q: torch.Tensor, layout_args, sym: _Symbols):
