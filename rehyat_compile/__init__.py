@@ -1,6 +1,7 @@
 """rehyat-compile: turn a bidirectional video DiT into ReHyAt's recurrent hybrid attention form."""
 from .attention import (HybridState, hybrid_attention_chunked, hybrid_attention_reference,
                         hybrid_attention_step)
+from .cost import CostReport, check_linear, cost
 from .errors import ComplexityError, ConversionError, ShapeError
 from .feature_map import FeatureMap
 from .op import decompositions, hybrid_attention, hybrid_attention_flops
@@ -10,7 +11,7 @@ from .transform import HybridModel, inspect, transform
 __version__ = "0.1.0"
 
 __all__ = [
-    "ComplexityError", "ConversionError", "FeatureMap", "HybridState", "ShapeError", "decompositions",
+    "ComplexityError", "ConversionError", "CostReport", "check_linear", "cost", "FeatureMap", "HybridState", "ShapeError", "decompositions",
     "hybrid_attention", "hybrid_attention_chunked", "hybrid_attention_flops", "hybrid_attention_reference",
     "hybrid_attention_step", "FrameAxis", "HybridModel", "export_video_model", "inspect", "transform",
 ]
