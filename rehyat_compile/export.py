@@ -54,6 +54,7 @@ class FrameAxis:
     symbol: sympy.Symbol | None = None
     video_shape: tuple[int, int, int] | None = None
     reason: str = ""
+    flat_index: int | None = None  # position of the frame input among the flattened (args, kwargs) leaves
 
     @property
     def dynamic(self) -> bool:
@@ -202,6 +203,9 @@ def export_video_model(model, args, kwargs=None, *, frames=None, video_shape=Non
     video_shape = check_video_shape(video_shape)
     found = find_frame_input(model, tuple(args), kwargs, frames)
     patch = temporal_patch(model)
+    index = None
+    if found is not None:
+        index = next(i for i, t in enumerate(torch.utils._pytree.tree_leaves((tuple(args), kwargs))) if t is found[1])
     reason = ""
     if found is None:
         reason = "no 5-D video input found (pass frames=(input, dim))"
@@ -216,11 +220,9 @@ def export_video_model(model, args, kwargs=None, *, frames=None, video_shape=Non
             attributes.restore()
             reason = f"dynamic export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         else:
-            flat = [t for t in torch.utils._pytree.tree_leaves((tuple(args), kwargs))]
-            index = next(i for i, t in enumerate(flat) if t is tensor)
             size = _placeholder_dim(ep, index, dim)
             if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
-                return ep, FrameAxis(name, dim, tensor.shape[dim], patch, size.node.expr, video_shape)
+                return ep, FrameAxis(name, dim, tensor.shape[dim], patch, size.node.expr, video_shape, "", index)
             reason = "the model's code specialises the frame axis (shapes used as python ints)"
     # Fresh input tensors: a failed symbolic export can leave the old ones memoised as symbolic fakes.
     args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, (tuple(args), kwargs))
@@ -232,4 +234,4 @@ def export_video_model(model, args, kwargs=None, *, frames=None, video_shape=Non
     if found is None:
         return ep, FrameAxis(None, None, None, patch, None, video_shape, reason)
     name, tensor, dim = found
-    return ep, FrameAxis(name, dim, tensor.shape[dim], patch, None, video_shape, reason)
+    return ep, FrameAxis(name, dim, tensor.shape[dim], patch, None, video_shape, reason, index)
