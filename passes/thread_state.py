@@ -1,0 +1,433 @@
+"""thread_state: turn a converted video DiT graph into a step program that runs one chunk.
+
+Input: the rewritten ``torch.fx.GraphModule`` of a :class:`~rehyat_compile.HybridModel` (exported with
+the latent-frame axis symbolic; every converted site is one ``rehyat::hybrid_attention`` node).
+Output: a :class:`StepProgram` whose ``module`` is a flat GraphModule
+
+    step(*chunk_inputs, *tables, *states) -> (*chunk_outputs, *new_states)
+
+* ``chunk_inputs``: the model's flattened inputs, each frame-dependent one restricted to the chunk's
+  frames (latents, per-frame timesteps, per-token rotary tables given as inputs);
+* ``tables``: position-dependent values that the graph computes from shapes and constants alone
+  (RoPE tables from ``arange(T)``, learned frame embeddings sliced by the frame count). They are
+  evaluated once for the whole video (``table_module``) and sliced per chunk, so every chunk sees
+  its true frame offset;
+* ``states``: six tensors per converted site (``rc.HybridState`` fields: S, z, overlap K/V/phi_k,
+  overlap validity), fixed shapes, so one step graph serves every chunk; each hybrid node becomes a
+  call to :func:`hybrid_step` (``rc.hybrid_attention_step``) reading them and returning the new ones.
+
+Frame-dependent sizes are affine in token frames T (= input frames / temporal patch): ``a*T + b``.
+A chunk of token frames [t0, t1) takes ``[0, b)`` (extra tokens, assumed in front) and
+``[b + a*t0, b + a*t1)`` of such a dim. The pass refuses (ConversionError) non-causal sites, sites
+with different chunk sizes, and attention/softmax left unconverted over frame-dependent tokens (it
+would need every frame at once).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+from torch import fx
+
+from ..attention import HybridState, hybrid_attention_step, initial_state
+from ..errors import ConversionError
+
+HYBRID_OP = torch.ops.rehyat.hybrid_attention.default
+STATE_FIELDS = HybridState._fields
+
+# Ops that read only the shape (and dtype/device) of their tensor argument, never its values.
+_SHAPE_READERS = {
+    torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int,
+    torch.ops.aten.sym_storage_offset.default, torch.ops.aten.empty_like.default,
+    torch.ops.aten.zeros_like.default, torch.ops.aten.ones_like.default, torch.ops.aten.full_like.default,
+    torch.ops.aten.new_zeros.default, torch.ops.aten.new_ones.default, torch.ops.aten.new_empty.default,
+    torch.ops.aten.new_full.default,
+}
+# Checks the export inserted for the example shapes; a chunk has other shapes, so they are dropped.
+_DROPPED = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
+            torch.ops.aten.sym_constrain_range_for_size.default, torch.ops.aten.sym_constrain_range.default}
+# Ops that mix every key token into every query: unconverted, they need the whole video at once.
+_GLOBAL_MIXERS = {torch.ops.aten.scaled_dot_product_attention.default,
+                  torch.ops.aten._softmax.default, torch.ops.aten.softmax.int}
+
+
+@dataclass(frozen=True)
+class FrameDim:
+    """A dim of size ``per_frame * T + extra`` (T token frames); ``extra`` entries sit in front."""
+
+    dim: int
+    per_frame: int
+    extra: int = 0
+
+    def size(self, frames: int) -> int:
+        return self.per_frame * frames + self.extra
+
+    def take(self, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Entries of token frames [start, stop) (plus the leading extra entries)."""
+        body = t.narrow(self.dim, self.extra + self.per_frame * start, self.per_frame * (stop - start))
+        return torch.cat([t.narrow(self.dim, 0, self.extra), body], self.dim) if self.extra else body
+
+
+@dataclass(frozen=True)
+class SiteState:
+    """One converted site's recurrent state: layout and the shapes/dtypes of its six tensors."""
+
+    name: str
+    tokens_per_frame: int
+    chunk_frames: int
+    overlap_frames: int
+    extra_before: int
+    extra_after: int
+    batch: int
+    heads: int
+    head_dim: int
+    feature_dim: int
+    dtype: torch.dtype           # q/k/v dtype
+    feature_dtype: torch.dtype   # phi_k dtype
+
+    def initial(self, device) -> HybridState:
+        """S = 0, z = 0 and an empty overlap cache (``rc.attention.initial_state``)."""
+        k = torch.empty(self.batch, self.heads, 0, self.head_dim, dtype=self.dtype, device=device)
+        fk = torch.empty(self.batch, self.heads, 0, self.feature_dim, dtype=self.feature_dtype, device=device)
+        return initial_state(k, k, fk, self.overlap_frames * self.tokens_per_frame)
+
+
+@dataclass
+class StepProgram:
+    """The result of :func:`thread_state`; see the module docstring for the calling convention."""
+
+    module: fx.GraphModule                 # step(*chunk_inputs, *tables, *states)
+    table_module: fx.GraphModule           # tables(*flat_full_inputs) -> tuple of full-video tables
+    input_dims: list[FrameDim | None]      # per flat input: its frame dim, None = passed whole
+    table_dims: list[FrameDim | None]      # per table: its frame dim, None = passed whole
+    output_dims: list[FrameDim | None]     # per flat output: its frame dim, None = last chunk's value
+    sites: list[SiteState]
+    in_spec: object                        # pytree spec of (args, kwargs); None for a flat module
+    out_spec: object
+    patch: int = 1                         # input frames per token frame
+    table_names: list[str] = field(default_factory=list)
+
+    @property
+    def chunk_frames(self) -> int:
+        return self.sites[0].chunk_frames
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.output_dims)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame-dependent sizes
+# ---------------------------------------------------------------------------------------------
+
+def _expr(size):
+    if isinstance(size, torch.SymInt):
+        return size.node.expr
+    return size if isinstance(size, sympy.Basic) else None
+
+
+def frame_dim_of(size, dim: int, symbol, patch: int) -> FrameDim | None:
+    """The :class:`FrameDim` of a dim of symbolic ``size`` (in the input-frame symbol), or None if
+    its size does not depend on the frames. Raises ConversionError if it is not affine in T."""
+    expr = _expr(size)
+    if expr is None or symbol not in expr.free_symbols:
+        return None
+    values = [int(expr.subs(symbol, patch * t)) for t in (1, 2, 3, 5, 8)]
+    per_frame, extra = values[1] - values[0], 2 * values[0] - values[1]
+    if per_frame <= 0 or any(v != per_frame * t + extra for v, t in zip(values, (1, 2, 3, 5, 8))):
+        raise ConversionError(f"a frame-dependent size {expr} is not of the form a*T + b in token frames "
+                              f"T = {symbol}/{patch}; cannot chunk it")
+    return FrameDim(dim, per_frame, extra)
+
+
+def tensor_frame_dim(val, symbol, patch: int) -> FrameDim | None:
+    """The one frame-dependent dim of a (fake) tensor, or None."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    dims = [d for d in (frame_dim_of(s, i, symbol, patch) for i, s in enumerate(val.shape)) if d is not None]
+    if len(dims) > 1:
+        raise ConversionError(f"a tensor of shape {tuple(val.shape)} has several frame-dependent dims; "
+                              "streaming chunks one")
+    return dims[0] if dims else None
+
+
+def _free_symbols(val) -> set:
+    if isinstance(val, torch.Tensor):
+        return set().union(*(_expr(s).free_symbols for s in val.shape if _expr(s) is not None))
+    if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return set(val.node.expr.free_symbols)
+    if isinstance(val, (list, tuple)):
+        return set().union(*(_free_symbols(v) for v in val)) if val else set()
+    return set()
+
+
+def frame_symbol(gm: fx.GraphModule):
+    """The one shape symbol of the graph's inputs (the latent-frame count)."""
+    symbols = set()
+    for node in gm.graph.find_nodes(op="placeholder"):
+        symbols |= _free_symbols(node.meta.get("val"))
+    if len(symbols) != 1:
+        raise ConversionError(
+            "streaming needs the model exported with one symbolic frame axis; the graph's inputs have "
+            f"{'no symbolic dims (the export specialised the frame count)' if not symbols else sorted(map(str, symbols))}")
+    return symbols.pop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification
+# ---------------------------------------------------------------------------------------------
+
+def _input_nodes(node: fx.Node) -> list[fx.Node]:
+    return list(node.all_input_nodes)
+
+
+def _schema(node: fx.Node):
+    return getattr(node.target, "_schema", None) if node.op == "call_function" else None
+
+
+def _mutated_root(node: fx.Node) -> fx.Node | None:
+    """The tensor an in-place op writes into, followed back through views to the base."""
+    schema = _schema(node)
+    if schema is None or not schema.arguments or not (schema.arguments[0].alias_info or False) \
+            or not schema.arguments[0].alias_info.is_write or not isinstance(node.args[0], fx.Node):
+        return None
+    root = node.args[0]
+    while (s := _schema(root)) is not None and s.returns and s.returns[0].alias_info is not None \
+            and isinstance(root.args[0], fx.Node):
+        root = root.args[0]
+    return root
+
+
+def data_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose values depend on the values of input tensors (not only on their shapes). A
+    buffer that an in-place op fills with data (``empty_like`` + ``copy_`` into slices) is data."""
+    seeds: set[fx.Node] = set()
+    while True:
+        data: set[fx.Node] = set()
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                if isinstance(node.meta.get("val"), torch.Tensor):
+                    data.add(node)
+            elif node.op in ("call_function", "call_method", "call_module"):
+                inputs = _input_nodes(node)
+                if node.target in _SHAPE_READERS:
+                    inputs = [n for n in inputs if n is not node.args[0]]
+                if node in seeds or any(n in data for n in inputs):
+                    data.add(node)
+        roots = {r for n in data if (r := _mutated_root(n)) is not None}
+        if roots <= seeds:
+            return data
+        seeds |= roots
+
+
+def symbol_dependent(graph: fx.Graph, symbol) -> set[fx.Node]:
+    """Nodes whose value (or shape) depends on the frame count."""
+    dep: set[fx.Node] = set()
+    for node in graph.nodes:
+        if symbol in _free_symbols(node.meta.get("val")) or any(n in dep for n in _input_nodes(node)):
+            dep.add(node)
+    return dep
+
+
+def _check_streamable(graph: fx.Graph, data: set, symbol, patch: int) -> list[fx.Node]:
+    """The hybrid nodes, after refusing what cannot run chunk by chunk."""
+    sites = [n for n in graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
+    if not sites:
+        raise ConversionError("stream needs a converted model: the graph has no rehyat::hybrid_attention node")
+    for node in sites:
+        if not node.args[8]:
+            raise ConversionError(
+                f"stream needs a causal conversion: site {node.meta.get('rehyat_site', node.name)} was converted "
+                "with causal=False (its linear part reads future frames); transform with causal=True")
+    chunks = {node.args[6] for node in sites}
+    if len(chunks) > 1:
+        raise ConversionError(f"stream needs one chunk size for every site, got chunk_frames {sorted(chunks)}")
+    for node in graph.nodes:
+        if node in data and node.target in _GLOBAL_MIXERS:
+            mixed = node.args[1] if node.target is torch.ops.aten.scaled_dot_product_attention.default else node
+            val = mixed.meta.get("val")
+            dim = -2 if node.target is torch.ops.aten.scaled_dot_product_attention.default else node.args[1]
+            if isinstance(val, torch.Tensor) and frame_dim_of(val.shape[dim], 0, symbol, patch) is not None:
+                raise ConversionError(
+                    f"stream cannot run node {node.name} ({node.target}) chunk by chunk: it attends over every "
+                    f"frame (an unconverted attention site); convert it with rc.transform(..., layers=None)")
+    return sites
+
+
+# ---------------------------------------------------------------------------------------------
+# The step function each site becomes
+# ---------------------------------------------------------------------------------------------
+
+def hybrid_step(q, k, v, fq, fk, s, z, k_overlap, v_overlap, fk_overlap, overlap_valid, tokens_per_frame: int,
+                chunk_frames: int, overlap_frames: int, extra_before: int, extra_after: int, scale: float):
+    """``rc.hybrid_attention_step`` with the state as six flat tensors: returns (y, *new_state)."""
+    state = HybridState(s, z, k_overlap, v_overlap, fk_overlap, overlap_valid)
+    y, new = hybrid_attention_step(q, k, v, fq, fk, state, tokens_per_frame=tokens_per_frame,
+                                   chunk_frames=chunk_frames, overlap_frames=overlap_frames,
+                                   extra_before=extra_before, extra_after=extra_after, scale=scale)
+    return (y, *new)
+
+
+def _site_state(node: fx.Node) -> SiteState:
+    q, fk = node.args[0].meta["val"], node.args[4].meta["val"]
+    tpf, tc, to, _, eb, ea, _ = node.args[5:12]
+    bsz, heads, d = q.shape[0], q.shape[1], q.shape[3]
+    if not all(isinstance(x, int) for x in (bsz, heads, d, fk.shape[3])):
+        raise ConversionError(f"site {node.meta.get('rehyat_site', node.name)}: batch, heads and head dims must be "
+                              f"static to carry a fixed-size state, got q {tuple(q.shape)}")
+    return SiteState(node.meta.get("rehyat_site", node.name), tpf, tc, to, eb, ea, bsz, heads, d, fk.shape[3],
+                     q.dtype, fk.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+# ---------------------------------------------------------------------------------------------
+
+def _pytree_specs(gm: fx.GraphModule):
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    return (info.in_spec, info.out_spec) if info is not None else (None, None)
+
+
+def _tables(graph: fx.Graph, data: set, dep: set) -> list[fx.Node]:
+    """Shape-and-constant tensors that depend on the frame count and feed data nodes or outputs."""
+    out = []
+    for node in graph.nodes:
+        if node in data or node not in dep or node.op == "placeholder":
+            continue
+        if not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        if any(u.op == "output" or (u in data and u.target not in _DROPPED) for u in node.users):
+            out.append(node)
+    return out
+
+
+def _table_module(gm: fx.GraphModule, tables: list[fx.Node]) -> fx.GraphModule:
+    """GraphModule(*flat_inputs) -> tuple of tables: the ancestors of the tables, copied."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    needed: set[fx.Node] = set()
+    stack = list(tables)
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.placeholder(node.name)
+            env[node].meta = dict(node.meta)
+        elif node in needed and node.target not in _DROPPED:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(tuple(env[t] for t in tables))
+    module = fx.GraphModule(gm, graph)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+def _example_frames(placeholders, symbol, patch: int) -> int | None:
+    """Token frames of the example the graph was exported with (from the symbolic sizes' hints)."""
+    for node in placeholders:
+        val = node.meta.get("val")
+        fd = tensor_frame_dim(val, symbol, patch)
+        if fd is not None:
+            hint = val.shape[fd.dim].node.hint
+            if hint is not None:
+                return (int(hint) - fd.extra) // fd.per_frame
+    return None
+
+
+def _input_dims(placeholders, sites: list[SiteState], symbol, patch: int) -> list[FrameDim | None]:
+    """Frame dim of every input. A static input dim whose size is the example's video token count
+    M*T (CogVideoX 1.5's ``image_rotary_emb``, exported with static shapes) is a per-token input too."""
+    frames = _example_frames(placeholders, symbol, patch)
+    token_counts = {s.tokens_per_frame * frames: s.tokens_per_frame for s in sites} if frames else {}
+    dims = []
+    for node in placeholders:
+        val = node.meta.get("val")
+        fd = tensor_frame_dim(val, symbol, patch)
+        if fd is None and isinstance(val, torch.Tensor) and not _free_symbols(val):
+            hits = [i for i, size in enumerate(val.shape) if size in token_counts and size > 1]
+            if len(hits) == 1:
+                fd = FrameDim(hits[0], token_counts[val.shape[hits[0]]])
+        dims.append(fd)
+    return dims
+
+
+def thread_state(gm: fx.GraphModule, *, patch: int = 1, symbol=None) -> StepProgram:
+    """Build the step program of a converted, frame-symbolic GraphModule (see module docstring)."""
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(f"gm must be a torch.fx.GraphModule, got {type(gm).__name__}")
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+        raise ValueError(f"patch must be an int >= 1 (input frames per token frame), got {patch!r}")
+    graph = gm.graph
+    symbol = frame_symbol(gm) if symbol is None else symbol
+    data = data_nodes(graph)
+    dep = symbol_dependent(graph, symbol)
+    site_nodes = _check_streamable(graph, data, symbol, patch)
+    tables = _tables(graph, data, dep)
+    placeholders = list(graph.find_nodes(op="placeholder"))
+
+    step = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in placeholders:
+        env[node] = step.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+    for i, node in enumerate(tables):
+        env[node] = step.placeholder(f"table_{i}_{node.name}")
+        env[node].meta = dict(node.meta)
+    sites = [_site_state(n) for n in site_nodes]
+    state_in = {}
+    for node, site in zip(site_nodes, sites):
+        tag = site.name.replace(".", "_")
+        state_in[node] = [step.placeholder(f"state_{tag}_{f}") for f in STATE_FIELDS]
+
+    state_out = []
+    table_set = set(tables)
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output") or node in table_set or node.target in _DROPPED:
+            continue
+        if node.op == "call_module" and node.target == "_guards_fn":
+            continue  # guards of the example shapes
+        if node not in data and node in dep and isinstance(node.meta.get("val"), torch.Tensor):
+            continue  # inside a table's computation: evaluated once on the full video instead
+        if node.target is HYBRID_OP:
+            q, k, v, fq, fk = (env[a] for a in node.args[:5])
+            tpf, tc, to, _, eb, ea, scale = node.args[5:12]
+            call = step.call_function(hybrid_step, (q, k, v, fq, fk, *state_in[node], tpf, tc, to, eb, ea, scale))
+            call.meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")}
+            outs = [step.call_function(operator.getitem, (call, i)) for i in range(1 + len(STATE_FIELDS))]
+            outs[0].meta = dict(node.meta)
+            env[node] = outs[0]
+            state_out.extend(outs[1:])
+            continue
+        missing = [n for n in node.all_input_nodes if n not in env]
+        if missing:
+            raise ConversionError(f"thread_state: node {node.name} reads {missing[0].name}, which depends on the "
+                                  "frame count through values the step cannot recompute per chunk")
+        env[node] = step.node_copy(node, lambda n: env[n])
+
+    out_node = next(iter(graph.find_nodes(op="output")))
+    leaves = out_node.args[0]
+    flat_leaves = list(leaves) if isinstance(leaves, (tuple, list)) else [leaves]
+    step_outputs = [env[x] if isinstance(x, fx.Node) else x for x in flat_leaves]
+    step.output(tuple(step_outputs + state_out))
+
+    module = fx.GraphModule(gm, step)
+    module.graph.eliminate_dead_code()
+    module.graph.lint()
+    module.recompile()
+    in_spec, out_spec = _pytree_specs(gm)
+    return StepProgram(
+        module=module,
+        table_module=_table_module(gm, tables),
+        input_dims=_input_dims(placeholders, sites, symbol, patch),
+        table_dims=[tensor_frame_dim(t.meta.get("val"), symbol, patch) for t in tables],
+        output_dims=[tensor_frame_dim(x.meta.get("val"), symbol, patch) if isinstance(x, fx.Node) else None
+                     for x in flat_leaves],
+        sites=sites, in_spec=in_spec, out_spec=out_spec, patch=patch, table_names=[t.name for t in tables])
+
+
+__all__ = ["FrameDim", "SiteState", "StepProgram", "data_nodes", "frame_dim_of", "hybrid_step", "thread_state"]
