@@ -78,8 +78,8 @@ class SiteState:
     tokens_per_frame: int
     chunk_frames: int
     overlap_frames: int
-    extra_before: int
-    extra_after: int
+    extra_before: int | None    # None: computed in the graph (data-dependent)
+    extra_after: int | None
     batch: int
     heads: int
     head_dim: int
@@ -132,9 +132,10 @@ def frame_dim_of(size, dim: int, symbol, patch: int) -> FrameDim | None:
     """The :class:`FrameDim` of a dim of symbolic ``size`` (in the input-frame symbol), or None if
     its size does not depend on the frames. Raises ConversionError if it is not affine in T."""
     expr = _expr(size)
-    if expr is None or symbol not in expr.free_symbols:
+    symbols = set(symbol) if isinstance(symbol, (set, frozenset)) else {symbol}
+    if expr is None or not symbols & expr.free_symbols:
         return None
-    values = [int(expr.subs(symbol, patch * t)) for t in (1, 2, 3, 5, 8)]
+    values = [int(expr.subs({s: patch * t for s in symbols})) for t in (1, 2, 3, 5, 8)]
     per_frame, extra = values[1] - values[0], 2 * values[0] - values[1]
     if per_frame <= 0 or any(v != per_frame * t + extra for v, t in zip(values, (1, 2, 3, 5, 8))):
         raise ConversionError(f"a frame-dependent size {expr} is not of the form a*T + b in token frames "
@@ -163,16 +164,16 @@ def _free_symbols(val) -> set:
     return set()
 
 
-def frame_symbol(gm: fx.GraphModule):
-    """The one shape symbol of the graph's inputs (the latent-frame count)."""
+def frame_symbols(gm: fx.GraphModule) -> frozenset:
+    """The shape symbols of the graph's inputs: latent-frame counts (several when more than one video
+    input was exported with a symbolic frame axis, e.g. VACE's control video; equal when streaming)."""
     symbols = set()
     for node in gm.graph.find_nodes(op="placeholder"):
         symbols |= _free_symbols(node.meta.get("val"))
-    if len(symbols) != 1:
-        raise ConversionError(
-            "streaming needs the model exported with one symbolic frame axis; the graph's inputs have "
-            f"{'no symbolic dims (the export specialised the frame count)' if not symbols else sorted(map(str, symbols))}")
-    return symbols.pop()
+    if not symbols:
+        raise ConversionError("streaming needs the model exported with a symbolic frame axis; the graph's inputs "
+                              "have no symbolic dims (the export specialised the frame count)")
+    return frozenset(symbols)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,11 +223,11 @@ def data_nodes(graph: fx.Graph) -> set[fx.Node]:
         seeds |= roots
 
 
-def symbol_dependent(graph: fx.Graph, symbol) -> set[fx.Node]:
+def symbol_dependent(graph: fx.Graph, symbols: frozenset) -> set[fx.Node]:
     """Nodes whose value (or shape) depends on the frame count."""
     dep: set[fx.Node] = set()
     for node in graph.nodes:
-        if symbol in _free_symbols(node.meta.get("val")) or any(n in dep for n in _input_nodes(node)):
+        if symbols & _free_symbols(node.meta.get("val")) or any(n in dep for n in _input_nodes(node)):
             dep.add(node)
     return dep
 
@@ -277,6 +278,7 @@ def _site_state(node: fx.Node) -> SiteState:
     if not all(isinstance(x, int) for x in (bsz, heads, d, fk.shape[3])):
         raise ConversionError(f"site {node.meta.get('rehyat_site', node.name)}: batch, heads and head dims must be "
                               f"static to carry a fixed-size state, got q {tuple(q.shape)}")
+    eb, ea = (None if isinstance(x, fx.Node) else x for x in (eb, ea))
     return SiteState(node.meta.get("rehyat_site", node.name), tpf, tc, to, eb, ea, bsz, heads, d, fk.shape[3],
                      q.dtype, fk.dtype)
 
@@ -288,6 +290,37 @@ def _site_state(node: fx.Node) -> SiteState:
 def _pytree_specs(gm: fx.GraphModule):
     info = getattr(gm.graph._codegen, "pytree_info", None)
     return (info.in_spec, info.out_spec) if info is not None else (None, None)
+
+
+def _is_tensor_valued(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) or (isinstance(val, (list, tuple)) and bool(val)
+                                             and all(isinstance(v, torch.Tensor) for v in val))
+
+
+class _FillMissingMeta(fx.Interpreter):
+    """Runs only the nodes without ``meta["val"]`` (on fake values); the others give their own."""
+
+    def run_node(self, n):
+        if "val" in n.meta:
+            return n.meta["val"]
+        result = super().run_node(n)
+        n.meta["val"] = result
+        return result
+
+
+def ensure_meta(gm: fx.GraphModule) -> None:
+    """Fill in ``meta["val"]`` where a pass left it out, by fake propagation in the export's own
+    symbolic shape environment (so sizes stay expressions in the frame symbol)."""
+    nodes = [n for n in gm.graph.nodes if n.op not in ("output",) and n.target not in _DROPPED]
+    if all("val" in n.meta for n in nodes):
+        return
+    inputs = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    mode = next((x.fake_mode for x in inputs if hasattr(x, "fake_mode")), None)
+    if mode is None:
+        raise ConversionError("thread_state needs meta['val'] on the graph's inputs (an exported graph)")
+    with mode:
+        _FillMissingMeta(gm).run(*inputs)
 
 
 def _tables(graph: fx.Graph, data: set, dep: set) -> list[fx.Node]:
@@ -362,8 +395,10 @@ def thread_state(gm: fx.GraphModule, *, patch: int = 1, symbol=None) -> StepProg
         raise TypeError(f"gm must be a torch.fx.GraphModule, got {type(gm).__name__}")
     if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
         raise ValueError(f"patch must be an int >= 1 (input frames per token frame), got {patch!r}")
+    ensure_meta(gm)
     graph = gm.graph
-    symbol = frame_symbol(gm) if symbol is None else symbol
+    symbol = frame_symbols(gm) if symbol is None else frozenset(symbol if isinstance(symbol, (set, frozenset))
+                                                                  else {symbol})
     data = data_nodes(graph)
     dep = symbol_dependent(graph, symbol)
     site_nodes = _check_streamable(graph, data, symbol, patch)
@@ -391,11 +426,12 @@ def thread_state(gm: fx.GraphModule, *, patch: int = 1, symbol=None) -> StepProg
             continue
         if node.op == "call_module" and node.target == "_guards_fn":
             continue  # guards of the example shapes
-        if node not in data and node in dep and isinstance(node.meta.get("val"), torch.Tensor):
+        if node not in data and node in dep and _is_tensor_valued(node):
             continue  # inside a table's computation: evaluated once on the full video instead
         if node.target is HYBRID_OP:
-            q, k, v, fq, fk = (env[a] for a in node.args[:5])
-            tpf, tc, to, _, eb, ea, scale = node.args[5:12]
+            # extra token counts can be graph values (Mochi keeps only the unmasked text tokens)
+            q, k, v, fq, fk, tpf, tc, to, _, eb, ea, scale = (
+                env[a] if isinstance(a, fx.Node) else a for a in node.args[:12])
             call = step.call_function(hybrid_step, (q, k, v, fq, fk, *state_in[node], tpf, tc, to, eb, ea, scale))
             call.meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")}
             outs = [step.call_function(operator.getitem, (call, i)) for i in range(1 + len(STATE_FIELDS))]
@@ -430,4 +466,4 @@ def thread_state(gm: fx.GraphModule, *, patch: int = 1, symbol=None) -> StepProg
         sites=sites, in_spec=in_spec, out_spec=out_spec, patch=patch, table_names=[t.name for t in tables])
 
 
-__all__ = ["FrameDim", "SiteState", "StepProgram", "data_nodes", "frame_dim_of", "hybrid_step", "thread_state"]
+__all__ = ["FrameDim", "SiteState", "StepProgram", "data_nodes", "frame_dim_of", "frame_symbols", "hybrid_step", "thread_state"]
