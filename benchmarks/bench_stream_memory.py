@@ -81,7 +81,12 @@ def main() -> None:
             fn()  # warm-up: build programs, allocator pools
             rows.append((name, frames) + peak_mib(fn))
         state = streams["streamed (tables on GPU)"].state_nbytes(*call_args, **call_kwargs)
-        print(f"frames={frames}: carried state {state / 2**20:.2f} MiB")
+        with torch.no_grad():
+            want = runs["parallel converted"]()[0].float()
+            got = runs["streamed (tables on host)"]()[0].float()
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        print(f"frames={frames}: carried state {state / 2**20:.2f} MiB, streamed vs parallel max rel diff {err:.2e} (bf16)")
+        del want, got
         del call_args, call_kwargs
 
     print(f"\n{'form':28s} {'frames':>6s} {'peak MiB':>10s} {'above start MiB':>16s} {'seconds':>8s}")
