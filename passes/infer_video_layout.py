@@ -34,8 +34,9 @@ class VideoLayout:
     extra_after: int | None
 
 
-def _find_sequence_cat(q: fx.Node, n, is_video, limit: int = 400):
-    """Nearest ``aten.cat`` above q with output length n on its dim and a video piece; (cat, pieces)."""
+def _find_sequence_cat(q: fx.Node, n, is_video, limit: int = 400, norm=lambda e: e):
+    """Nearest ``aten.cat`` above q with output length n on its dim and a video piece; (cat, pieces).
+    ``norm`` rewrites size expressions in token frames before comparing (s -> patch * t)."""
     seen, queue = {q}, deque([q])
     while queue and len(seen) < limit:
         node = queue.popleft()
@@ -45,8 +46,8 @@ def _find_sequence_cat(q: fx.Node, n, is_video, limit: int = 400):
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor) and len(pieces) >= 2:
                 dim %= val.dim()
-                if sympy.simplify(as_expr(val.shape[dim]) - n) == 0:
-                    sizes = [as_expr(p.meta["val"].shape[dim]) for p in pieces]
+                if sympy.simplify(norm(as_expr(val.shape[dim])) - n) == 0:
+                    sizes = [norm(as_expr(p.meta["val"].shape[dim])) for p in pieces]
                     if any(is_video(s) for s in sizes):
                         return node, sizes
         for parent in node.all_input_nodes:
@@ -56,7 +57,7 @@ def _find_sequence_cat(q: fx.Node, n, is_video, limit: int = 400):
     return None, None
 
 
-def _offset(q: fx.Node, n, video_tokens, extra) -> tuple[int | None, str]:
+def _offset(q: fx.Node, n, video_tokens, extra, norm=lambda e: e) -> tuple[int | None, str]:
     """extra_before, or (None, reason)."""
     if extra == 0:
         return 0, ""
@@ -64,7 +65,7 @@ def _offset(q: fx.Node, n, video_tokens, extra) -> tuple[int | None, str]:
     def is_video(size):
         return sympy.simplify(size - video_tokens) == 0
 
-    cat, sizes = _find_sequence_cat(q, n, is_video)
+    cat, sizes = _find_sequence_cat(q, n, is_video, norm=norm)
     if cat is None:
         return None, (f"cannot locate the {video_tokens} video tokens among the {n} tokens: no concatenation "
                       f"builds the sequence (pass video_shape=(frames, h, w) or check the model)")
@@ -76,7 +77,12 @@ def _offset(q: fx.Node, n, video_tokens, extra) -> tuple[int | None, str]:
 
 
 def _symbolic_layout(q: fx.Node, n, symbol, patch: int, frames: int, video_shape):
-    values = [sympy.simplify(n.subs(symbol, patch * t)) for t in (2, 3, 4)]
+    t = sympy.Symbol("t", integer=True, positive=True)
+
+    def norm(e):
+        return sympy.simplify(e.subs(symbol, patch * t))
+
+    values = [sympy.simplify(n.subs(symbol, patch * k)) for k in (2, 3, 4)]
     m = sympy.simplify(values[1] - values[0])
     if not m.is_Integer or sympy.simplify(values[2] - values[1] - m) != 0 or m <= 0:
         return None, f"sequence length {n} is not M * frames + extra in the frames"
@@ -85,7 +91,7 @@ def _symbolic_layout(q: fx.Node, n, symbol, patch: int, frames: int, video_shape
     if video_shape is not None and (video_shape[0] != frames or video_shape[1] * video_shape[2] != m):
         return None, (f"video_shape={tuple(video_shape)} disagrees with the exported graph: {frames} frames of "
                       f"{m} tokens (sequence {n})")
-    before, reason = _offset(q, n, sympy.simplify(m * symbol / patch), extra)
+    before, reason = _offset(q, norm(n), m * t, extra, norm)
     if reason:
         return None, reason
     after = sympy.simplify(extra - before)

@@ -65,11 +65,14 @@ def key_bias(mask: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
     return bias.to(dtype)
 
 
-def fold_key_mask(q, k, v, mask, kind: str, scale: float):
-    """q' = [q, 1], k' = [k, bias/scale], v' = [v, 0]: scale * q'.k' = scale * q.k + bias."""
+def fold_key_mask(q, k, v, mask, kind: str, scale: float, score_rank: int = 4):
+    """q' = [q, 1], k' = [k, bias/scale], v' = [v, 0]: scale * q'.k' = scale * q.k + bias.
+    ``mask`` broadcasts against the site's scores (rank ``score_rank``: 4, or 3 for [B*H, N, N])."""
     bias = key_bias(mask, kind, q.dtype)
-    while bias.dim() < 4:
+    while bias.dim() < score_rank:
         bias = bias.unsqueeze(0)
+    if score_rank == 3:
+        bias = bias.unsqueeze(1)
     b, h, n = q.shape[0], q.shape[1], k.shape[2]
     column = (bias / scale).expand(b, h, 1, n).transpose(-1, -2)
     q = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1)
@@ -140,7 +143,7 @@ def rewrite_site(gm: fx.GraphModule, site: Site, options: ChunkOptions | None, f
             v = _call(graph, repeat_kv, [v, site.heads], anchor)
         q_in, k_in, v_in = q, k, v
         if match.mask is not None:
-            folded = _call(graph, fold_key_mask, [q, k, v, match.mask, match.mask_kind, site.scale], anchor)
+            folded = _call(graph, fold_key_mask, [q, k, v, match.mask, match.mask_kind, site.scale, rank], anchor)
             q_in, k_in, v_in = (_call(graph, _getitem, [folded, i], anchor) for i in range(3))
         if options is None:
             out = _call(graph, softmax_attention, [q_in, k_in, v_in, site.scale], anchor)

@@ -213,7 +213,7 @@ class HybridModel(nn.Module):
         kwargs = {} if kwargs is None else kwargs
         key = _structure_key(args, kwargs, self._frame_axis)
         if key not in self._programs:
-            self._build(args, kwargs)
+            return self._build(args, kwargs)
         return self._programs[key]
 
     def graph_module(self, *args, **kwargs) -> fx.GraphModule:
