@@ -137,6 +137,8 @@ def frame_dim_of(size, dim: int, symbol, patch: int) -> FrameDim | None:
         return None
     values = [int(expr.subs({s: patch * t for s in symbols})) for t in (1, 2, 3, 5, 8)]
     per_frame, extra = values[1] - values[0], 2 * values[0] - values[1]
+    if len(set(values)) == 1:
+        return None  # constant whenever the frames fill whole temporal patches
     if per_frame <= 0 or any(v != per_frame * t + extra for v, t in zip(values, (1, 2, 3, 5, 8))):
         raise ConversionError(f"a frame-dependent size {expr} is not of the form a*T + b in token frames "
                               f"T = {symbol}/{patch}; cannot chunk it")
