@@ -391,22 +391,13 @@ def _input_dims(placeholders, sites: list[SiteState], symbol, patch: int) -> lis
     return dims
 
 
-def thread_state(gm: fx.GraphModule, *, patch: int = 1, symbol=None) -> StepProgram:
-    """Build the step program of a converted, frame-symbolic GraphModule (see module docstring)."""
-    if not isinstance(gm, fx.GraphModule):
-        raise TypeError(f"gm must be a torch.fx.GraphModule, got {type(gm).__name__}")
-    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
-        raise ValueError(f"patch must be an int >= 1 (input frames per token frame), got {patch!r}")
-    ensure_meta(gm)
+def _step_graph(gm: fx.GraphModule, data: set, tables: list[fx.Node], skip) -> tuple:
+    """(step GraphModule, sites, flat output leaves of ``gm``): placeholders = gm's inputs, then the
+    tables, then six state tensors per hybrid node; each hybrid node becomes a :func:`hybrid_step`
+    call; ``skip(node)`` says which other nodes stay out (table internals)."""
     graph = gm.graph
-    symbol = frame_symbols(gm) if symbol is None else frozenset(symbol if isinstance(symbol, (set, frozenset))
-                                                                  else {symbol})
-    data = data_nodes(graph)
-    dep = symbol_dependent(graph, symbol)
-    site_nodes = _check_streamable(graph, data, symbol, patch)
-    tables = _tables(graph, data, dep)
     placeholders = list(graph.find_nodes(op="placeholder"))
-
+    site_nodes = [n for n in graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
     step = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in placeholders:
@@ -428,8 +419,8 @@ def thread_state(gm: fx.GraphModule, *, patch: int = 1, symbol=None) -> StepProg
             continue
         if node.op == "call_module" and node.target == "_guards_fn":
             continue  # guards of the example shapes
-        if node not in data and node in dep and _is_tensor_valued(node):
-            continue  # inside a table's computation: evaluated once on the full video instead
+        if skip(node):
+            continue
         if node.target is HYBRID_OP:
             # extra token counts can be graph values (Mochi keeps only the unmasked text tokens)
             q, k, v, fq, fk, tpf, tc, to, _, eb, ea, scale = (
@@ -450,22 +441,164 @@ def thread_state(gm: fx.GraphModule, *, patch: int = 1, symbol=None) -> StepProg
     out_node = next(iter(graph.find_nodes(op="output")))
     leaves = out_node.args[0]
     flat_leaves = list(leaves) if isinstance(leaves, (tuple, list)) else [leaves]
-    step_outputs = [env[x] if isinstance(x, fx.Node) else x for x in flat_leaves]
-    step.output(tuple(step_outputs + state_out))
-
+    step.output(tuple([env[x] if isinstance(x, fx.Node) else x for x in flat_leaves] + state_out))
     module = fx.GraphModule(gm, step)
     module.graph.eliminate_dead_code()
     module.graph.lint()
     module.recompile()
+    return module, sites, flat_leaves
+
+
+def _check_patch(patch) -> None:
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+        raise ValueError(f"patch must be an int >= 1 (input frames per token frame), got {patch!r}")
+
+
+def thread_state(gm: fx.GraphModule, *, patch: int = 1, symbol=None) -> StepProgram:
+    """Build the step program of a converted, frame-symbolic GraphModule (see module docstring)."""
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(f"gm must be a torch.fx.GraphModule, got {type(gm).__name__}")
+    _check_patch(patch)
+    ensure_meta(gm)
+    graph = gm.graph
+    symbol = frame_symbols(gm) if symbol is None else frozenset(symbol if isinstance(symbol, (set, frozenset))
+                                                                  else {symbol})
+    data = data_nodes(graph)
+    dep = symbol_dependent(graph, symbol)
+    _check_streamable(graph, data, symbol, patch)
+    tables = _tables(graph, data, dep)
+    # table internals are evaluated once on the full video instead
+    module, sites, leaves = _step_graph(gm, data, tables,
+                                        lambda n: n not in data and n in dep and _is_tensor_valued(n))
     in_spec, out_spec = _pytree_specs(gm)
     return StepProgram(
         module=module,
         table_module=_table_module(gm, tables),
-        input_dims=_input_dims(placeholders, sites, symbol, patch),
+        input_dims=_input_dims(list(graph.find_nodes(op="placeholder")), sites, symbol, patch),
         table_dims=[tensor_frame_dim(t.meta.get("val"), symbol, patch) for t in tables],
         output_dims=[tensor_frame_dim(x.meta.get("val"), symbol, patch) if isinstance(x, fx.Node) else None
-                     for x in flat_leaves],
+                     for x in leaves],
         sites=sites, in_spec=in_spec, out_spec=out_spec, patch=patch, table_names=[t.name for t in tables])
 
 
-__all__ = ["FrameDim", "SiteState", "StepProgram", "data_nodes", "frame_dim_of", "frame_symbols", "hybrid_step", "thread_state"]
+# ---------------------------------------------------------------------------------------------
+# Static exports: compare a chunk-length trace with the whole-video trace
+# ---------------------------------------------------------------------------------------------
+
+def _frontier(graph: fx.Graph, data: set) -> list[fx.Node]:
+    """Tensors computed from shapes and constants alone that data nodes (or outputs) read."""
+    out = []
+    for node in graph.nodes:
+        if node in data or node.op == "placeholder" or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        if node.target in _DROPPED:
+            continue
+        if any(u.op == "output" or (u in data and u.target not in _DROPPED) for u in node.users):
+            out.append(node)
+    return out
+
+
+def _concrete(shape) -> tuple[int, ...]:
+    """Sizes as ints; a symbolic size gives the example's value it was traced with."""
+    return tuple(int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in shape)
+
+
+def frame_dim_between(chunk_shape, full_shape, chunk_frames: int, frames: int) -> FrameDim | None:
+    """The FrameDim a tensor of ``full_shape`` at ``frames`` token frames and ``chunk_shape`` at
+    ``chunk_frames`` implies (None when the shapes agree). Raises ConversionError otherwise."""
+    chunk_shape, full_shape = _concrete(chunk_shape), _concrete(full_shape)
+    if chunk_shape == full_shape:
+        return None
+    differ = [i for i, (c, f) in enumerate(zip(chunk_shape, full_shape)) if c != f]
+    if len(chunk_shape) != len(full_shape) or len(differ) != 1 or frames == chunk_frames:
+        raise ConversionError(f"a tensor of shape {full_shape} for {frames} frames has shape {chunk_shape} for "
+                              f"{chunk_frames}: not one dim of size a*T + b; cannot chunk it")
+    i = differ[0]
+    per_frame, rest = divmod(full_shape[i] - chunk_shape[i], frames - chunk_frames)
+    extra = chunk_shape[i] - per_frame * chunk_frames
+    if rest or per_frame <= 0 or extra < 0:
+        raise ConversionError(f"dim {i} has size {full_shape[i]} for {frames} frames and {chunk_shape[i]} for "
+                              f"{chunk_frames}: not a*T + b with a > 0, b >= 0; cannot chunk it")
+    return FrameDim(i, per_frame, extra)
+
+
+def _check_sites(graph: fx.Graph) -> None:
+    sites = [n for n in graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
+    if not sites:
+        raise ConversionError("stream needs a converted model: the graph has no rehyat::hybrid_attention node")
+    for node in sites:
+        if not node.args[8]:
+            raise ConversionError(
+                f"stream needs a causal conversion: site {node.meta.get('rehyat_site', node.name)} was converted "
+                "with causal=False (its linear part reads future frames); transform with causal=True")
+    if len({node.args[6] for node in sites}) > 1:
+        raise ConversionError(f"stream needs one chunk size for every site, got chunk_frames "
+                              f"{sorted({node.args[6] for node in sites})}")
+
+
+def _check_no_global_mixer(chunk_graph: fx.Graph, data: set, full_nodes: dict) -> None:
+    """Refuse attention/softmax whose key count differs between the chunk and the whole video."""
+    for node in chunk_graph.nodes:
+        if node not in data or node.target not in _GLOBAL_MIXERS:
+            continue
+        is_sdpa = node.target is torch.ops.aten.scaled_dot_product_attention.default
+        full = full_nodes.get(node.name)
+        mixed, dim = (node.args[1], -2) if is_sdpa else (node, node.args[1])
+        full_mixed = (full.args[1] if is_sdpa else full) if full is not None else None
+        if full_mixed is None or not isinstance(full_mixed, fx.Node):
+            continue
+        a, b = mixed.meta.get("val"), full_mixed.meta.get("val")
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
+                _concrete(a.shape)[dim] != _concrete(b.shape)[dim]:
+            raise ConversionError(
+                f"stream cannot run node {node.name} ({node.target}) chunk by chunk: it attends over every "
+                f"frame (an unconverted attention site); convert it with rc.transform(..., layers=None)")
+
+
+def thread_state_matched(chunk_gm: fx.GraphModule, full_gm: fx.GraphModule, chunk_inputs: list,
+                         full_inputs: list, *, chunk_frames: int, frames: int,
+                         input_dims: list[FrameDim | None], patch: int = 1) -> StepProgram:
+    """The step program for exports with fixed shapes: ``chunk_gm`` is the converted graph traced on
+    one chunk (``chunk_frames`` token frames), ``full_gm`` on the whole video (``frames``), both
+    from the same code, so nodes match by name. Every tensor the chunk graph computes from shapes and
+    constants is evaluated in both; where the two differ, the whole-video one becomes a table
+    (sliced per chunk when one dim grows with the frames, passed whole otherwise). ``input_dims``:
+    how each flat input is chunked (the caller decided it). The program serves chunks of exactly
+    ``chunk_frames`` frames."""
+    _check_patch(patch)
+    for gm in (chunk_gm, full_gm):
+        ensure_meta(gm)
+    data = data_nodes(chunk_gm.graph)
+    _check_sites(chunk_gm.graph)
+    full_nodes = {n.name: n for n in full_gm.graph.nodes}
+    _check_no_global_mixer(chunk_gm.graph, data, full_nodes)
+    frontier = _frontier(chunk_gm.graph, data)
+    missing = [n.name for n in frontier if n.name not in full_nodes]
+    if missing:
+        raise ConversionError(f"the chunk and whole-video graphs differ (no {missing[0]} in the whole-video graph); "
+                              "the model's code branches on the frame count")
+    counterparts = [full_nodes[n.name] for n in frontier]
+    with torch.no_grad():
+        chunk_vals = _table_module(chunk_gm, frontier)(*chunk_inputs)
+        full_vals = _table_module(full_gm, counterparts)(*full_inputs)
+    tables, table_dims, full_tables = [], [], []
+    for node, full, cv, fv in zip(frontier, counterparts, chunk_vals, full_vals):
+        fd = frame_dim_between(cv.shape, fv.shape, chunk_frames, frames)
+        if fd is None and torch.equal(cv, fv):
+            continue  # the same for every chunk: the step computes it itself
+        tables.append(node)
+        table_dims.append(fd)
+        full_tables.append(full)
+    module, sites, leaves = _step_graph(chunk_gm, data, tables, lambda n: False)
+    full_leaves = next(iter(full_gm.graph.find_nodes(op="output"))).args[0]
+    output_dims = [frame_dim_between(c.meta["val"].shape, f.meta["val"].shape, chunk_frames, frames)
+                   if isinstance(c, fx.Node) and isinstance(c.meta.get("val"), torch.Tensor) else None
+                   for c, f in zip(leaves, full_leaves)]
+    in_spec, out_spec = _pytree_specs(chunk_gm)
+    return StepProgram(module=module, table_module=_table_module(full_gm, full_tables), input_dims=input_dims,
+                       table_dims=table_dims, output_dims=output_dims, sites=sites, in_spec=in_spec,
+                       out_spec=out_spec, patch=patch, table_names=[t.name for t in tables])
+
+
+__all__ = ["FrameDim", "SiteState", "StepProgram", "data_nodes", "frame_dim_of", "frame_symbols", "hybrid_step", "thread_state",
+           "thread_state_matched"]

@@ -21,6 +21,8 @@ slice at a time, so device memory does not grow with the video length.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import fx
 from torch.export._tree_utils import reorder_kwargs
@@ -28,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConversionError, ShapeError
 from .export import temporal_patch
-from .passes.thread_state import STATE_FIELDS, FrameDim, StepProgram, thread_state
+from .passes.thread_state import HYBRID_OP, STATE_FIELDS, FrameDim, StepProgram, thread_state, thread_state_matched
 
 
 class _TablesOn(fx.Interpreter):
@@ -72,91 +74,91 @@ class StreamRunner:
         self.table_device = None if table_device is None else torch.device(table_device)
         self._programs: dict[int, StepProgram] = {}
 
-    # -- the step program for an input structure ---------------------------------------------
+    # -- the step programs for one call -------------------------------------------------------
+    def plan(self, *args, **kwargs) -> "_Plan":
+        """How this call runs: the flat inputs, the frame count, and a step program per chunk length."""
+        with _video_shape_for(self.hybrid, None):
+            gm = self.hybrid.graph_module(*args, **kwargs)
+        frame_axis = getattr(self.hybrid, "_frame_axis", None)
+        patch = frame_axis.patch if frame_axis is not None else temporal_patch(self.hybrid.original)
+        if frame_axis is None or frame_axis.dynamic:
+            if id(gm) not in self._programs:
+                self._programs[id(gm)] = thread_state(gm, patch=patch)
+            program = self._programs[id(gm)]
+            flat = _flat(program.in_spec, args, kwargs)
+            if not _static_frame_inputs(flat, program.input_dims, frame_axis):
+                return _Plan(flat, _frames(flat, program.input_dims), program.chunk_frames, lambda length: program)
+        return self._static_plan(gm, frame_axis, patch, args, kwargs)
+
+    def _static_plan(self, full_gm, frame_axis, patch: int, args, kwargs) -> "_Plan":
+        """Fixed-shape exports (or inputs exported with a fixed frame count): trace the converted model
+        on chunk-length inputs too and let :func:`thread_state_matched` compare the two graphs."""
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        in_spec = getattr(full_gm.graph._codegen, "pytree_info", None)
+        flat = _flat(in_spec.in_spec if in_spec is not None else None, args, kwargs)
+        video_shape = getattr(self.hybrid, "_video_shape", None)
+        sites = [n for n in full_gm.graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
+        if not sites:
+            raise ConversionError("stream needs a converted model: the graph has no rehyat::hybrid_attention node")
+        tokens = {n.args[5] for n in sites}
+        dims, frames = _guess_input_dims(leaves, frame_axis, video_shape, tokens, patch)
+        user_dims = dims
+        flat_dims = _guess_input_dims(flat, frame_axis, video_shape, tokens, patch)[0]
+
+        def program(length: int) -> StepProgram:
+            key = (id(full_gm), length)
+            if key not in self._programs:
+                chunk_args, chunk_kwargs = pytree.tree_unflatten(_chunk(leaves, user_dims, 0, length), spec)
+                with _video_shape_for(self.hybrid, length):
+                    chunk_gm = self.hybrid.graph_module(*chunk_args, **chunk_kwargs)
+                self._programs[key] = thread_state_matched(
+                    chunk_gm, full_gm, _chunk(flat, flat_dims, 0, length), flat, chunk_frames=length, frames=frames,
+                    input_dims=flat_dims, patch=patch)
+            return self._programs[key]
+
+        return _Plan(flat, frames, sites[0].args[6], program)
+
     def program(self, *args, **kwargs) -> StepProgram:
-        """The :class:`StepProgram` for this input structure (built once, then cached)."""
-        gm = self.hybrid.graph_module(*args, **kwargs)
-        key = id(gm)
-        if key not in self._programs:
-            frame_axis = getattr(self.hybrid, "_frame_axis", None)
-            patch = frame_axis.patch if frame_axis is not None else temporal_patch(self.hybrid.original)
-            if frame_axis is not None and not frame_axis.dynamic:
-                raise ConversionError(
-                    "stream needs the model exported with a symbolic frame axis, but its export is static "
-                    f"({frame_axis.reason}); the per-chunk program cannot be derived from a fixed-size graph")
-            self._programs[key] = thread_state(gm, patch=patch)
-        return self._programs[key]
-
-    def _flat(self, program: StepProgram, args, kwargs) -> list:
-        if program.in_spec is None:
-            return list(args)
-        kwargs = reorder_kwargs(dict(kwargs), program.in_spec) if kwargs else {}
-        return pytree.tree_leaves((tuple(args), kwargs))
-
-    @staticmethod
-    def _frames(program: StepProgram, flat: list) -> int:
-        for x, fd in zip(flat, program.input_dims):
-            if fd is not None:
-                body = x.shape[fd.dim] - fd.extra
-                if body <= 0 or body % fd.per_frame:
-                    raise ShapeError(f"an input of shape {tuple(x.shape)} has {x.shape[fd.dim]} entries in its frame "
-                                     f"dim {fd.dim}, not {fd.per_frame} * frames + {fd.extra}")
-                return body // fd.per_frame
-        raise ConversionError("no input of the model has a frame-dependent dim to chunk")
-
-    @staticmethod
-    def _device(flat: list) -> torch.device:
-        return next((x.device for x in flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        """The :class:`StepProgram` of this call's first chunk (every chunk's, unless the export is static)."""
+        plan = self.plan(*args, **kwargs)
+        return plan.program(min(plan.chunk_frames, plan.frames))
 
     def _tables(self, program: StepProgram, flat: list) -> tuple:
         if self.table_device is None:
             return tuple(program.table_module(*flat))
         return tuple(_TablesOn(program.table_module, self.table_device).run(*flat))
 
-    @staticmethod
-    def _chunk(values, dims: list[FrameDim | None], start: int, stop: int, device=None) -> list:
-        out = []
-        for x, fd in zip(values, dims):
-            if isinstance(x, torch.Tensor):
-                x = fd.take(x, start, stop) if fd is not None else x
-                x = x.to(device, non_blocking=True) if device is not None else x
-            out.append(x)
-        return out
-
-    def _initial_states(self, program: StepProgram, device) -> list[torch.Tensor]:
-        return [t for site in program.sites for t in site.initial(device)]
-
     # -- running ----------------------------------------------------------------------------------
     def _run_chunks(self, args, kwargs):
-        """Yields (start frame, stop frame, flat outputs) per chunk."""
-        program = self.program(*args, **kwargs)
-        flat = self._flat(program, args, kwargs)
-        frames = self._frames(program, flat)
-        device = self._device(flat)
-        tables = self._tables(program, flat)
-        states = self._initial_states(program, device)
-        n_out, tc = program.n_outputs, program.chunk_frames
-        for start in range(0, frames, tc):
-            stop = min(start + tc, frames)
-            inputs = self._chunk(flat, program.input_dims, start, stop)
-            chunk_tables = self._chunk(tables, program.table_dims, start, stop, device)
+        """Yields (program, flat outputs) per chunk."""
+        plan = self.plan(*args, **kwargs)
+        device = next((x.device for x in plan.flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        tables: dict[int, tuple] = {}
+        states = None
+        for start in range(0, plan.frames, plan.chunk_frames):
+            stop = min(start + plan.chunk_frames, plan.frames)
+            program = plan.program(stop - start)
+            if id(program) not in tables:
+                tables[id(program)] = self._tables(program, plan.flat)
+            if states is None:
+                states = [t for site in program.sites for t in site.initial(device)]
+            inputs = _chunk(plan.flat, program.input_dims, start, stop)
+            chunk_tables = _chunk(tables[id(program)], program.table_dims, start, stop, device)
             outs = program.module(*inputs, *chunk_tables, *states)
-            states = list(outs[n_out:])
-            yield start, stop, list(outs[:n_out])
+            states = list(outs[program.n_outputs:])
+            yield program, list(outs[:program.n_outputs])
 
     def iter_chunks(self, *args, **kwargs):
         """One output per chunk, each in the model's output structure restricted to that chunk."""
-        program = self.program(*args, **kwargs)
-        for _, _, outs in self._run_chunks(args, kwargs):
+        for program, outs in self._run_chunks(args, kwargs):
             yield pytree.tree_unflatten(outs, program.out_spec) if program.out_spec is not None else outs
 
     def __call__(self, *args, **kwargs):
         """The converted model's output, computed chunk by chunk."""
-        program = self.program(*args, **kwargs)
-        pieces: list[list] = [[] for _ in program.output_dims]
-        last = None
-        for _, _, outs in self._run_chunks(args, kwargs):
-            last = outs
+        pieces: list[list] = []
+        last = program = None
+        for program, outs in self._run_chunks(args, kwargs):
+            last, pieces = outs, pieces or [[] for _ in outs]
             for i, (x, fd) in enumerate(zip(outs, program.output_dims)):
                 if fd is not None:
                     pieces[i].append(x.narrow(fd.dim, fd.extra, x.shape[fd.dim] - fd.extra))
@@ -178,14 +180,14 @@ class StreamRunner:
     # -- export ------------------------------------------------------------------------------------
     def step_module(self, *args, **kwargs) -> tuple[fx.GraphModule, tuple]:
         """(step GraphModule, example inputs of the first full chunk: chunk inputs, tables, states)."""
-        program = self.program(*args, **kwargs)
-        flat = self._flat(program, args, kwargs)
-        frames = self._frames(program, flat)
-        device = self._device(flat)
-        stop = min(program.chunk_frames, frames)
-        inputs = self._chunk(flat, program.input_dims, 0, stop)
-        tables = self._chunk(self._tables(program, flat), program.table_dims, 0, stop, device)
-        example = tuple(inputs + tables + self._initial_states(program, device))
+        plan = self.plan(*args, **kwargs)
+        stop = min(plan.chunk_frames, plan.frames)
+        program = plan.program(stop)
+        device = next((x.device for x in plan.flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        inputs = _chunk(plan.flat, program.input_dims, 0, stop)
+        tables = _chunk(self._tables(program, plan.flat), program.table_dims, 0, stop, device)
+        states = [t for site in program.sites for t in site.initial(device)]
+        example = tuple(inputs + tables + states)
         _propagate_meta(program.module, example)
         return program.module, example
 
@@ -198,6 +200,116 @@ class StreamRunner:
         return {"inputs": placeholders[:n_in], "tables": placeholders[n_in:n_in + n_tab],
                 "states_in": states, "outputs": [f"output_{i}" for i in range(program.n_outputs)],
                 "states_out": states, "chunk_frames": program.chunk_frames}
+
+
+class FrameCount:
+    """An int input that is the frame count (LTX-Video's ``num_frames``): per_frame * chunk frames."""
+
+    def __init__(self, per_frame: int):
+        self.per_frame = per_frame
+
+    def take(self, value, start: int, stop: int) -> int:
+        return self.per_frame * (stop - start)
+
+    def __repr__(self):
+        return f"FrameCount(per_frame={self.per_frame})"
+
+
+class _Plan:
+    """One call: flat inputs, token frames, the sites' chunk size, and ``program(length)``: the step
+    program for a chunk of that many frames."""
+
+    def __init__(self, flat: list, frames: int, chunk_frames: int, program):
+        self.flat, self.frames, self.chunk_frames, self.program = flat, frames, chunk_frames, program
+
+
+def _flat(in_spec, args, kwargs) -> list:
+    """The model's inputs flattened in the export's order."""
+    if in_spec is None:
+        return list(args)
+    kwargs = reorder_kwargs(dict(kwargs), in_spec) if kwargs else {}
+    return pytree.tree_leaves((tuple(args), kwargs))
+
+
+def _frames(flat: list, dims: list) -> int:
+    """Token frames of the call, from the first chunked tensor input."""
+    for x, fd in zip(flat, dims):
+        if isinstance(x, torch.Tensor) and isinstance(fd, FrameDim):
+            body = x.shape[fd.dim] - fd.extra
+            if body <= 0 or body % fd.per_frame:
+                raise ShapeError(f"an input of shape {tuple(x.shape)} has {x.shape[fd.dim]} entries in its frame "
+                                 f"dim {fd.dim}, not {fd.per_frame} * frames + {fd.extra}")
+            return body // fd.per_frame
+    raise ConversionError("no input of the model has a frame-dependent dim to chunk")
+
+
+def _chunk(values, dims: list, start: int, stop: int, device=None) -> list:
+    """Each value restricted to token frames [start, stop) per its dim (None: unchanged)."""
+    out = []
+    for x, fd in zip(values, dims):
+        if fd is not None and (isinstance(x, torch.Tensor) or isinstance(fd, FrameCount)):
+            x = fd.take(x, start, stop)
+        if isinstance(x, torch.Tensor) and device is not None:
+            x = x.to(device, non_blocking=True)
+        out.append(x)
+    return out
+
+
+def _static_frame_inputs(flat: list, dims: list, frame_axis) -> bool:
+    """True when an input has the frame input's frame count in the same dim but a fixed size in the
+    export (VACE's control video): the dynamic graph is only valid at that one size."""
+    if frame_axis is None or frame_axis.flat_index is None or frame_axis.flat_index >= len(flat):
+        return False
+    video = flat[frame_axis.flat_index]
+    return any(isinstance(x, torch.Tensor) and fd is None and i != frame_axis.flat_index and x.dim() == video.dim()
+               and x.shape[frame_axis.dim] == video.shape[frame_axis.dim] for i, (x, fd) in enumerate(zip(flat, dims)))
+
+
+def _guess_input_dims(flat: list, frame_axis, video_shape, tokens_per_frame: set, patch: int) -> tuple[list, int]:
+    """(dim per flat input, token frames) for fixed-shape exports, by sizes: the frame input's time
+    dim; the same dim of inputs of its rank with the same size (control videos); a dim of size
+    M * T (pre-patchified tokens, per-token rotary tables); ints equal to the input frame count."""
+    video = None
+    if frame_axis is not None and frame_axis.flat_index is not None and frame_axis.flat_index < len(flat):
+        video = flat[frame_axis.flat_index]
+        frames_in = video.shape[frame_axis.dim]
+    elif video_shape is not None:
+        frames_in = video_shape[0] * patch
+    else:
+        raise ConversionError("stream cannot tell which input holds time: pass video_shape=(frames, h, w) "
+                              "to rc.transform")
+    if frames_in % patch:
+        raise ShapeError(f"the video has {frames_in} frames, not a multiple of the temporal patch {patch}")
+    frames = frames_in // patch
+    token_counts = {m * frames: m for m in tokens_per_frame}
+    dims = []
+    for x in flat:
+        fd = None
+        if isinstance(x, torch.Tensor):
+            if video is not None and x.dim() == video.dim() and x.shape[frame_axis.dim] == frames_in:
+                fd = FrameDim(frame_axis.dim, patch)
+            else:
+                hits = [d for d, size in enumerate(x.shape) if size in token_counts and size > 1]
+                fd = FrameDim(hits[0], token_counts[x.shape[hits[0]]]) if len(hits) == 1 else None
+        elif isinstance(x, int) and not isinstance(x, bool) and x == frames_in and video is None:
+            fd = FrameCount(patch)
+        dims.append(fd)
+    return dims, frames
+
+
+@contextmanager
+def _video_shape_for(hybrid, frames):
+    """Trace with ``video_shape`` (frames, h, w) set to this many frames when the user gave one (static
+    exports read the layout from it)."""
+    shape = getattr(hybrid, "_video_shape", None)
+    if shape is None or frames is None:
+        yield
+        return
+    object.__setattr__(hybrid, "_video_shape", (frames, *shape[1:]))
+    try:
+        yield
+    finally:
+        object.__setattr__(hybrid, "_video_shape", shape)
 
 
 def site_state_nbytes(site) -> int:

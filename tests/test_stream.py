@@ -148,31 +148,49 @@ def test_non_causal_toy_conversion_is_refused():
 # diffusers models (tests/models.py), converted with rc.transform
 # ---------------------------------------------------------------------------------------------
 
-VIDEO_ONLY = ["wan2.1-t2v", "skyreels-v2", "allegro"]
-
-
-def converted(name, chunk_frames, overlap_frames, frames=5, **options):
-    model, args, kwargs = MODELS[name](frames)
+def converted(name, chunk_frames, overlap_frames, frames=None, **options):
+    model, args, kwargs = MODELS[name]() if frames is None else MODELS[name](frames)
     hybrid = rc.transform(model, args, kwargs, chunk_frames=chunk_frames, overlap_frames=overlap_frames, **options)
     return model, hybrid
 
 
+# (model, Tc, To, frame counts); every case ends on a short last chunk at one of its frame counts.
+# WanVACE (fixed-size control video) and Cosmos (fixed-shape export) take the path that traces a
+# chunk-length graph too (one export per chunk length and video length: fewer frame counts).
+VIDEO_ONLY = [("wan2.1-t2v", 2, 1, (5, 7)), ("wan2.1-t2v", 3, 0, (5, 7)), ("wan2.1-t2v", 3, 3, (5, 7)),
+              ("skyreels-v2", 2, 1, (5, 7)), ("allegro", 3, 1, (5, 7)), ("wan-vace", 2, 1, (5,)),
+              ("cosmos", 3, 2, (5, 7))]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", VIDEO_ONLY)
-@pytest.mark.parametrize("chunk_frames,overlap_frames", [(2, 1), (3, 0), (3, 3)])
-def test_streamed_equals_parallel_causal_converted_model(name, chunk_frames, overlap_frames):
-    _, hybrid = converted(name, chunk_frames, overlap_frames)
+@pytest.mark.parametrize("name,chunk_frames,overlap_frames,frame_counts", VIDEO_ONLY)
+def test_streamed_equals_parallel_causal_converted_model(name, chunk_frames, overlap_frames, frame_counts):
+    _, hybrid = converted(name, chunk_frames, overlap_frames, frames=5)
     runner = rc.stream(hybrid)
-    for frames in (5, 7):  # every combination ends on a short last chunk at one of these
+    for frames in frame_counts:
         _, args, kwargs = MODELS[name](frames)
         with torch.no_grad():
             outputs_close(runner(*args, **kwargs), hybrid(*args, **kwargs))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["hunyuan-video", "mochi"])
+@pytest.mark.parametrize("frames,chunk_frames,overlap_frames", [(5, 2, 1), (7, 3, 2)])
+def test_streamed_equals_parallel_causal_ltx_video(frames, chunk_frames, overlap_frames):
+    """LTX-Video takes pre-patchified tokens and num_frames: a fixed-shape export with video_shape."""
+    _, hybrid = converted("ltx-video", chunk_frames, overlap_frames, frames=frames, video_shape=(frames, 4, 4))
+    _, args, kwargs = MODELS["ltx-video"](frames)
+    runner = rc.stream(hybrid)
+    with torch.no_grad():
+        outputs_close(runner(*args, **kwargs), hybrid(*args, **kwargs))
+    # the token input is chunked in tokens, num_frames becomes the chunk's frame count
+    dims = runner.program(*args, **kwargs).input_dims
+    assert dims[0].per_frame == 16 and "FrameCount" in repr(dims)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hunyuan-video", "mochi", "cogvideox-1.5"])
 def test_joint_model_one_chunk_equals_original_and_chunked_is_finite(name):
-    model, args, kwargs = MODELS[name](5)
+    model, args, kwargs = MODELS[name]()
     with torch.no_grad():
         original = model(*args, **kwargs)
         outputs_close(rc.stream(converted(name, 5, 1)[1])(*args, **kwargs), original)
