@@ -234,19 +234,9 @@ def symbol_dependent(graph: fx.Graph, symbols: frozenset) -> set[fx.Node]:
     return dep
 
 
-def _check_streamable(graph: fx.Graph, data: set, symbol, patch: int) -> list[fx.Node]:
-    """The hybrid nodes, after refusing what cannot run chunk by chunk."""
-    sites = [n for n in graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
-    if not sites:
-        raise ConversionError("stream needs a converted model: the graph has no rehyat::hybrid_attention node")
-    for node in sites:
-        if not node.args[8]:
-            raise ConversionError(
-                f"stream needs a causal conversion: site {node.meta.get('rehyat_site', node.name)} was converted "
-                "with causal=False (its linear part reads future frames); transform with causal=True")
-    chunks = {node.args[6] for node in sites}
-    if len(chunks) > 1:
-        raise ConversionError(f"stream needs one chunk size for every site, got chunk_frames {sorted(chunks)}")
+def _check_streamable(graph: fx.Graph, data: set, symbol, patch: int) -> None:
+    """Refuse what cannot run chunk by chunk (see :func:`_check_sites`; frame-wide attention)."""
+    _check_sites(graph)
     for node in graph.nodes:
         if node in data and node.target in _GLOBAL_MIXERS:
             mixed = node.args[1] if node.target is torch.ops.aten.scaled_dot_product_attention.default else node
@@ -256,7 +246,6 @@ def _check_streamable(graph: fx.Graph, data: set, symbol, patch: int) -> list[fx
                 raise ConversionError(
                     f"stream cannot run node {node.name} ({node.target}) chunk by chunk: it attends over every "
                     f"frame (an unconverted attention site); convert it with rc.transform(..., layers=None)")
-    return sites
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,6 +512,7 @@ def frame_dim_between(chunk_shape, full_shape, chunk_frames: int, frames: int) -
 
 
 def _check_sites(graph: fx.Graph) -> None:
+    """Refuse graphs without hybrid nodes, non-causal sites, and sites with different chunk sizes."""
     sites = [n for n in graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
     if not sites:
         raise ConversionError("stream needs a converted model: the graph has no rehyat::hybrid_attention node")

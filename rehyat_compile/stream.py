@@ -15,6 +15,13 @@ program comes from :func:`rehyat_compile.passes.thread_state.thread_state`; this
 *states)`` returns ``(*chunk_outputs, *new_states)``; ``example`` is the first full chunk's inputs,
 its tables and the initial states. :meth:`StreamRunner.signature` names every one of them.
 
+Exports with a symbolic frame axis give one step program for every chunk. Fixed-shape exports
+(Cosmos, LTX-Video with ``video_shape``) and fixed-size extra video inputs (WanVACE's control video)
+are traced again on chunk-length inputs, one program per chunk length (the full chunk and a shorter
+last one), by :func:`~rehyat_compile.passes.thread_state.thread_state_matched`; which inputs are
+chunked is then read from sizes (the frame input's time dim, M*T token dims, ints equal to the frame
+count). For LTX-Video, ``video_shape`` fixes the frame count: transform per length.
+
 Position tables (RoPE, learned frame embeddings) are computed once per call for the whole video and
 sliced per chunk. ``table_device="cpu"`` computes and keeps them in host memory and moves one chunk's
 slice at a time, so device memory does not grow with the video length.
@@ -132,7 +139,7 @@ class StreamRunner:
     def _run_chunks(self, args, kwargs):
         """Yields (program, flat outputs) per chunk."""
         plan = self.plan(*args, **kwargs)
-        device = next((x.device for x in plan.flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        device = _device(plan.flat)
         tables: dict[int, tuple] = {}
         states = None
         for start in range(0, plan.frames, plan.chunk_frames):
@@ -183,7 +190,7 @@ class StreamRunner:
         plan = self.plan(*args, **kwargs)
         stop = min(plan.chunk_frames, plan.frames)
         program = plan.program(stop)
-        device = next((x.device for x in plan.flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        device = _device(plan.flat)
         inputs = _chunk(plan.flat, program.input_dims, 0, stop)
         tables = _chunk(self._tables(program, plan.flat), program.table_dims, 0, stop, device)
         states = [t for site in program.sites for t in site.initial(device)]
@@ -229,6 +236,11 @@ def _flat(in_spec, args, kwargs) -> list:
         return list(args)
     kwargs = reorder_kwargs(dict(kwargs), in_spec) if kwargs else {}
     return pytree.tree_leaves((tuple(args), kwargs))
+
+
+def _device(flat: list) -> torch.device:
+    """Where the call's tensors live (the states are made there)."""
+    return next((x.device for x in flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
 
 def _frames(flat: list, dims: list) -> int:
