@@ -7,6 +7,7 @@ from .feature_map import FeatureMap
 from .op import decompositions, hybrid_attention, hybrid_attention_flops
 from .export import FrameAxis, export_video_model
 from .transform import HybridModel, inspect, transform
+from .stream import StreamRunner, stream
 
 __version__ = "0.1.0"
 
@@ -14,4 +15,5 @@ __all__ = [
     "ComplexityError", "ConversionError", "CostReport", "check_linear", "cost", "FeatureMap", "HybridState", "ShapeError", "decompositions",
     "hybrid_attention", "hybrid_attention_chunked", "hybrid_attention_flops", "hybrid_attention_reference",
     "hybrid_attention_step", "FrameAxis", "HybridModel", "export_video_model", "inspect", "transform",
+    "StreamRunner", "stream",
 ]
