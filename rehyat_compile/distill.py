@@ -1,0 +1,396 @@
+"""Stage 1 of the ReHyAt recipe: distil each converted site's feature maps from the teacher.
+
+Every converted site is one ``rehyat::hybrid_attention`` call. Distillation needs, per site, the
+q, k, v the *teacher* computes there and the teacher's attention output: each site is trained on
+the teacher's own activations (Attention Surgery), so errors of earlier converted layers never
+reach later ones during training. They are captured by running the hybrid's rewritten graph with
+every site *forced to softmax*: the site node computes full softmax attention of its q, k, v
+(= the op with one chunk covering the video, REHYAT.md consequence 1), which is exactly the teacher,
+and records q, k, v and that output. The teacher itself is run once per batch to check this.
+
+Then only phi_q, phi_k of each site are trained to make ``rc.hybrid_attention(q, k, v, phi_q(q),
+phi_k(k), <site layout>)`` match the teacher output. Sites are independent problems; sites with
+equal shapes and feature-map configs are trained together as one wider op call (their heads
+concatenated: the op and the feature map are per-head, the loss is a sum of per-site means and
+Adam is element-wise, so the batched run takes the same steps as separate runs).
+
+Scale-out: under ``torch.distributed`` (torchrun; NCCL on GPUs, gloo on CPU) sites are sharded over
+ranks, each rank captures and trains its own sites, and the trained weights are broadcast from their
+owners, so every rank ends with the whole trained hybrid and the same report.
+
+Data shapes: q, k, v, teacher output ``[B, H, N, D]`` with ``N = extra_before + frames *
+tokens_per_frame + extra_after``. Errors are relative L1, ``sum|y - y_teacher| / sum|y_teacher|``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .attention import HybridLayout, make_layout, resolve_scale
+from .errors import ConversionError
+from .feature_map import FeatureMap
+from .op import hybrid_attention
+
+HYBRID_OP = torch.ops.rehyat.hybrid_attention.default
+SITE_META = "rehyat_site"
+LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: one site's layout and its captured samples
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """What the trainer needs to know about a converted site: its name, where the video sits in the
+    token axis and how it is chunked, and the softmax scale."""
+
+    name: str
+    layout: HybridLayout
+    scale: float | None = None
+
+    def op_kwargs(self) -> dict:
+        return dict(tokens_per_frame=self.layout.tokens_per_frame, chunk_frames=self.layout.chunk_frames,
+                    overlap_frames=self.layout.overlap_frames, causal=self.layout.causal,
+                    extra_before=self.layout.extra_before, extra_after=self.layout.extra_after, scale=self.scale)
+
+    @classmethod
+    def from_op_args(cls, name: str, layout_args) -> SiteSpec:
+        """From the op's trailing arguments (tokens_per_frame, chunk_frames, overlap_frames, causal,
+        extra_before, extra_after, scale)."""
+        tpf, tc, to, causal, eb, ea, scale = layout_args
+        return cls(name, make_layout(tpf, tc, to, causal, eb, ea), float(scale))
+
+
+@dataclass
+class SiteSample:
+    """One batch at one site: the teacher's q, k, v and its attention output, all [B, H, N, D]."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    target: torch.Tensor
+
+    def to(self, device) -> SiteSample:
+        return SiteSample(*(t.to(device) for t in (self.q, self.k, self.v, self.target)))
+
+
+def teacher_attention(q, k, v, scale=None) -> torch.Tensor:
+    """The teacher's output at a self-attention site: full softmax attention over every token."""
+    return F.scaled_dot_product_attention(q, k, v, scale=resolve_scale(scale, q.shape[-1]))
+
+
+def relative_l1(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """(sum |pred - target|, sum |target|) in fp32, so errors over several batches add up."""
+    return (float((pred.float() - target.float()).abs().sum()), float(target.float().abs().sum()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture: run the rewritten graph with every site forced to softmax
+# ---------------------------------------------------------------------------------------------
+
+class _SoftmaxTap(nn.Module):
+    """Replaces one site node: returns the teacher's softmax attention and records q, k, v, output."""
+
+    def __init__(self, name: str, record: bool, sink: dict, offload):
+        super().__init__()
+        self.name, self.record, self.sink, self.offload = name, record, sink, offload
+
+    def forward(self, q, k, v, *layout_args):
+        out = teacher_attention(q, k, v, layout_args[-1])
+        if self.record:
+            sample = SiteSample(q.detach(), k.detach(), v.detach(), out.detach())
+            self.sink.setdefault(self.name, []).append(sample if self.offload is None else sample.to(self.offload))
+            self.sink.setdefault("__specs__", {})[self.name] = SiteSpec.from_op_args(self.name, layout_args)
+        return out
+
+
+def site_nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    """The hybrid-op nodes of a rewritten graph, by site name (``node.meta['rehyat_site']``)."""
+    nodes = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is HYBRID_OP:
+            name = node.meta.get(SITE_META)
+            if name is None:
+                raise ConversionError(f"hybrid-attention node {node.name} has no meta[{SITE_META!r}] site name")
+            nodes[name] = node
+    return nodes
+
+
+def softmax_forced(gm: torch.fx.GraphModule, record=None, offload=None) -> tuple[torch.fx.GraphModule, dict]:
+    """A copy of ``gm`` (sharing its parameters) in which every site runs full softmax attention of
+    its own q, k, v -- the teacher -- and the sites named in ``record`` (None = all) append their
+    :class:`SiteSample` to the returned sink (``sink[name]`` is a list, ``sink['__specs__']`` the specs).
+    The feature maps become dead code and are dropped."""
+    sink: dict = {}
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, val_map := {})
+    graph.output(out)
+    graph._codegen = gm.graph._codegen
+    forced = torch.fx.GraphModule(gm, graph)
+    for spec in ("_in_spec", "_out_spec"):  # read by the pytree codegen of exported modules
+        if hasattr(gm, spec):
+            setattr(forced, spec, getattr(gm, spec))
+    for i, (name, node) in enumerate(site_nodes(gm).items()):
+        new, tap = val_map[node], f"_rehyat_softmax_tap_{i}"
+        forced.add_module(tap, _SoftmaxTap(name, record is None or name in record, sink, offload))
+        q, k, v = new.args[:3]
+        new.op, new.target, new.args, new.kwargs = "call_module", tap, (q, k, v, *new.args[5:]), {}
+    # the feature maps now feed nothing; their dtype assertions alone must not keep them alive
+    forced.graph.eliminate_dead_code(
+        is_impure_node=lambda n: n.target is not torch.ops.aten._assert_tensor_metadata.default and n.is_impure())
+    forced.recompile()
+    return forced, sink
+
+
+def capture_sites(gm: torch.fx.GraphModule, batches, *, record=None, offload=None):
+    """Run the softmax-forced graph on ``batches`` ((args, kwargs) pairs). Returns
+    ``(samples, specs, outputs)``: ``samples[name]`` one :class:`SiteSample` per batch for the recorded
+    sites, ``specs[name]`` their :class:`SiteSpec`, ``outputs`` the graph's output per batch."""
+    forced, sink = softmax_forced(gm, record, offload)
+    outputs = []
+    with torch.no_grad():
+        for args, kwargs in batches:
+            outputs.append(forced(*args, **kwargs))
+    specs = sink.pop("__specs__", {})
+    return sink, specs, outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: only phi_q, phi_k, batched over sites of equal shapes
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SiteResult:
+    """Per-site outcome: relative L1 attention error before/after and the training loss per step."""
+
+    name: str
+    error_before: float
+    error_after: float
+    loss_curve: list[float] = field(default_factory=list)
+    rank: int = 0
+
+    @property
+    def improvement(self) -> float:
+        return self.error_before / self.error_after if self.error_after > 0 else math.inf
+
+
+def _phi_config(phi: FeatureMap) -> tuple:
+    return (phi.heads, phi.head_dim, phi.feature_dim, phi.hidden, phi.degree, phi.activation, phi.positive,
+            phi.w1.dtype, phi.w1.device)
+
+
+def _stack_feature_maps(maps: list[FeatureMap]) -> FeatureMap:
+    """One FeatureMap whose heads are the concatenated heads of ``maps`` (all of one config)."""
+    first = maps[0]
+    stacked = FeatureMap(first.heads * len(maps), first.head_dim, feature_dim=first.feature_dim,
+                         hidden=first.hidden, degree=first.degree, activation=first.activation,
+                         positive=first.positive).to(device=first.w1.device, dtype=first.w1.dtype)
+    with torch.no_grad():
+        for name, param in stacked.named_parameters():
+            param.copy_(torch.cat([getattr(m, name) for m in maps], dim=0))
+    return stacked
+
+
+def _unstack_feature_maps(stacked: FeatureMap, maps: list[FeatureMap]) -> None:
+    with torch.no_grad():
+        for name, param in stacked.named_parameters():
+            for m, part in zip(maps, param.chunk(len(maps), dim=0)):
+                getattr(m, name).copy_(part)
+
+
+class _SiteGroup:
+    """Sites trained as one op call: same layout, scale, sample shapes and feature-map config."""
+
+    def __init__(self, spec: SiteSpec, names: list[str], samples: dict, feature_maps: dict):
+        self.spec, self.names, self.heads = spec, names, samples[names[0]][0].q.shape[1]
+        # concatenate the sites' heads once, freeing the per-site copies
+        self.samples = [SiteSample(*(torch.cat([getattr(samples[n][i], f) for n in names], dim=1)
+                                     for f in ("q", "k", "v", "target")))
+                        for i in range(len(samples[names[0]]))]
+        self.phi_q = _stack_feature_maps([feature_maps[n][0] for n in names])
+        self.phi_k = _stack_feature_maps([feature_maps[n][1] for n in names])
+
+    def parameters(self):
+        return [*self.phi_q.parameters(), *self.phi_k.parameters()]
+
+    def forward(self, sample: SiteSample) -> torch.Tensor:
+        return hybrid_attention(sample.q, sample.k, sample.v, self.phi_q(sample.q), self.phi_k(sample.k),
+                                **self.spec.op_kwargs())
+
+    def per_site(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, G*H, N, D] -> [G, B, H, N, D]."""
+        b, _, n, d = t.shape
+        return t.reshape(b, len(self.names), self.heads, n, d).transpose(0, 1)
+
+    def losses(self, sample: SiteSample, loss_fn) -> torch.Tensor:
+        pred, target = self.per_site(self.forward(sample).float()), self.per_site(sample.target.float())
+        return torch.stack([loss_fn(p, t) for p, t in zip(pred, target)])
+
+    @torch.no_grad()
+    def errors(self, samples: list[SiteSample]) -> list[float]:
+        num, den = torch.zeros(len(self.names)), torch.zeros(len(self.names))
+        for sample in samples:
+            diff = self.per_site(self.forward(sample).float() - sample.target.float()).abs()
+            num += diff.flatten(1).sum(1).cpu()
+            den += self.per_site(sample.target.float()).abs().flatten(1).sum(1).cpu()
+        return (num / den.clamp_min(1e-30)).tolist()
+
+    def write_back(self, feature_maps: dict) -> None:
+        _unstack_feature_maps(self.phi_q, [feature_maps[n][0] for n in self.names])
+        _unstack_feature_maps(self.phi_k, [feature_maps[n][1] for n in self.names])
+
+
+def _group_sites(samples: dict, specs: Mapping[str, SiteSpec], feature_maps: dict) -> list[_SiteGroup]:
+    keys: dict[tuple, list[str]] = {}
+    for name in sorted(samples):
+        if not samples[name]:
+            raise ValueError(f"no captured samples for site {name!r}")
+        shapes = tuple((s.q.shape, s.q.dtype, s.q.device) for s in samples[name])
+        phi_q, phi_k = feature_maps[name]
+        key = (specs[name].layout, specs[name].scale, shapes, _phi_config(phi_q), _phi_config(phi_k))
+        keys.setdefault(key, []).append(name)
+    return [_SiteGroup(specs[names[0]], names, samples, feature_maps) for names in keys.values()]
+
+
+def _check_training_args(steps, lr, loss):
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr must be a positive float, got {lr!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+
+
+def train_feature_maps(samples: Mapping[str, list[SiteSample]], specs: Mapping[str, SiteSpec],
+                       feature_maps: Mapping[str, tuple[FeatureMap, FeatureMap]], *, steps: int = 200,
+                       lr: float = 3e-3, loss: str = "l1", progress: bool = True,
+                       eval_samples: Mapping[str, list[SiteSample]] | None = None) -> dict[str, SiteResult]:
+    """Train ``feature_maps[name] = (phi_q, phi_k)`` of every site in ``samples`` so the hybrid op with
+    ``specs[name]``'s layout matches the recorded teacher output. Step s uses sample ``s % len``.
+    AdamW with a cosine decay to lr/10. Errors (relative L1) are measured on ``eval_samples``
+    (default: the training samples) before and after; the feature maps are updated in place."""
+    _check_training_args(steps, lr, loss)
+    for name in samples:
+        if name not in specs or name not in feature_maps:
+            raise ValueError(f"site {name!r} has samples but no spec/feature maps")
+    groups = _group_sites(dict(samples), specs, feature_maps)
+    evals = {g: _SiteGroup(g.spec, g.names, eval_samples, feature_maps).samples if eval_samples else g.samples
+             for g in groups}
+    before = {n: e for g in groups for n, e in zip(g.names, g.errors(evals[g]))}
+    curves: dict[str, list[float]] = {n: [] for g in groups for n in g.names}
+    params = [p for g in groups for p in g.parameters()]
+    if params and steps:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr / 10)
+        bar = _progress(steps, progress, f"distill {len(curves)} sites")
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for g in groups:
+                per_site = g.losses(g.samples[step % len(g.samples)], LOSSES[loss])
+                per_site.sum().backward()  # groups share no parameters: one backward each keeps memory low
+                for n, value in zip(g.names, per_site.tolist()):
+                    curves[n].append(value)
+                    total += value
+            opt.step()
+            sched.step()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / max(len(curves), 1):.4g}")
+        if bar is not None:
+            bar.close()
+    after = {n: e for g in groups for n, e in zip(g.names, g.errors(evals[g]))}
+    for g in groups:
+        g.write_back(feature_maps)
+    return {n: SiteResult(n, before[n], after[n], curves[n]) for n in sorted(curves)}
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale-out over torch.distributed ranks
+# ---------------------------------------------------------------------------------------------
+
+def init_distributed() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment) if not joined
+    yet: NCCL when CUDA is available, else gloo. Returns whether a multi-process group is active."""
+    if not dist.is_available():
+        return False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def shard_sites(costs: Mapping[str, float], world_size: int) -> dict[str, int]:
+    """Owner rank of every site: longest-processing-time greedy on ``costs`` (any consistent unit),
+    deterministic so every rank computes the same plan."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    load = [0.0] * world_size
+    owner = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[name] = rank
+        load[rank] += costs[name]
+    return owner
+
+
+def _site_cost(spec: SiteSpec, q_shape) -> float:
+    """Rough training cost of a site (softmax-window FLOPs of one op call), for load balancing."""
+    b, h, n, d = q_shape
+    window = (spec.layout.chunk_frames + spec.layout.overlap_frames) * spec.layout.tokens_per_frame
+    return float(b * h * n * d * (min(window, n) + spec.layout.extra))
+
+
+def broadcast_feature_maps(feature_maps: Mapping[str, tuple[FeatureMap, FeatureMap]],
+                           owner: Mapping[str, int]) -> None:
+    """Copy every site's phi weights from its owner rank to all ranks (one flat tensor per site)."""
+    on_gpu = dist.get_backend() == "nccl"
+    for name in sorted(owner):
+        params = [*feature_maps[name][0].parameters(), *feature_maps[name][1].parameters()]
+        flat = nn.utils.parameters_to_vector(params).detach()
+        wire = flat.cuda() if on_gpu and not flat.is_cuda else flat
+        dist.broadcast(wire, src=owner[name])
+        nn.utils.vector_to_parameters(wire.to(flat.device), params)
+
+
+def gather_results(results: dict[str, SiteResult]) -> dict[str, SiteResult]:
+    """Every rank's site results, merged on all ranks."""
+    rank = dist.get_rank()
+    for r in results.values():
+        r.rank = rank
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {n: asdict(r) for n, r in results.items()})
+    return {n: SiteResult(**r) for part in parts for n, r in part.items()}
+
+
+def train_sharded(samples, specs, feature_maps, *, owner: Mapping[str, int] | None = None, **train_kwargs):
+    """:func:`train_feature_maps` on this rank's sites (``owner[name] == rank``; ``samples`` needs only
+    those), then broadcast of the trained weights and a gather of the results. Without a process
+    group this is plain :func:`train_feature_maps` on all sites."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return train_feature_maps(samples, specs, feature_maps, **train_kwargs)
+    if owner is None:
+        raise ValueError("owner (site -> rank) is required under torch.distributed")
+    mine = {n: s for n, s in samples.items() if owner[n] == dist.get_rank()}
+    results = train_feature_maps(mine, specs, feature_maps, **train_kwargs)
+    broadcast_feature_maps(feature_maps, owner)
+    return gather_results(results)
