@@ -4,11 +4,13 @@ from .attention import (HybridState, hybrid_attention_chunked, hybrid_attention_
 from .errors import ComplexityError, ConversionError, ShapeError
 from .feature_map import FeatureMap
 from .op import decompositions, hybrid_attention, hybrid_attention_flops
+from .export import FrameAxis, export_video_model
+from .transform import HybridModel, inspect, transform
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ComplexityError", "ConversionError", "FeatureMap", "HybridState", "ShapeError", "decompositions",
     "hybrid_attention", "hybrid_attention_chunked", "hybrid_attention_flops", "hybrid_attention_reference",
-    "hybrid_attention_step",
+    "hybrid_attention_step", "FrameAxis", "HybridModel", "export_video_model", "inspect", "transform",
 ]
