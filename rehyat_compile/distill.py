@@ -73,15 +73,24 @@ class SiteSpec:
 
 @dataclass
 class SiteSample:
-    """One batch at one site: the teacher's q, k, v and its attention output, all [B, H, N, D]."""
+    """One batch at one site: the teacher's q, k, v (as the op takes them) and its attention output,
+    all [B, H, N, D]; ``q_phi``, ``k_phi``: what the feature maps read when that differs from q, k
+    (a folded key mask adds a column to the op's q, k that the feature maps never see)."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     target: torch.Tensor
+    q_phi: torch.Tensor | None = None
+    k_phi: torch.Tensor | None = None
+
+    FIELDS = ("q", "k", "v", "target", "q_phi", "k_phi")
+
+    def features_in(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.q if self.q_phi is None else self.q_phi, self.k if self.k_phi is None else self.k_phi)
 
     def to(self, device) -> SiteSample:
-        return SiteSample(*(t.to(device) for t in (self.q, self.k, self.v, self.target)))
+        return SiteSample(*(None if t is None else t.to(device) for t in map(self.__getattribute__, self.FIELDS)))
 
 
 def teacher_attention(q, k, v, scale=None) -> torch.Tensor:
@@ -105,10 +114,11 @@ class _SoftmaxTap(nn.Module):
         super().__init__()
         self.name, self.record, self.sink, self.offload = name, record, sink, offload
 
-    def forward(self, q, k, v, *layout_args):
+    def forward(self, q, k, v, q_phi, k_phi, *layout_args):
         out = teacher_attention(q, k, v, layout_args[-1])
         if self.record:
-            sample = SiteSample(q.detach(), k.detach(), v.detach(), out.detach())
+            q_phi, k_phi = (None if x is None or x is y else x.detach() for x, y in ((q_phi, q), (k_phi, k)))
+            sample = SiteSample(q.detach(), k.detach(), v.detach(), out.detach(), q_phi, k_phi)
             self.sink.setdefault(self.name, []).append(sample if self.offload is None else sample.to(self.offload))
             self.sink.setdefault("__specs__", {})[self.name] = SiteSpec.from_op_args(self.name, layout_args)
         return out
@@ -124,6 +134,29 @@ def site_nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
                 raise ConversionError(f"hybrid-attention node {node.name} has no meta[{SITE_META!r}] site name")
             nodes[name] = node
     return nodes
+
+
+def _feature_map_input(node):
+    """The tensor a feature-map node reads (``phi(x)`` as call_module), else None (then q / k)."""
+    if isinstance(node, torch.fx.Node) and node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+        return node.args[0]
+    return None
+
+
+def site_feature_maps(gm: torch.fx.GraphModule) -> dict[str, tuple[FeatureMap, FeatureMap]]:
+    """``{site name: (phi_q, phi_k)}``: the modules the rewritten graph calls for fq, fk."""
+    maps = {}
+    for name, node in site_nodes(gm).items():
+        pair = []
+        for arg, which in ((node.args[3], "fq"), (node.args[4], "fk")):
+            if not (isinstance(arg, torch.fx.Node) and arg.op == "call_module"):
+                raise ConversionError(f"site {name}: {which} is not computed by a feature-map module call")
+            module = gm.get_submodule(arg.target)
+            if not isinstance(module, FeatureMap):
+                raise ConversionError(f"site {name}: {arg.target} is a {type(module).__name__}, not a FeatureMap")
+            pair.append(module)
+        maps[name] = tuple(pair)
+    return maps
 
 
 def softmax_forced(gm: torch.fx.GraphModule, record=None, offload=None) -> tuple[torch.fx.GraphModule, dict]:
@@ -143,8 +176,9 @@ def softmax_forced(gm: torch.fx.GraphModule, record=None, offload=None) -> tuple
     for i, (name, node) in enumerate(site_nodes(gm).items()):
         new, tap = val_map[node], f"_rehyat_softmax_tap_{i}"
         forced.add_module(tap, _SoftmaxTap(name, record is None or name in record, sink, offload))
-        q, k, v = new.args[:3]
-        new.op, new.target, new.args, new.kwargs = "call_module", tap, (q, k, v, *new.args[5:]), {}
+        q, k, v, fq, fk = new.args[:5]
+        new.op, new.target, new.kwargs = "call_module", tap, {}
+        new.args = (q, k, v, _feature_map_input(fq), _feature_map_input(fk), *new.args[5:])
     # the feature maps now feed nothing; their dtype assertions alone must not keep them alive
     forced.graph.eliminate_dead_code(
         is_impure_node=lambda n: n.target is not torch.ops.aten._assert_tensor_metadata.default and n.is_impure())
@@ -171,12 +205,17 @@ def capture_sites(gm: torch.fx.GraphModule, batches, *, record=None, offload=Non
 
 @dataclass
 class SiteResult:
-    """Per-site outcome: relative L1 attention error before/after and the training loss per step."""
+    """Per-site outcome: relative L1 attention error before/after, the training loss per step, and
+    what the cost model needs (``shape`` = q's [B, H, N, D] of the first sample, ``feature_dim``,
+    ``layout`` = the op's layout arguments), and the rank that trained it."""
 
     name: str
     error_before: float
     error_after: float
     loss_curve: list[float] = field(default_factory=list)
+    shape: tuple = ()
+    feature_dim: int = 0
+    layout: dict = field(default_factory=dict)
     rank: int = 0
 
     @property
@@ -208,15 +247,25 @@ def _unstack_feature_maps(stacked: FeatureMap, maps: list[FeatureMap]) -> None:
                 getattr(m, name).copy_(part)
 
 
+def _cat_samples(samples: list[SiteSample]) -> SiteSample:
+    """Sites' samples side by side on the head axis."""
+    def cat(field):
+        parts = [getattr(s, field) for s in samples]
+        if field in ("q_phi", "k_phi") and all(p is None for p in parts):
+            return None
+        if field in ("q_phi", "k_phi"):
+            parts = [s.features_in()[field == "k_phi"] for s in samples]
+        return torch.cat(parts, dim=1)
+    return SiteSample(*map(cat, SiteSample.FIELDS))
+
+
 class _SiteGroup:
     """Sites trained as one op call: same layout, scale, sample shapes and feature-map config."""
 
     def __init__(self, spec: SiteSpec, names: list[str], samples: dict, feature_maps: dict):
         self.spec, self.names, self.heads = spec, names, samples[names[0]][0].q.shape[1]
         # concatenate the sites' heads once, freeing the per-site copies
-        self.samples = [SiteSample(*(torch.cat([getattr(samples[n][i], f) for n in names], dim=1)
-                                     for f in ("q", "k", "v", "target")))
-                        for i in range(len(samples[names[0]]))]
+        self.samples = [_cat_samples([samples[n][i] for n in names]) for i in range(len(samples[names[0]]))]
         self.phi_q = _stack_feature_maps([feature_maps[n][0] for n in names])
         self.phi_k = _stack_feature_maps([feature_maps[n][1] for n in names])
 
@@ -224,7 +273,8 @@ class _SiteGroup:
         return [*self.phi_q.parameters(), *self.phi_k.parameters()]
 
     def forward(self, sample: SiteSample) -> torch.Tensor:
-        return hybrid_attention(sample.q, sample.k, sample.v, self.phi_q(sample.q), self.phi_k(sample.k),
+        q_in, k_in = sample.features_in()
+        return hybrid_attention(sample.q, sample.k, sample.v, self.phi_q(q_in), self.phi_k(k_in),
                                 **self.spec.op_kwargs())
 
     def per_site(self, t: torch.Tensor) -> torch.Tensor:
@@ -255,7 +305,7 @@ def _group_sites(samples: dict, specs: Mapping[str, SiteSpec], feature_maps: dic
     for name in sorted(samples):
         if not samples[name]:
             raise ValueError(f"no captured samples for site {name!r}")
-        shapes = tuple((s.q.shape, s.q.dtype, s.q.device) for s in samples[name])
+        shapes = tuple((s.q.shape, s.features_in()[0].shape, s.q.dtype, s.q.device) for s in samples[name])
         phi_q, phi_k = feature_maps[name]
         key = (specs[name].layout, specs[name].scale, shapes, _phi_config(phi_q), _phi_config(phi_k))
         keys.setdefault(key, []).append(name)
@@ -312,7 +362,9 @@ def train_feature_maps(samples: Mapping[str, list[SiteSample]], specs: Mapping[s
     after = {n: e for g in groups for n, e in zip(g.names, g.errors(evals[g]))}
     for g in groups:
         g.write_back(feature_maps)
-    return {n: SiteResult(n, before[n], after[n], curves[n]) for n in sorted(curves)}
+    info = {n: (tuple(g.samples[0].q.shape[:1]) + (g.heads,) + tuple(g.samples[0].q.shape[2:]), g.phi_q.feature_dim,
+                {**asdict(g.spec.layout), "scale": g.spec.scale}) for g in groups for n in g.names}
+    return {n: SiteResult(n, before[n], after[n], curves[n], *info[n]) for n in sorted(curves)}
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -394,3 +446,145 @@ def train_sharded(samples, specs, feature_maps, *, owner: Mapping[str, int] | No
     results = train_feature_maps(mine, specs, feature_maps, **train_kwargs)
     broadcast_feature_maps(feature_maps, owner)
     return gather_results(results)
+
+
+# ---------------------------------------------------------------------------------------------
+# rc.distill: capture from the hybrid's graph, train, report
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class DistillReport:
+    """What :func:`distill` did. ``per_layer[site]``: :class:`SiteResult` (relative L1 attention error
+    before/after, loss curve); ``loss_curve``: mean site loss per step; ``model_error_before/after``:
+    relative L1 of the hybrid's whole output against the teacher's (None when not measured);
+    ``teacher_check_error``: the softmax-forced graph against the teacher (~0: capture is faithful)."""
+
+    per_layer: dict[str, SiteResult]
+    loss_curve: list[float]
+    model_error_before: float | None
+    model_error_after: float | None
+    teacher_check_error: float | None
+    steps: int
+    lr: float
+    loss: str
+    seconds: float
+    world_size: int = 1
+
+    def errors(self, when: str = "after") -> dict[str, float]:
+        """``{site: error}`` after (or ``when='before'``) distillation."""
+        if when not in ("before", "after"):
+            raise ValueError(f"when must be 'before' or 'after', got {when!r}")
+        return {n: getattr(r, f"error_{when}") for n, r in self.per_layer.items()}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"distill: {len(self.per_layer)} sites, {self.steps} steps, lr={self.lr:g}, loss={self.loss}, "
+                 f"{self.seconds:.1f} s on {self.world_size} process(es)",
+                 f"{'site':<32} {'Tc':>3} {'To':>3} {'error before':>13} {'error after':>12} {'ratio':>7}"]
+        for n, r in self.per_layer.items():
+            lines.append(f"{n:<32} {r.layout.get('chunk_frames', '-'):>3} {r.layout.get('overlap_frames', '-'):>3} "
+                         f"{r.error_before:>13.4f} {r.error_after:>12.4f} {r.error_after / max(r.error_before, 1e-30):>7.3f}")
+        if self.model_error_before is not None:
+            lines.append(f"whole model output vs teacher: {self.model_error_before:.4f} -> {self.model_error_after:.4f}")
+        if self.teacher_check_error is not None:
+            lines.append(f"capture check (softmax-forced graph vs teacher): {self.teacher_check_error:.2e}")
+        return "\n".join(lines)
+
+
+def _check_batches(batches) -> list[tuple[tuple, dict]]:
+    if isinstance(batches, (torch.Tensor, str)) or not isinstance(batches, Iterable):
+        raise TypeError("batches must be an iterable of (args, kwargs) pairs")
+    out = []
+    for i, batch in enumerate(batches):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], (tuple, list))
+                and isinstance(batch[1], Mapping)):
+            raise TypeError(f"batches[{i}] must be an (args tuple, kwargs dict) pair, got {type(batch).__name__}")
+        out.append((tuple(batch[0]), dict(batch[1])))
+    if not out:
+        raise ValueError("batches must hold at least one (args, kwargs) pair")
+    return out
+
+
+def output_error(outputs, references) -> float:
+    """Relative L1 over every floating tensor leaf of paired model outputs."""
+    num = den = 0.0
+    for out, ref in zip(outputs, references):
+        for a, b in zip(pytree.tree_leaves(out), pytree.tree_leaves(ref)):
+            if isinstance(a, torch.Tensor) and a.is_floating_point():
+                n, d = relative_l1(a, b)
+                num, den = num + n, den + d
+    return num / den if den else 0.0
+
+
+def _run(model, batches):
+    with torch.no_grad():
+        return [model(*args, **kwargs) for args, kwargs in batches]
+
+
+def distill(teacher: nn.Module, hybrid: nn.Module, batches, *, steps: int = 200, lr: float = 3e-3,
+            loss: str = "l1", progress: bool = True, eval_batches=None, offload=None,
+            measure_model: bool = True, check_tol: float = 1e-2) -> DistillReport:
+    """Train the feature maps of every converted site of ``hybrid`` to match ``teacher`` site by site.
+
+    ``batches``: (args, kwargs) pairs for the teacher (e.g. latents at several noise levels); each site
+    is trained on the teacher's own q, k, v (captured through ``hybrid.graph_module(*args, **kwargs)``
+    with every site forced to softmax) to reproduce the teacher's attention output through the hybrid
+    op. ``eval_batches``: measure errors on these instead of the training batches. ``offload``: a
+    device to keep captured activations on (e.g. "cpu") between steps. ``measure_model``: run both
+    models on the batches before and after to report the whole-output error. ``check_tol``: maximum
+    relative L1 between the softmax-forced graph and ``teacher`` -- a larger gap means ``teacher`` is
+    not the model ``hybrid`` was converted from, and raises ValueError.
+
+    Under ``torch.distributed`` (or torchrun's environment) sites are sharded over ranks and every rank
+    ends with all trained weights. Returns a :class:`DistillReport`; the weights are trained in place.
+    """
+    _check_training_args(steps, lr, loss)
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+    if not callable(getattr(hybrid, "graph_module", None)):
+        raise TypeError(f"hybrid must be the result of rc.transform (a HybridModel), got {type(hybrid).__name__}")
+    start = time.perf_counter()
+    batches = _check_batches(batches)
+    evals = None if eval_batches is None else _check_batches(eval_batches)
+    distributed = init_distributed()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+
+    graphs = [hybrid.graph_module(*args, **kwargs) for args, kwargs in batches]
+    feature_maps: dict = {}
+    for gm in graphs:
+        feature_maps.update(site_feature_maps(gm))
+    owner = shard_sites({n: float(q.heads * q.head_dim) for n, (q, _) in feature_maps.items()}, world)
+    mine = {n for n, r in owner.items() if r == rank}
+
+    def capture(pairs):
+        samples: dict = {}
+        specs: dict = {}
+        outputs = []
+        for gm, pair in zip([hybrid.graph_module(*a, **k) for a, k in pairs], pairs):
+            s, sp, out = capture_sites(gm, [pair], record=mine, offload=offload)
+            for n, lst in s.items():
+                samples.setdefault(n, []).extend(lst)
+            specs.update(sp)
+            outputs += out
+        return samples, specs, outputs
+
+    samples, specs, forced_out = capture(batches)
+    eval_samples = capture(evals)[0] if evals is not None else None
+    teacher_out = _run(teacher, batches)
+    check = output_error(forced_out, teacher_out)
+    if check > check_tol:
+        raise ValueError(f"teacher: the hybrid with every site forced to softmax differs from teacher by {check:.3g} "
+                         f"(relative L1 > check_tol={check_tol}); teacher must be the model hybrid was converted from")
+    del forced_out
+    reference = teacher_out if evals is None else _run(teacher, evals)
+    measure_on = batches if evals is None else evals
+    before = output_error(_run(hybrid, measure_on), reference) if measure_model else None
+    results = train_sharded(samples, specs, feature_maps, owner=owner, steps=steps, lr=lr, loss=loss,
+                            progress=progress, eval_samples=eval_samples)
+    after = output_error(_run(hybrid, measure_on), reference) if measure_model else None
+    curves = [r.loss_curve for r in results.values() if r.loss_curve]
+    mean_curve = [sum(c[i] for c in curves) / len(curves) for i in range(len(curves[0]))] if curves else []
+    return DistillReport(dict(sorted(results.items())), mean_curve, before, after, check, steps, float(lr), loss,
+                         time.perf_counter() - start, world)

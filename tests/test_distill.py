@@ -8,7 +8,7 @@ import rehyat_compile as rc
 from rehyat_compile.distill import (SiteSample, capture_sites, shard_sites, softmax_forced,
                                     train_feature_maps)
 
-from distill_data import site_problem, site_problems
+from tests.distill_data import site_problem, site_problems
 
 
 def test_training_at_least_halves_every_site_error():
