@@ -6,6 +6,9 @@ from .feature_map import FeatureMap
 from .op import decompositions, hybrid_attention, hybrid_attention_flops
 from .export import FrameAxis, export_video_model
 from .transform import HybridModel, inspect, transform
+from .checkpoint import load_hybrid, save_hybrid
+from .distill import DistillReport, distill
+from .select import Selection, select_layers
 
 __version__ = "0.1.0"
 
@@ -13,4 +16,5 @@ __all__ = [
     "ComplexityError", "ConversionError", "FeatureMap", "HybridState", "ShapeError", "decompositions",
     "hybrid_attention", "hybrid_attention_chunked", "hybrid_attention_flops", "hybrid_attention_reference",
     "hybrid_attention_step", "FrameAxis", "HybridModel", "export_video_model", "inspect", "transform",
+    "DistillReport", "Selection", "distill", "load_hybrid", "save_hybrid", "select_layers",
 ]

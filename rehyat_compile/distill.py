@@ -98,6 +98,29 @@ def teacher_attention(q, k, v, scale=None) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, scale=resolve_scale(scale, q.shape[-1]))
 
 
+def structured_attention_inputs(batch, heads, frames, tokens_per_frame, head_dim, *, rank=4, sharpness=3.0,
+                                seed=0, device=None, dtype=torch.float32):
+    """Synthetic q, k, v [B, H, N, D] shaped like a video DiT's (for tests and benchmarks, not white
+    noise): q and k share a low-rank smooth signal of the token's frame position, so a token attends
+    most to tokens at nearby frames, plus a low-rank per-token content part; ``sharpness`` scales q,
+    making attention peaky. v is Gaussian."""
+    g = torch.Generator().manual_seed(seed)
+    n = frames * tokens_per_frame
+    pos = torch.arange(n, dtype=torch.float32) / tokens_per_frame
+    freqs = torch.rand(rank, generator=g) * math.pi / 2
+    phases = torch.rand(rank, generator=g) * 2 * math.pi
+    angle = pos[:, None] * freqs + phases
+    basis = torch.cat([torch.cos(angle), torch.sin(angle)], dim=1) / math.sqrt(2 * rank)
+    mix_q = torch.randn(heads, 2 * rank, head_dim, generator=g)
+    mix_k = mix_q + 0.3 * torch.randn(heads, 2 * rank, head_dim, generator=g)
+    content = (torch.randn(batch, heads, n, rank, generator=g) @ torch.randn(heads, rank, head_dim, generator=g)
+               ) * (0.5 / math.sqrt(rank))
+    q = sharpness * (basis @ mix_q + content)
+    k = basis @ mix_k + content
+    v = torch.randn(batch, heads, n, head_dim, generator=g)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
 def relative_l1(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
     """(sum |pred - target|, sum |target|) in fp32, so errors over several batches add up."""
     return (float((pred.float() - target.float()).abs().sum()), float(target.float().abs().sum()))
@@ -217,6 +240,8 @@ class SiteResult:
     feature_dim: int = 0
     layout: dict = field(default_factory=dict)
     rank: int = 0
+    error_curve: list = field(default_factory=list)
+    train_seconds: float = 0.0
 
     @property
     def improvement(self) -> float:
@@ -324,11 +349,14 @@ def _check_training_args(steps, lr, loss):
 def train_feature_maps(samples: Mapping[str, list[SiteSample]], specs: Mapping[str, SiteSpec],
                        feature_maps: Mapping[str, tuple[FeatureMap, FeatureMap]], *, steps: int = 200,
                        lr: float = 3e-3, loss: str = "l1", progress: bool = True,
-                       eval_samples: Mapping[str, list[SiteSample]] | None = None) -> dict[str, SiteResult]:
+                       eval_samples: Mapping[str, list[SiteSample]] | None = None,
+                       eval_every: int = 0) -> dict[str, SiteResult]:
     """Train ``feature_maps[name] = (phi_q, phi_k)`` of every site in ``samples`` so the hybrid op with
     ``specs[name]``'s layout matches the recorded teacher output. Step s uses sample ``s % len``.
     AdamW with a cosine decay to lr/10. Errors (relative L1) are measured on ``eval_samples``
-    (default: the training samples) before and after; the feature maps are updated in place."""
+    (default: the training samples) before and after, and every ``eval_every`` steps (0 = never) into
+    ``error_curve``; ``train_seconds`` is the wall time of the optimisation steps alone (all sites of
+    this call). The feature maps are updated in place."""
     _check_training_args(steps, lr, loss)
     for name in samples:
         if name not in specs or name not in feature_maps:
@@ -338,12 +366,15 @@ def train_feature_maps(samples: Mapping[str, list[SiteSample]], specs: Mapping[s
              for g in groups}
     before = {n: e for g in groups for n, e in zip(g.names, g.errors(evals[g]))}
     curves: dict[str, list[float]] = {n: [] for g in groups for n in g.names}
+    error_curves: dict[str, list] = {n: [(0, e)] for n, e in before.items()}
     params = [p for g in groups for p in g.parameters()]
+    train_seconds = 0.0
     if params and steps:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr / 10)
         bar = _progress(steps, progress, f"distill {len(curves)} sites")
         for step in range(steps):
+            tick = _synchronized_clock(params[0].device)
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for g in groups:
@@ -354,6 +385,11 @@ def train_feature_maps(samples: Mapping[str, list[SiteSample]], specs: Mapping[s
                     total += value
             opt.step()
             sched.step()
+            train_seconds += _synchronized_clock(params[0].device) - tick
+            if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+                for g in groups:
+                    for n, e in zip(g.names, g.errors(evals[g])):
+                        error_curves[n].append((step + 1, e))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{total / max(len(curves), 1):.4g}")
@@ -364,7 +400,17 @@ def train_feature_maps(samples: Mapping[str, list[SiteSample]], specs: Mapping[s
         g.write_back(feature_maps)
     info = {n: (tuple(g.samples[0].q.shape[:1]) + (g.heads,) + tuple(g.samples[0].q.shape[2:]), g.phi_q.feature_dim,
                 {**asdict(g.spec.layout), "scale": g.spec.scale}) for g in groups for n in g.names}
-    return {n: SiteResult(n, before[n], after[n], curves[n], *info[n]) for n in sorted(curves)}
+    for n, e in after.items():
+        if steps:
+            error_curves[n].append((steps, e))
+    return {n: SiteResult(n, before[n], after[n], curves[n], *info[n], error_curve=error_curves[n],
+                          train_seconds=train_seconds) for n in sorted(curves)}
+
+
+def _synchronized_clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _progress(total: int, enabled: bool, desc: str):
