@@ -119,7 +119,7 @@ def load_hybrid(model: nn.Module, path, args=None, kwargs=None):
                        video_shape=None if config.get("video_shape") is None else tuple(config["video_shape"]))
     _ensure_feature_maps(hybrid, config)
     param = next(model.parameters(), None)
-    missing, unexpected = hybrid.feature_maps.load_state_dict(
+    hybrid.feature_maps.load_state_dict(
         {k: v.to(device=param.device if param is not None else "cpu") for k, v in state.items()}, strict=True)
     return hybrid
 
