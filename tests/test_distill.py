@@ -128,3 +128,51 @@ def test_softmax_forced_graph_drops_feature_maps_and_leaves_original_alone():
     assert sum(n.target is torch.ops.rehyat.hybrid_attention.default for n in gm.graph.nodes) == 2
     samples, _, _ = capture_sites(gm, [((torch.randn(1, 20, 16),), {})], record=["layer1"])
     assert list(samples) == ["layer1"]
+
+
+# --- end to end on a tiny diffusers Wan2.1 ---------------------------------------------------
+
+def sharpened_wan(factor=2.0, frames=5):
+    """Tiny Wan2.1 whose self-attention is far from uniform: q and k RMSNorm gains scaled (logits x factor^2)."""
+    from tests.models import make_wan_t2v
+    model, args, kwargs = make_wan_t2v(frames=frames)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn1.norm_q.weight.mul_(factor)
+            block.attn1.norm_k.weight.mul_(factor)
+    return model, args, kwargs
+
+
+def noisy_batches(args, kwargs, timesteps, seed):
+    """Latents at several noise levels, as distillation data for a diffusion teacher."""
+    g = torch.Generator().manual_seed(seed)
+    return [((torch.randn(args[0].shape, generator=g),), {**kwargs, "timestep": torch.tensor([t])})
+            for t in timesteps]
+
+
+@pytest.mark.slow
+def test_distill_tiny_wan_halves_every_site_error_and_moves_output_to_teacher():
+    model, args, kwargs = sharpened_wan()
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=1, overlap_frames=0, feature_dim=32)
+    train = noisy_batches(args, kwargs, range(100, 900, 50), seed=7)
+    held_out = noisy_batches(args, kwargs, (350, 650), seed=8)
+    report = rc.distill(model, hybrid, train, steps=200, lr=3e-2, progress=False, eval_batches=held_out)
+    print(report)
+    assert report.teacher_check_error < 1e-5
+    assert sorted(report.per_layer) == ["blocks.0.attn1", "blocks.1.attn1"]
+    for site in report.per_layer.values():
+        assert site.error_after <= 0.5 * site.error_before, site.name
+    assert report.model_error_after < 0.7 * report.model_error_before
+    assert len(report.loss_curve) == 200 and report.loss_curve[-1] < report.loss_curve[0]
+
+
+def test_distill_rejects_a_teacher_that_is_not_the_converted_model():
+    model, args, kwargs = sharpened_wan(frames=3)
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=1, overlap_frames=0, feature_dim=8)
+    other, _, _ = sharpened_wan(factor=1.0, frames=3)
+    with pytest.raises(ValueError, match="teacher must be the model hybrid was converted from"):
+        rc.distill(other, hybrid, [(args, kwargs)], steps=1, progress=False)
+    with pytest.raises(TypeError, match="batches"):
+        rc.distill(model, hybrid, [args], steps=1, progress=False)
+    with pytest.raises(TypeError, match="hybrid"):
+        rc.distill(model, model, [(args, kwargs)], steps=1, progress=False)
