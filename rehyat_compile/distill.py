@@ -539,6 +539,21 @@ class DistillReport:
         return "\n".join(lines)
 
 
+def site_errors(hybrid: nn.Module, batches, *, offload=None) -> dict[str, float]:
+    """Relative L1 attention error of every converted site of ``hybrid`` on ``batches`` ((args, kwargs)
+    pairs), each site fed the teacher's own activations -- the quantity :func:`distill` minimises."""
+    batches = _check_batches(batches)
+    samples, specs, maps = {}, {}, {}
+    for args, kwargs in batches:
+        gm = hybrid.graph_module(*args, **kwargs)
+        maps.update(site_feature_maps(gm))
+        got, sp, _ = capture_sites(gm, [(args, kwargs)], offload=offload)
+        for n, lst in got.items():
+            samples.setdefault(n, []).extend(lst)
+        specs.update(sp)
+    return {n: e for g in _group_sites(samples, specs, maps) for n, e in zip(g.names, g.errors(g.samples))}
+
+
 def _check_batches(batches) -> list[tuple[tuple, dict]]:
     if isinstance(batches, (torch.Tensor, str)) or not isinstance(batches, Iterable):
         raise TypeError("batches must be an iterable of (args, kwargs) pairs")

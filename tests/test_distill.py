@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import rehyat_compile as rc
-from rehyat_compile.distill import (SiteSample, capture_sites, shard_sites, softmax_forced,
+from rehyat_compile.distill import (capture_sites, shard_sites, site_errors, softmax_forced,
                                     train_feature_maps)
 
-from tests.distill_data import site_problem, site_problems
+from tests.distill_data import site_problem, site_problems, toy_setup
 
 
 def test_training_at_least_halves_every_site_error():
@@ -70,58 +70,31 @@ def test_shards_balance_cost_and_cover_every_site():
 
 # --- capture through a rewritten graph (toy model in the rewrite's form) -----------------------
 
-class ToyHybrid(torch.nn.Module):
-    """Two attention layers written as the rewrite writes them: one hybrid-op call per site."""
-
-    def __init__(self, dim=16, heads=2, tokens_per_frame=4, feature_dim=8):
-        super().__init__()
-        self.heads, self.tpf = heads, tokens_per_frame
-        self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in range(2))
-        self.phi = torch.nn.ModuleList(rc.FeatureMap(heads, dim // heads, feature_dim) for _ in range(4))
-
-    def forward(self, x):
-        b, n, c = x.shape
-        for i, proj in enumerate(self.qkv):
-            q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in proj(x).chunk(3, -1))
-            y = torch.ops.rehyat.hybrid_attention.default(q, k, v, self.phi[2 * i](q), self.phi[2 * i + 1](k),
-                                                          self.tpf, 1, 0, True, 0, 0, 0.25)
-            x = x + y.transpose(1, 2).reshape(b, n, c)
-        return x
-
-
-def toy_graph():
-    torch.manual_seed(0)
-    model = ToyHybrid()
-    gm = torch.export.export(model, (torch.randn(1, 20, 16),)).module()
+def exported_toy():
+    """The toy hybrid through torch.export (pytree calling convention, feature maps inlined)."""
+    teacher, hybrid, _ = toy_setup()
+    gm = torch.export.export(hybrid, (torch.randn(1, hybrid.tokens, hybrid.dim),)).module()
     for i, node in enumerate(n for n in gm.graph.nodes if n.target is torch.ops.rehyat.hybrid_attention.default):
         node.meta["rehyat_site"] = f"layer{i}"
-    return model, gm
-
-
-def softmax_teacher(model, x):
-    b, n, c = x.shape
-    for proj in model.qkv:
-        q, k, v = (t.reshape(b, n, model.heads, -1).transpose(1, 2) for t in proj(x).chunk(3, -1))
-        x = x + torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25).transpose(1, 2).reshape(b, n, c)
-    return x
+    return teacher, hybrid, gm
 
 
 def test_softmax_forced_graph_is_the_teacher_and_records_its_activations():
-    model, gm = toy_graph()
+    teacher, model, gm = exported_toy()
     x = torch.randn(1, 5 * 4, 16)
     samples, specs, outputs = capture_sites(gm, [((x,), {})])
-    torch.testing.assert_close(outputs[0], softmax_teacher(model, x))
+    torch.testing.assert_close(outputs[0], teacher(x))
     assert sorted(samples) == ["layer0", "layer1"] and specs["layer1"].layout.tokens_per_frame == 4
     s = samples["layer1"][0]
     torch.testing.assert_close(s.target, torch.nn.functional.scaled_dot_product_attention(s.q, s.k, s.v, scale=0.25))
     # the second site sees the teacher's activations (softmax upstream), not the hybrid's
     h = x + torch.nn.functional.scaled_dot_product_attention(
         samples["layer0"][0].q, samples["layer0"][0].k, samples["layer0"][0].v, scale=0.25).transpose(1, 2).reshape(1, 20, 16)
-    torch.testing.assert_close(s.q, model.qkv[1](h).chunk(3, -1)[0].reshape(1, 20, 2, 8).transpose(1, 2))
+    torch.testing.assert_close(s.q, model.heads_first(model.qkv[1](h)[..., :16]))
 
 
 def test_softmax_forced_graph_drops_feature_maps_and_leaves_original_alone():
-    model, gm = toy_graph()
+    _, _, gm = exported_toy()
     forced, _ = softmax_forced(gm, record=["layer1"])
     assert not any(n.target is torch.ops.rehyat.hybrid_attention.default for n in forced.graph.nodes)
     assert not any("phi" in str(n.target) for n in forced.graph.nodes)
@@ -152,18 +125,22 @@ def noisy_batches(args, kwargs, timesteps, seed):
 
 @pytest.mark.slow
 def test_distill_tiny_wan_halves_every_site_error_and_moves_output_to_teacher():
+    """On the distillation batches (what stage 1 minimises); held-out batches must improve too."""
     model, args, kwargs = sharpened_wan()
-    hybrid = rc.transform(model, args, kwargs, chunk_frames=1, overlap_frames=0, feature_dim=32)
-    train = noisy_batches(args, kwargs, range(100, 900, 50), seed=7)
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=1, overlap_frames=0, feature_dim=64)
+    train = noisy_batches(args, kwargs, (100, 366, 632), seed=7)
     held_out = noisy_batches(args, kwargs, (350, 650), seed=8)
-    report = rc.distill(model, hybrid, train, steps=200, lr=3e-2, progress=False, eval_batches=held_out)
+    held_before = site_errors(hybrid, held_out)
+    report = rc.distill(model, hybrid, train, steps=250, lr=3e-2, progress=False)
     print(report)
+    held_after = site_errors(hybrid, held_out)
+    assert all(held_after[n] < held_before[n] for n in held_before), (held_before, held_after)
     assert report.teacher_check_error < 1e-5
     assert sorted(report.per_layer) == ["blocks.0.attn1", "blocks.1.attn1"]
     for site in report.per_layer.values():
         assert site.error_after <= 0.5 * site.error_before, site.name
     assert report.model_error_after < 0.7 * report.model_error_before
-    assert len(report.loss_curve) == 200 and report.loss_curve[-1] < report.loss_curve[0]
+    assert len(report.loss_curve) == 250 and report.loss_curve[-1] < report.loss_curve[0]
 
 
 def test_distill_rejects_a_teacher_that_is_not_the_converted_model():
@@ -176,3 +153,36 @@ def test_distill_rejects_a_teacher_that_is_not_the_converted_model():
         rc.distill(model, hybrid, [args], steps=1, progress=False)
     with pytest.raises(TypeError, match="hybrid"):
         rc.distill(model, model, [(args, kwargs)], steps=1, progress=False)
+
+
+def test_stage2_finetuning_reaches_phi_and_model_weights():
+    """The docs/finetune.md loop: one AdamW step on the model's own objective moves both groups."""
+    model, args, kwargs = sharpened_wan(frames=3)
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=1, overlap_frames=0, feature_dim=8)
+    phi = list(hybrid.feature_maps.parameters())
+    phi_ids = {id(p) for p in phi}
+    base = [p for p in hybrid.original.parameters() if id(p) not in phi_ids]
+    opt = torch.optim.AdamW([{"params": phi, "lr": 1e-3}, {"params": base, "lr": 1e-4}])
+    x0 = args[0]
+    noise = torch.randn_like(x0)
+    xt = 0.5 * x0 + 0.5 * noise
+    pred = hybrid(xt, **kwargs)[0]
+    loss = torch.nn.functional.mse_loss(pred, noise - x0)
+    loss.backward()
+    assert all(p.grad is not None for p in phi)
+    assert hybrid.original.blocks[0].attn1.to_q.weight.grad is not None
+    before_phi, before_q = phi[0].detach().clone(), hybrid.original.blocks[0].attn1.to_q.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(phi[0], before_phi)
+    assert not torch.equal(hybrid.original.blocks[0].attn1.to_q.weight, before_q)
+
+
+def test_distill_report_on_the_toy_hybrid():
+    teacher, hybrid, batches = toy_setup()
+    report = rc.distill(teacher, hybrid, batches, steps=30, lr=1e-2, progress=False, eval_batches=batches[:1])
+    assert report.teacher_check_error < 1e-6
+    assert all(r.error_after < r.error_before for r in report.per_layer.values())
+    assert report.model_error_after < report.model_error_before
+    text = str(report)
+    assert "layer0" in text and "whole model output vs teacher" in text
+    assert report.errors("before")["layer1"] == report.per_layer["layer1"].error_before
