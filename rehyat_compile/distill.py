@@ -298,9 +298,12 @@ class _SiteGroup:
         return [*self.phi_q.parameters(), *self.phi_k.parameters()]
 
     def forward(self, sample: SiteSample) -> torch.Tensor:
-        q_in, k_in = sample.features_in()
-        return hybrid_attention(sample.q, sample.k, sample.v, self.phi_q(q_in), self.phi_k(k_in),
-                                **self.spec.op_kwargs())
+        # 16-bit activations run in fp32 here: a bf16 output rounds small phi updates away, which
+        # leaves the loss flat while the weights still move
+        q, k, v, (q_in, k_in) = sample.q, sample.k, sample.v, sample.features_in()
+        if q.element_size() < 4:
+            q, k, v, q_in, k_in = (t.float() for t in (q, k, v, q_in, k_in))
+        return hybrid_attention(q, k, v, self.phi_q(q_in), self.phi_k(k_in), **self.spec.op_kwargs())
 
     def per_site(self, t: torch.Tensor) -> torch.Tensor:
         """[B, G*H, N, D] -> [G, B, H, N, D]."""
@@ -353,7 +356,7 @@ def train_feature_maps(samples: Mapping[str, list[SiteSample]], specs: Mapping[s
                        eval_every: int = 0) -> dict[str, SiteResult]:
     """Train ``feature_maps[name] = (phi_q, phi_k)`` of every site in ``samples`` so the hybrid op with
     ``specs[name]``'s layout matches the recorded teacher output. Step s uses sample ``s % len``.
-    AdamW with a cosine decay to lr/10. Errors (relative L1) are measured on ``eval_samples``
+    AdamW with a cosine decay to lr/10; 16-bit activations are computed in fp32. Errors (relative L1) are measured on ``eval_samples``
     (default: the training samples) before and after, and every ``eval_every`` steps (0 = never) into
     ``error_curve``; ``train_seconds`` is the wall time of the optimisation steps alone (all sites of
     this call). The feature maps are updated in place."""

@@ -186,3 +186,13 @@ def test_distill_report_on_the_toy_hybrid():
     text = str(report)
     assert "layer0" in text and "whole model output vs teacher" in text
     assert report.errors("before")["layer1"] == report.per_layer["layer1"].error_before
+
+
+def test_half_precision_activations_train_in_fp32_like_fp32_activations():
+    specs, samples, maps = site_problems(["a"])
+    maps16 = {"a": copy.deepcopy(maps["a"])}
+    samples16 = {"a": [type(s)(*(t.bfloat16() for t in (s.q, s.k, s.v, s.target))) for s in samples["a"]]}
+    r32 = train_feature_maps(samples, specs, maps, steps=20, lr=1e-2, progress=False)["a"]
+    r16 = train_feature_maps(samples16, specs, maps16, steps=20, lr=1e-2, progress=False)["a"]
+    assert r16.error_after < 0.9 * r16.error_before
+    assert r16.error_after == pytest.approx(r32.error_after, rel=0.05)
