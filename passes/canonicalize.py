@@ -8,6 +8,7 @@ Rewrites (each exact, numerically a no-op or an identity of the op):
   scale and additive mask look like every other score;
 * two-operand ``aten.einsum`` with one contracted index -> ``permute``, ``matmul``, ``permute``;
 * ``x / c`` (c a python number) -> ``x * (1/c)``;
+* ``_assert_tensor_metadata`` (export's dtype checks beside casts) are dropped;
 * no-op casts (``to`` / ``_to_copy`` / ``type_as`` to the same dtype), ``contiguous`` and
   ``dropout`` with p = 0 or train = False are dropped.
 
@@ -74,6 +75,14 @@ def _parse_einsum(equation: str):
     return a, b, out, batch, free_a[0], free_b[0], contracted[0]
 
 
+def _permute(graph: fx.Graph, x: fx.Node, perm: list, like: fx.Node) -> fx.Node:
+    """``x.permute(perm)``, or ``x`` itself for the identity permutation."""
+    if perm == sorted(perm):
+        return x
+    val = _val(x).permute(perm) if _val(x) is not None else None
+    return _copy_meta(graph.call_function(aten.permute.default, (x, perm)), like, val)
+
+
 def _rewrite_einsum(graph: fx.Graph, node: fx.Node) -> bool:
     equation, operands = node.args[0], node.args[1]
     parsed = _parse_einsum(equation) if isinstance(equation, str) and len(operands) == 2 else None
@@ -82,18 +91,13 @@ def _rewrite_einsum(graph: fx.Graph, node: fx.Node) -> bool:
     a_idx, b_idx, out_idx, batch, fa, fb, c = parsed
     a, b = operands
     with graph.inserting_before(node):
-        perm_a = [a_idx.index(x) for x in batch + [fa, c]]
-        perm_b = [b_idx.index(x) for x in batch + [c, fb]]
-        pa = _copy_meta(graph.call_function(aten.permute.default, (a, perm_a)), node,
-                        _val(a).permute(perm_a) if _val(a) is not None else None)
-        pb = _copy_meta(graph.call_function(aten.permute.default, (b, perm_b)), node,
-                        _val(b).permute(perm_b) if _val(b) is not None else None)
+        pa = _permute(graph, a, [a_idx.index(x) for x in batch + [fa, c]], node)
+        pb = _permute(graph, b, [b_idx.index(x) for x in batch + [c, fb]], node)
         mm_val = torch.matmul(_val(pa), _val(pb)) if _val(pa) is not None and _val(pb) is not None else None
         mm = _copy_meta(graph.call_function(aten.matmul.default, (pa, pb)), node, mm_val)
         mm.meta["rehyat_spelling"] = "einsum"
         order = batch + [fa, fb]
-        perm_out = [order.index(x) for x in out_idx]
-        out = _copy_meta(graph.call_function(aten.permute.default, (mm, perm_out)), node)
+        out = _permute(graph, mm, [order.index(x) for x in out_idx], node)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     return True
@@ -121,7 +125,9 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target == aten.view.default:
+        if node.target == aten._assert_tensor_metadata.default:
+            graph.erase_node(node)  # dtype asserts export adds beside casts; they read tensors and block matching
+        elif node.target == aten.view.default:
             node.target = aten.reshape.default
         elif node.target == aten.bmm.default:
             node.target = aten.matmul.default

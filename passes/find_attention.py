@@ -237,10 +237,22 @@ def _match_manual(softmax: fx.Node) -> AttentionMatch:
 
 
 def _is_large_negative(node: fx.Node) -> bool:
-    """A scalar tensor constant filled with -inf or a very negative number (``torch.tensor(-inf)``)."""
+    """A scalar tensor constant holding -inf or a very negative number (``torch.tensor(-inf)``),
+    through export's lift_fresh_copy / detach wrappers."""
+    while node.op == "call_function" and node.target in (aten.lift_fresh_copy.default, aten.detach_.default,
+                                                          aten.detach.default, aten.clone.default):
+        node = node.args[0]
     if node.op == "call_function" and node.target in (aten.full.default, aten.scalar_tensor.default):
         value = node.args[1] if node.target == aten.full.default else node.args[0]
         return _is_number(value) and value < -1e4
+    if node.op == "get_attr":
+        try:
+            value = node.graph.owning_module
+            for part in node.target.split("."):
+                value = getattr(value, part)
+        except AttributeError:
+            return False
+        return isinstance(value, torch.Tensor) and value.numel() == 1 and value.item() < -1e4
     return False
 
 

@@ -65,11 +65,14 @@ def key_bias(mask: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
     return bias.to(dtype)
 
 
-def fold_key_mask(q, k, v, mask, kind: str, scale: float):
-    """q' = [q, 1], k' = [k, bias/scale], v' = [v, 0]: scale * q'.k' = scale * q.k + bias."""
+def fold_key_mask(q, k, v, mask, kind: str, scale: float, score_rank: int = 4):
+    """q' = [q, 1], k' = [k, bias/scale], v' = [v, 0]: scale * q'.k' = scale * q.k + bias.
+    ``mask`` broadcasts against the site's scores (rank ``score_rank``: 4, or 3 for [B*H, N, N])."""
     bias = key_bias(mask, kind, q.dtype)
-    while bias.dim() < 4:
+    while bias.dim() < score_rank:
         bias = bias.unsqueeze(0)
+    if score_rank == 3:
+        bias = bias.unsqueeze(1)
     b, h, n = q.shape[0], q.shape[1], k.shape[2]
     column = (bias / scale).expand(b, h, 1, n).transpose(-1, -2)
     q = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1)
@@ -82,10 +85,13 @@ def drop_mask_column(out: torch.Tensor) -> torch.Tensor:
     return out[..., :-1]
 
 
-def extra_after_in_graph(q: torch.Tensor, frame_input: torch.Tensor, dim: int, patch: int, extra_before: int,
+def extra_after_in_graph(q: torch.Tensor, frames, dim: int, patch: int, extra_before: int,
                          tokens_per_frame: int) -> int:
-    """N - offset - T*M for sequences whose extra token count depends on data."""
-    return q.shape[2] - extra_before - tokens_per_frame * (frame_input.shape[dim] // patch)
+    """N - offset - T*M for sequences whose extra token count depends on data; ``frames`` is the token
+    frame count, or the frame input tensor (T = its size along ``dim`` // ``patch``)."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.shape[dim] // patch
+    return q.shape[2] - extra_before - tokens_per_frame * frames
 
 
 def softmax_attention(q, k, v, scale: float):
@@ -140,7 +146,7 @@ def rewrite_site(gm: fx.GraphModule, site: Site, options: ChunkOptions | None, f
             v = _call(graph, repeat_kv, [v, site.heads], anchor)
         q_in, k_in, v_in = q, k, v
         if match.mask is not None:
-            folded = _call(graph, fold_key_mask, [q, k, v, match.mask, match.mask_kind, site.scale], anchor)
+            folded = _call(graph, fold_key_mask, [q, k, v, match.mask, match.mask_kind, site.scale, rank], anchor)
             q_in, k_in, v_in = (_call(graph, _getitem, [folded, i], anchor) for i in range(3))
         if options is None:
             out = _call(graph, softmax_attention, [q_in, k_in, v_in, site.scale], anchor)
@@ -153,11 +159,11 @@ def rewrite_site(gm: fx.GraphModule, site: Site, options: ChunkOptions | None, f
                     features.meta["val"] = val
             extra_after = layout.extra_after
             if extra_after is None:
-                frame_input = _frame_input(gm, frame_axis)
-                if frame_input is None:
+                frames = _frame_input(gm, frame_axis) if frame_axis.dynamic else layout.frames
+                if frames is None:
                     raise ValueError(f"site {site.name}: data-dependent extra tokens need the frame input")
                 extra_after = _call(graph, extra_after_in_graph,
-                                    [q_in, frame_input, frame_axis.dim, frame_axis.patch, layout.extra_before,
+                                    [q_in, frames, frame_axis.dim, frame_axis.patch, layout.extra_before,
                                      layout.tokens_per_frame], anchor)
             args = [q_in, k_in, v_in, fq, fk, layout.tokens_per_frame, options.chunk_frames, options.overlap_frames,
                     options.causal, layout.extra_before, extra_after, float(site.scale)]
