@@ -298,6 +298,9 @@ class _SiteGroup:
         return [*self.phi_q.parameters(), *self.phi_k.parameters()]
 
     def forward(self, sample: SiteSample) -> torch.Tensor:
+        device = self.phi_q.w1.device
+        if sample.q.device != device:  # offloaded captures come back one sample at a time
+            sample = sample.to(device)
         # 16-bit activations run in fp32 here: a bf16 output rounds small phi updates away, which
         # leaves the loss flat while the weights still move
         q, k, v, (q_in, k_in) = sample.q, sample.k, sample.v, sample.features_in()
@@ -311,16 +314,18 @@ class _SiteGroup:
         return t.reshape(b, len(self.names), self.heads, n, d).transpose(0, 1)
 
     def losses(self, sample: SiteSample, loss_fn) -> torch.Tensor:
-        pred, target = self.per_site(self.forward(sample).float()), self.per_site(sample.target.float())
+        pred = self.per_site(self.forward(sample).float())
+        target = self.per_site(sample.target.to(pred.device, torch.float32))
         return torch.stack([loss_fn(p, t) for p, t in zip(pred, target)])
 
     @torch.no_grad()
     def errors(self, samples: list[SiteSample]) -> list[float]:
         num, den = torch.zeros(len(self.names)), torch.zeros(len(self.names))
         for sample in samples:
-            diff = self.per_site(self.forward(sample).float() - sample.target.float()).abs()
-            num += diff.flatten(1).sum(1).cpu()
-            den += self.per_site(sample.target.float()).abs().flatten(1).sum(1).cpu()
+            pred = self.forward(sample).float()
+            target = sample.target.to(pred.device, torch.float32)
+            num += self.per_site(pred - target).abs().flatten(1).sum(1).cpu()
+            den += self.per_site(target).abs().flatten(1).sum(1).cpu()
         return (num / den.clamp_min(1e-30)).tolist()
 
     def write_back(self, feature_maps: dict) -> None:

@@ -179,7 +179,8 @@ def test_stage2_finetuning_reaches_phi_and_model_weights():
 
 def test_distill_report_on_the_toy_hybrid():
     teacher, hybrid, batches = toy_setup()
-    report = rc.distill(teacher, hybrid, batches, steps=30, lr=1e-2, progress=False, eval_batches=batches[:1])
+    report = rc.distill(teacher, hybrid, batches, steps=30, lr=1e-2, progress=False, eval_batches=batches[:1],
+                        offload="cpu")
     assert report.teacher_check_error < 1e-6
     assert all(r.error_after < r.error_before for r in report.per_layer.values())
     assert report.model_error_after < report.model_error_before
