@@ -4,11 +4,12 @@ from .attention import (HybridState, hybrid_attention_chunked, hybrid_attention_
 from .errors import ComplexityError, ConversionError, ShapeError
 from .feature_map import FeatureMap
 from .op import decompositions, hybrid_attention, hybrid_attention_flops
+from .build import ArtifactError, build, load  # after .op: the backends import it
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ComplexityError", "ConversionError", "FeatureMap", "HybridState", "ShapeError", "decompositions",
+    "ArtifactError", "ComplexityError", "ConversionError", "FeatureMap", "HybridState", "ShapeError", "build", "decompositions",
     "hybrid_attention", "hybrid_attention_chunked", "hybrid_attention_flops", "hybrid_attention_reference",
-    "hybrid_attention_step",
+    "hybrid_attention_step", "load",
 ]
