@@ -124,3 +124,12 @@ def test_streaming_cpu_build_runs_chunk_by_chunk_like_the_parallel_model(block_x
         y, *state = art(x[:, start:start + chunk], *state)
         outs.append(y)
     torch.testing.assert_close(torch.cat(outs, 1), ref[:, :2 * chunk], atol=CPU_TOL, rtol=CPU_TOL)
+
+
+def test_mlir_cpu_build_matches_pytorch(block_x, tmp_path):
+    pytest.importorskip("torch_mlir")
+    block, x, ref = block_x
+    art = rc.build(block, (x,), target="cpu", backend="mlir", out_dir=tmp_path / "mlir")
+    assert {"main.linalg.mlir", "main.llvm.mlir", "main.o"} <= set(art.manifest["files"])
+    assert (tmp_path / "mlir" / "main.o").read_bytes()[:4] == b"\x7fELF"
+    torch.testing.assert_close(art(x), ref, atol=CPU_TOL, rtol=CPU_TOL)
