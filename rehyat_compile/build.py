@@ -17,6 +17,8 @@ import hashlib
 import importlib
 import json
 import platform
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,14 +143,24 @@ def build(model, args=(), kwargs=None, *, target: str, backend: str | None = Non
         raise TypeError(f"streaming must be a bool, got {type(streaming).__name__}")
     if out_dir is None:
         raise ValueError("out_dir must be a folder path for the artifact, got None")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not (out / MANIFEST).exists():
-            raise ValueError(f"out_dir {out} exists, is not empty and holds no artifact; refusing to write into it")
-        for old in out.iterdir():
-            if old.is_file():
-                old.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not (final / MANIFEST).exists())):
+        raise ValueError(f"out_dir {final} exists and is not an artifact folder (nor empty); refusing to replace it")
+    # Build into a staging folder and swap it in at the end: a failed build leaves no half artifact.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        _build_into(out, model, args, kwargs, spec, backend, streaming)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)
+    return load(final)
+
+
+def _build_into(out: Path, model, args, kwargs, spec: Target, backend: str, streaming: bool) -> None:
     args, kwargs = _as_tuple(args), dict(kwargs or {})
     if isinstance(model, torch.nn.Module):
         model = model.eval()
@@ -175,7 +187,6 @@ def build(model, args=(), kwargs=None, *, target: str, backend: str | None = Non
     }
     manifest["manifest_sha256"] = _manifest_digest(manifest)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return load(out)
 
 
 # ---------------------------------------------------------------------------------------------
