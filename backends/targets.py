@@ -6,7 +6,7 @@ target is its default. TVM targets are TVM 0.27 JSON dicts or tags (BACKENDS.md:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 BACKENDS = ("tvm", "mlir", "iree")
 
@@ -51,6 +51,20 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            options={"versions": ("v68", "v73", "v75")}),
     Target("aarch64", "64-bit Arm CPU (Linux): host .so", ("tvm",), mobile=True, tvm_device=AARCH64_LINUX),
 )}
+
+def with_options(spec: Target, options: dict | None) -> Target:
+    """``spec`` with some of its options replaced; ValueError naming unknown option keys."""
+    if not options:
+        return spec
+    if not isinstance(options, dict):
+        raise TypeError(f"target_options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise ValueError(f"target_options for {spec.name!r} take keys {sorted(spec.options) or '(none)'}, "
+                         f"got {unknown}")
+    merged = {k: tuple(v) if isinstance(v, list) else v for k, v in {**spec.options, **options}.items()}
+    return replace(spec, options=merged)
+
 
 # The API names the MLIR path for adreno-vulkan "mlir": torch-mlir imports, IREE compiles.
 BACKEND_ALIASES = {("adreno-vulkan", "mlir"): "iree"}

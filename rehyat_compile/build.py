@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .backends.portable import FlatProgram, flat_program, portable_program
-from .backends.targets import BACKENDS, TARGETS, NotRunnableHere, Target, resolve
+from .backends.targets import BACKENDS, TARGETS, NotRunnableHere, Target, resolve, with_options
 
 FORMAT = "rehyat-compile-artifact/1"
 MANIFEST = "manifest.json"
@@ -132,13 +132,16 @@ def _write_weights(entries: dict[str, FlatProgram], out_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def build(model, args=(), kwargs=None, *, target: str, backend: str | None = None, out_dir,
-          streaming: bool = False) -> "Artifact":
+          streaming: bool = False, target_options: dict | None = None) -> "Artifact":
     """Compile ``model(*args, **kwargs)`` ahead of time for ``target`` with ``backend`` (None: the
     target's default, see ``rehyat_compile.backends.targets.TARGETS``) into ``out_dir``.
 
     streaming=True builds the recurrent step graph of a step module (module docstring) instead of
-    the whole graph. Returns the loaded artifact (``rc.load(out_dir)``)."""
+    the whole graph. target_options overrides the target's options (``TARGETS[target].options``),
+    e.g. ``{"versions": ("v75",)}`` for hexagon or ``{"archs": ("sm_90",)}`` for cuda.
+    Returns the loaded artifact (``rc.load(out_dir)``)."""
     spec, backend = resolve(target, backend)
+    spec = with_options(spec, target_options)
     if not isinstance(streaming, bool):
         raise TypeError(f"streaming must be a bool, got {type(streaming).__name__}")
     if out_dir is None:
@@ -180,7 +183,9 @@ def _build_into(out: Path, model, args, kwargs, spec: Target, backend: str, stre
     _write_weights(entries, out)
     manifest = {
         "format": FORMAT, "target": spec.name, "backend": backend, "streaming": streaming,
-        "target_description": spec.description, "versions": _versions(backend),
+        "target_description": spec.description, "target_options": {k: list(v) if isinstance(v, tuple) else v
+                                                                      for k, v in spec.options.items()},
+        "versions": _versions(backend),
         "entries": built, "cost": _cost(model, args, kwargs, streaming),
         "build_seconds": {"export": round(exported_s, 3), "total": round(time.perf_counter() - started, 3)},
         "files": {p.name: sha256_of(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST},
@@ -252,7 +257,7 @@ class Artifact:
 
     def __init__(self, out_dir, manifest: dict):
         self.out_dir, self.manifest = Path(out_dir), manifest
-        self.target: Target = TARGETS[manifest["target"]]
+        self.target: Target = with_options(TARGETS[manifest["target"]], manifest.get("target_options"))
         self.backend: str = manifest["backend"]
         self.entries: dict[str, Entry] = {}
         self.reason = ""
