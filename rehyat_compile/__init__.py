@@ -4,6 +4,8 @@ from .attention import (HybridState, hybrid_attention_chunked, hybrid_attention_
 from .errors import ComplexityError, ConversionError, ShapeError
 from .feature_map import FeatureMap
 from .op import decompositions, hybrid_attention, hybrid_attention_flops
+from .export import FrameAxis, export_video_model
+from .transform import HybridModel, inspect, transform
 from .build import ArtifactError, build, load  # after .op: the backends import it
 
 __version__ = "0.1.0"
@@ -11,5 +13,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ArtifactError", "ComplexityError", "ConversionError", "FeatureMap", "HybridState", "ShapeError", "build", "decompositions",
     "hybrid_attention", "hybrid_attention_chunked", "hybrid_attention_flops", "hybrid_attention_reference",
-    "hybrid_attention_step", "load",
+    "hybrid_attention_step", "FrameAxis", "HybridModel", "export_video_model", "inspect", "transform", "load",
 ]

@@ -1,0 +1,63 @@
+"""The ``rc.inspect`` report: every attention site, its layout and the decision, as a table and a dict."""
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+from rich.table import Table
+
+COLUMNS = ("site", "module", "kind", "form", "heads", "head dim", "video offset", "frames", "tokens/frame",
+           "decision", "reason")
+
+
+def _cell(x) -> str:
+    return "-" if x is None else str(x)
+
+
+class InspectReport:
+    """``sites``: list of :class:`~rehyat_compile.passes.manager.Site`; ``frame_axis``: how the export saw
+    time. ``str(report)`` is a table; ``to_dict()`` is JSON-serialisable."""
+
+    def __init__(self, sites, frame_axis, model_name: str = ""):
+        self.sites = list(sites)
+        self.frame_axis = frame_axis
+        self.model_name = model_name
+
+    @property
+    def rewritable(self):
+        return [s for s in self.sites if s.rewritable]
+
+    def rows(self) -> list[tuple[str, ...]]:
+        rows = []
+        for s in self.sites:
+            video = s.video or (None, None, None)
+            rows.append(tuple(_cell(x) for x in (s.name, s.module, s.kind, s.form, s.heads, s.head_dim, video[0],
+                                                 video[1], video[2], s.decision, s.reason)))
+        return rows
+
+    def __str__(self) -> str:
+        fa = self.frame_axis
+        if fa is not None and fa.dynamic:
+            axis = f"frames symbolic: {fa.input}[dim {fa.dim}] = {fa.patch} x T ({fa.size} in the example)"
+        elif fa is not None:
+            axis = f"static export ({fa.reason})" + (f", video_shape={fa.video_shape}" if fa.video_shape else "")
+        else:
+            axis = ""
+        title = f"{self.model_name}: {len(self.rewritable)} of {len(self.sites)} attention sites convertible"
+        if not self.sites:
+            title = f"{self.model_name}: no softmax attention found"
+        table = Table(title=title, caption=axis)
+        for column in COLUMNS:
+            table.add_column(column, overflow="fold")
+        for row in self.rows():
+            table.add_row(*row)
+        buffer = io.StringIO()
+        Console(file=buffer, width=200, force_terminal=False, color_system=None).print(table)
+        return buffer.getvalue()
+
+    __repr__ = __str__
+
+    def to_dict(self) -> dict:
+        return {"model": self.model_name,
+                "frame_axis": None if self.frame_axis is None else self.frame_axis.to_dict(),
+                "sites": [s.to_dict() for s in self.sites]}

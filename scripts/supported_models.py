@@ -1,0 +1,51 @@
+"""Markdown table of what rc.inspect / rc.transform do on every tiny diffusers model in tests/models.py.
+
+Usage: .venv/bin/python scripts/supported_models.py > table.md   (runs each model: ~2-3 min on 2 cores)
+Columns: sites found, converted, kinds, frame axis (symbolic or static), max rel error vs the original at
+one chunk covering all frames, rel difference with Tc=2, To=1.
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import rehyat_compile as rc  # noqa: E402
+from tests.models import MODELS  # noqa: E402
+
+VIDEO_SHAPE = {"ltx-video": (5, 4, 4)}
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def row(name: str) -> str:
+    model, args, kwargs = MODELS[name]()
+    report = rc.inspect(model, args, kwargs, video_shape=VIDEO_SHAPE.get(name))
+    fa = report.frame_axis
+    axis = "symbolic" if fa.dynamic else "static" + (" + video_shape" if name in VIDEO_SHAPE else "")
+    ok = report.rewritable
+    kinds = ", ".join(sorted({s.kind for s in ok})) or "-"
+    declined = sorted({s.reason.split(":")[0] for s in report.sites if not s.rewritable})
+    if not ok:
+        return f"| {name} | {type(model).__name__} | {len(report.sites)} | 0 | - | {axis} | - | - | {'; '.join(declined)} |"
+    with torch.no_grad():
+        reference = model(*args, **kwargs)[0]
+        whole = rc.transform(model, args, kwargs, video_shape=VIDEO_SHAPE.get(name), chunk_frames=64)(*args, **kwargs)[0]
+        chunked = rc.transform(model, args, kwargs, video_shape=VIDEO_SHAPE.get(name), chunk_frames=2,
+                               overlap_frames=1)(*args, **kwargs)[0]
+    return (f"| {name} | {type(model).__name__} | {len(report.sites)} | {len(ok)} | {kinds} | {axis} | "
+            f"{_rel(whole, reference):.1e} | {_rel(chunked, reference):.1e} | {'; '.join(declined)} |")
+
+
+def main() -> None:
+    print("| model | class | sites | converted | kind | frame axis | rel err Tc>=T | rel diff Tc=2,To=1 | declined |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in MODELS:
+        print(row(name), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Tiny diffusers 0.42.1 video transformers, built from config with random weights (no hub).
+
+Each factory ``make_<name>(frames=5)`` returns ``(model, args, kwargs)`` with fixed seeds: 2 layers
+(or the fewest the model allows), 2 heads x 16 head dim, ``frames`` latent frames of an 8x8 latent
+at spatial patch 2 (4x4 = 16 tokens per frame), 7 text tokens. ``MODELS`` maps a short name to its
+factory; ``VIDEO_SHAPE`` gives the (frames, h, w) token grid for models whose export cannot make the
+frame axis symbolic (the user's ``video_shape``); ``EXPECTED`` says what inspect must find.
+Shared by the tests, ``scripts/supported_models.py`` and other helpers.
+"""
+from __future__ import annotations
+
+import torch
+
+HEADS, HEAD_DIM, TEXT, LATENT, CH = 2, 16, 7, 8, 4
+INNER = HEADS * HEAD_DIM
+
+
+def _seeded(cls, **config):
+    torch.manual_seed(0)
+    return cls(**config).eval()
+
+
+def _randn(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _video(frames, channels=CH, channels_first=True, seed=1):
+    shape = (1, channels, frames, LATENT, LATENT) if channels_first else (1, frames, channels, LATENT, LATENT)
+    return _randn(*shape, seed=seed)
+
+
+def _wan_config(**extra):
+    return dict(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=CH,
+                out_channels=CH, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64, **extra)
+
+
+def make_wan_t2v(frames=5):
+    from diffusers import WanTransformer3DModel
+    model = _seeded(WanTransformer3DModel, **_wan_config())
+    return model, (_video(frames),), dict(timestep=torch.tensor([500]), encoder_hidden_states=_randn(1, TEXT, 32, seed=2),
+                                          return_dict=False)
+
+
+def make_wan_i2v(frames=5):
+    """Wan2.1 I2V: image tokens join the cross-attention keys (added_kv_proj), video input has 2x channels."""
+    from diffusers import WanTransformer3DModel
+    model = _seeded(WanTransformer3DModel, **{**_wan_config(image_dim=24, added_kv_proj_dim=INNER), "in_channels": 2 * CH})
+    return model, (_video(frames, 2 * CH),), dict(
+        timestep=torch.tensor([500]), encoder_hidden_states=_randn(1, TEXT, 32, seed=2),
+        encoder_hidden_states_image=_randn(1, 5, 24, seed=3), return_dict=False)
+
+
+def make_wan_vace(frames=5):
+    from diffusers import WanVACETransformer3DModel
+    model = _seeded(WanVACETransformer3DModel, **_wan_config(vace_layers=[0, 1], vace_in_channels=6))
+    return model, (_video(frames),), dict(
+        timestep=torch.tensor([500]), encoder_hidden_states=_randn(1, TEXT, 32, seed=2),
+        control_hidden_states=_video(frames, 6, seed=4), control_hidden_states_scale=torch.ones(2), return_dict=False)
+
+
+def make_skyreels_v2(frames=5):
+    from diffusers import SkyReelsV2Transformer3DModel
+    model = _seeded(SkyReelsV2Transformer3DModel, **_wan_config())
+    return model, (_video(frames),), dict(timestep=torch.tensor([500]), encoder_hidden_states=_randn(1, TEXT, 32, seed=2),
+                                          return_dict=False)
+
+
+def make_helios(frames=5):
+    """Helios: short-history latents are concatenated before the video tokens (joint sequence)."""
+    from diffusers import HeliosTransformer3DModel
+    model = _seeded(HeliosTransformer3DModel, patch_size=(1, 2, 2), num_attention_heads=HEADS,
+                    attention_head_dim=HEAD_DIM, in_channels=CH, out_channels=CH, text_dim=32, freq_dim=32, ffn_dim=64,
+                    num_layers=2, rope_dim=(4, 6, 6))
+    history = 2
+    return model, (_video(frames),), dict(
+        timestep=torch.tensor([500]), encoder_hidden_states=_randn(1, TEXT, 32, seed=2),
+        indices_latents_history_short=torch.arange(history).unsqueeze(0),
+        latents_history_short=_video(history, seed=5), return_dict=False)
+
+
+def _cogvideox(frames, patch_t, rotary):
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    model = _seeded(CogVideoXTransformer3DModel, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
+                    in_channels=CH, out_channels=CH, time_embed_dim=32, text_embed_dim=32, num_layers=2,
+                    sample_width=LATENT, sample_height=LATENT, sample_frames=(frames - 1) * 4 + 1, patch_size=2,
+                    patch_size_t=patch_t, max_text_seq_length=TEXT, use_rotary_positional_embeddings=rotary,
+                    use_learned_positional_embeddings=False)
+    kwargs = dict(timestep=torch.tensor([500]), encoder_hidden_states=_randn(1, TEXT, 32, seed=2), return_dict=False)
+    if rotary:
+        token_frames = frames // (patch_t or 1)
+        kwargs["image_rotary_emb"] = get_3d_rotary_pos_embed(HEAD_DIM, ((0, 0), (LATENT // 2, LATENT // 2)),
+                                                             (LATENT // 2, LATENT // 2), token_frames)
+    return model, (_video(frames, channels_first=False),), kwargs
+
+
+def make_cogvideox(frames=5):
+    """CogVideoX 1.0 (2B-style: sincos positions, text tokens before the video in one sequence)."""
+    return _cogvideox(frames, None, False)
+
+
+def make_cogvideox_1_5(frames=6):
+    """CogVideoX 1.5: temporal patch 2 and 3-D RoPE given as an input (static export + video_shape)."""
+    return _cogvideox(frames, 2, True)
+
+
+def make_hunyuan_video(frames=5):
+    from diffusers import HunyuanVideoTransformer3DModel
+    model = _seeded(HunyuanVideoTransformer3DModel, in_channels=CH, out_channels=CH, num_attention_heads=HEADS,
+                    attention_head_dim=HEAD_DIM, num_layers=1, num_single_layers=1, num_refiner_layers=1,
+                    patch_size=2, patch_size_t=1, text_embed_dim=32, pooled_projection_dim=24,
+                    rope_axes_dim=(4, 6, 6))
+    mask = torch.ones(1, TEXT, dtype=torch.long)
+    mask[:, -2:] = 0  # padded text tokens: the key mask on extra tokens must survive the rewrite
+    return model, (_video(frames),), dict(
+        timestep=torch.tensor([500]), encoder_hidden_states=_randn(1, TEXT, 32, seed=2), encoder_attention_mask=mask,
+        pooled_projections=_randn(1, 24, seed=3), guidance=torch.tensor([3500.0]), return_dict=False)
+
+
+def make_mochi(frames=5):
+    from diffusers import MochiTransformer3DModel
+    model = _seeded(MochiTransformer3DModel, patch_size=2, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
+                    num_layers=2, pooled_projection_dim=16, in_channels=CH, text_embed_dim=32, time_embed_dim=16,
+                    max_sequence_length=TEXT)
+    return model, (_video(frames),), dict(
+        encoder_hidden_states=_randn(1, TEXT, 32, seed=2), timestep=torch.tensor([500]),
+        encoder_attention_mask=torch.ones(1, TEXT, dtype=torch.long), return_dict=False)
+
+
+def make_ltx_video(frames=5):
+    """LTX-Video takes pre-patchified tokens [B, N, C] and (frames, height, width) as ints: static export."""
+    from diffusers import LTXVideoTransformer3DModel
+    model = _seeded(LTXVideoTransformer3DModel, in_channels=CH, out_channels=CH, patch_size=1, patch_size_t=1,
+                    num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, cross_attention_dim=INNER, num_layers=2,
+                    caption_channels=32)
+    side = LATENT // 2
+    return model, (_randn(1, frames * side * side, CH),), dict(
+        encoder_hidden_states=_randn(1, TEXT, 32, seed=2), timestep=torch.tensor([500]),
+        encoder_attention_mask=torch.ones(1, TEXT, dtype=torch.long), num_frames=frames, height=side, width=side,
+        return_dict=False)
+
+
+def make_allegro(frames=5):
+    from diffusers import AllegroTransformer3DModel
+    model = _seeded(AllegroTransformer3DModel, patch_size=2, patch_size_t=1, num_attention_heads=HEADS,
+                    attention_head_dim=HEAD_DIM, in_channels=CH, out_channels=CH, num_layers=2,
+                    cross_attention_dim=INNER, sample_height=LATENT, sample_width=LATENT, sample_frames=frames,
+                    caption_channels=32)
+    return model, (_video(frames),), dict(encoder_hidden_states=_randn(1, TEXT, 32, seed=2),
+                                          timestep=torch.tensor([500]), return_dict=False)
+
+
+def make_easyanimate(frames=5):
+    from diffusers import EasyAnimateTransformer3DModel
+    model = _seeded(EasyAnimateTransformer3DModel, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
+                    in_channels=CH, out_channels=CH, patch_size=2, sample_width=LATENT, sample_height=LATENT,
+                    num_layers=2, mmdit_layers=2, time_embed_dim=32, text_embed_dim=32)
+    return model, (_video(frames),), dict(timestep=torch.tensor([500]), encoder_hidden_states=_randn(1, TEXT, 32, seed=2),
+                                          return_dict=False)
+
+
+def make_cosmos(frames=5):
+    """Cosmos 1.0 (padding-mask concat off: it needs torchvision's resize)."""
+    from diffusers import CosmosTransformer3DModel
+    model = _seeded(CosmosTransformer3DModel, in_channels=CH, out_channels=CH, num_attention_heads=HEADS,
+                    attention_head_dim=HEAD_DIM, num_layers=2, mlp_ratio=2.0, text_embed_dim=32, adaln_lora_dim=8,
+                    max_size=(16, 16, 16), patch_size=(1, 2, 2), concat_padding_mask=False,
+                    extra_pos_embed_type="learnable")
+    return model, (_video(frames),), dict(
+        timestep=torch.tensor([500]), encoder_hidden_states=_randn(1, TEXT, 32, seed=2), return_dict=False)
+
+
+def make_sana_video(frames=5):
+    """SanaVideo: ReLU linear self-attention -- there is no softmax to convert; must be declined."""
+    from diffusers import SanaVideoTransformer3DModel
+    model = _seeded(SanaVideoTransformer3DModel, in_channels=CH, out_channels=CH, num_attention_heads=HEADS,
+                    attention_head_dim=HEAD_DIM, num_layers=2, num_cross_attention_heads=HEADS,
+                    cross_attention_head_dim=HEAD_DIM, cross_attention_dim=INNER, caption_channels=32,
+                    sample_size=LATENT, patch_size=(1, 2, 2), rope_max_seq_len=64)
+    return model, (_video(frames),), dict(encoder_hidden_states=_randn(1, TEXT, 32, seed=2),
+                                          timestep=torch.tensor([500]), return_dict=False)
+
+
+MODELS = {
+    "wan2.1-t2v": make_wan_t2v,
+    "wan2.1-i2v": make_wan_i2v,
+    "wan-vace": make_wan_vace,
+    "skyreels-v2": make_skyreels_v2,
+    "helios": make_helios,
+    "cogvideox-1.0": make_cogvideox,
+    "cogvideox-1.5": make_cogvideox_1_5,
+    "hunyuan-video": make_hunyuan_video,
+    "mochi": make_mochi,
+    "ltx-video": make_ltx_video,
+    "allegro": make_allegro,
+    "easyanimate": make_easyanimate,
+    "cosmos": make_cosmos,
+    "sana-video": make_sana_video,
+}
