@@ -58,18 +58,43 @@ def drop_empty_concat_inputs(graph: fx.Graph) -> int:
     return changed
 
 
+class _TensorsOnly(torch.nn.Module):
+    """``model`` called with only the tensors of (args, kwargs); the other leaves (flags such as
+    ``return_dict=False``) are fixed to their example values."""
+
+    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict):
+        super().__init__()
+        self.model = model
+        leaves, self.spec = torch.utils._pytree.tree_flatten((tuple(args), dict(kwargs)))
+        self.fixed = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+
+    def forward(self, *tensors):
+        supply = iter(tensors)
+        leaves = [next(supply) if fixed is None else fixed for fixed in self.fixed]
+        args, kwargs = torch.utils._pytree.tree_unflatten(leaves, self.spec)
+        return self.model(*args, **kwargs)
+
+
 def portable_program(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> torch.export.ExportedProgram:
-    """``torch.export`` + the decompositions above: an ExportedProgram of standard aten ops."""
+    """``torch.export`` + the decompositions above: an ExportedProgram of standard aten ops whose
+    inputs are the tensors of ``(args, kwargs)`` (:func:`tensor_leaves`), in order."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(args, tuple):
         raise TypeError(f"args must be a tuple of example inputs, got {type(args).__name__}")
     with torch.no_grad():
-        program = torch.export.export(model, args, kwargs or {})
+        program = torch.export.export(_TensorsOnly(model, args, kwargs or {}), tuple(tensor_leaves(args, kwargs)))
         program = program.run_decompositions(portable_decompositions())
     drop_empty_concat_inputs(program.graph_module.graph)
     program.graph_module.recompile()
     return program
+
+
+def tensor_leaves(args: tuple, kwargs: dict | None = None) -> list[torch.Tensor]:
+    """The tensors of ``(args, kwargs)`` in pytree order (other leaves such as
+    ``return_dict=False`` are constants of the exported graph)."""
+    leaves = torch.utils._pytree.tree_leaves((tuple(args), dict(kwargs or {})))
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
 @dataclass(frozen=True)
@@ -117,10 +142,22 @@ class FlatProgram:
         return [TensorSpec.of(n, t, "weight") for n, t in self.weights.items()] + self.inputs
 
 
+def tensor_names(args: tuple, kwargs: dict | None = None) -> list[str]:
+    """Readable names of :func:`tensor_leaves`: ``args[0]``, ``timestep``, ``cond['mask']``..."""
+    paths, _ = torch.utils._pytree.tree_flatten_with_path((tuple(args), dict(kwargs or {})))
+    names = []
+    for path, leaf in paths:
+        if isinstance(leaf, torch.Tensor):
+            key = torch.utils._pytree.keystr(path)          # "[0][1]" or "[1]['timestep']"
+            names.append(f"args{key[3:]}" if key.startswith("[0]") else key[3:].strip("[]'\""))
+    return names
+
+
 def flat_program(program: torch.export.ExportedProgram, args: tuple, n_state_inputs: int = 0,
-                 state_names: tuple[str, ...] = ()) -> FlatProgram:
-    """Lift parameters, buffers and constants of ``program`` to leading arguments. The last
-    ``n_state_inputs`` user inputs (and as many last outputs) are recurrent state."""
+                 state_names: tuple[str, ...] = (), kwargs: dict | None = None) -> FlatProgram:
+    """Lift parameters, buffers and constants of ``program`` to leading arguments; the inputs are
+    the tensors of ``(args, kwargs)``. The last ``n_state_inputs`` user inputs (and as many last
+    outputs) are recurrent state."""
     from torch.export.graph_signature import InputKind, OutputKind
     lookup = {**program.state_dict, **program.constants}
     weights, user = {}, []
@@ -132,17 +169,18 @@ def flat_program(program: torch.export.ExportedProgram, args: tuple, n_state_inp
     outs = [s for s in program.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
     if len(outs) != len(program.graph_signature.output_specs):
         raise ValueError("model mutates buffers in forward; only pure functions can be built")
-    flat_args = [a for a in torch.utils._pytree.tree_leaves(args)]
+    flat_args = tensor_leaves(args, kwargs)
     if len(flat_args) != len(user):
-        raise ValueError(f"args must be tensors only: {len(flat_args)} leaves for {len(user)} graph inputs")
+        raise ValueError(f"the exported graph takes {len(user)} tensor inputs but args/kwargs hold {len(flat_args)} "
+                         "tensors; tensors inside non-pytree containers are not supported")
     n_user = len(user)
-    input_names = list(user)
+    input_names = tensor_names(args, kwargs)
     if state_names:
         input_names[n_user - n_state_inputs:] = list(state_names)
     inputs = [TensorSpec.of(name, t, "state" if i >= n_user - n_state_inputs else "input")
               for i, (name, t) in enumerate(zip(input_names, flat_args))]
     with torch.no_grad():
-        results = program.graph_module(*weights.values(), *flat_args)
+        results = tuple(program.graph_module(*weights.values(), *flat_args))
         flat = _AllInputs(program.graph_module)
         lifted = torch.export.export(flat, (*weights.values(), *flat_args))
     n_out = len(results)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends.portable import FlatProgram, flat_program, portable_program
+from .backends.portable import FlatProgram, flat_program, portable_program, tensor_leaves
 from .backends.targets import BACKENDS, TARGETS, NotRunnableHere, Target, resolve, with_options
 
 FORMAT = "rehyat-compile-artifact/1"
@@ -53,7 +53,7 @@ def _as_tuple(args) -> tuple:
 def _entries(model, args: tuple, kwargs: dict, streaming: bool) -> dict[str, FlatProgram]:
     """{entry name: FlatProgram}: ``main``, or ``first`` + ``step`` for a step module."""
     if not streaming:
-        return {"main": flat_program(portable_program(model, args, kwargs), args)}
+        return {"main": flat_program(portable_program(model, args, kwargs), args, kwargs=kwargs)}
     state_names = getattr(model, "state_names", None)
     if not state_names:
         raise ValueError("streaming=True needs a step module: an nn.Module with a 'state_names' attribute whose "
@@ -72,6 +72,13 @@ def _entries(model, args: tuple, kwargs: dict, streaming: bool) -> dict[str, Fla
     step_args = (*args, *state)
     step = flat_program(portable_program(model, step_args), step_args, n_state, tuple(state_names))
     return {"first": first, "step": step}
+
+
+def _output_structure(model, args: tuple, kwargs: dict) -> str:
+    """``torch.utils._pytree`` spec (JSON) of the model's output, to rebuild it from flat tensors."""
+    from torch.utils import _pytree
+    with torch.no_grad():
+        return _pytree.treespec_dumps(_pytree.tree_structure(model(*args, **kwargs)))
 
 
 def _cost(model, args: tuple, kwargs: dict, streaming: bool) -> dict:
@@ -187,6 +194,7 @@ def _build_into(out: Path, model, args, kwargs, spec: Target, backend: str, stre
                                                                       for k, v in spec.options.items()},
         "versions": _versions(backend),
         "entries": built, "cost": _cost(model, args, kwargs, streaming),
+        "output_structure": None if streaming else _output_structure(model, args, kwargs),
         "build_seconds": {"export": round(exported_s, 3), "total": round(time.perf_counter() - started, 3)},
         "files": {p.name: sha256_of(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST},
     }
@@ -287,12 +295,16 @@ class Artifact:
         return (f"Artifact({str(self.out_dir)!r}, target={self.target.name!r}, backend={self.backend!r}, "
                 f"entries={list(self.manifest['entries'])}, runnable={self.runnable})")
 
-    def __call__(self, *inputs):
+    def __call__(self, *args, **kwargs):
+        """Same call as the model: (args, kwargs) -> the model's output structure; tensors only are
+        inputs (other arguments were fixed at build time)."""
         if not self.runnable:
             raise RuntimeError(f"cannot run {self!r} here: {self.reason}")
+        inputs = tensor_leaves(args, kwargs)
         if "main" in self.entries:
+            from torch.utils import _pytree
             outs = self.entries["main"](*inputs)
-            return outs[0] if len(outs) == 1 else outs
+            return _pytree.tree_unflatten(list(outs), _pytree.treespec_loads(self.manifest["output_structure"]))
         first = self.entries["first"]
         return first(*inputs) if len(inputs) == len(first.inputs) else self.entries["step"](*inputs)
 
