@@ -1,6 +1,7 @@
 """rehyat-compile: turn a bidirectional video DiT into ReHyAt's recurrent hybrid attention form."""
 from .attention import (HybridState, hybrid_attention_chunked, hybrid_attention_reference,
                         hybrid_attention_step)
+from .cost import CostReport, check_linear, cost
 from .errors import ComplexityError, ConversionError, ShapeError
 from .feature_map import FeatureMap
 from .op import decompositions, hybrid_attention, hybrid_attention_flops
@@ -11,7 +12,8 @@ from .build import ArtifactError, build, load  # after .op: the backends import 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactError", "ComplexityError", "ConversionError", "FeatureMap", "HybridState", "ShapeError", "build", "decompositions",
+    "ArtifactError", "ComplexityError", "ConversionError", "CostReport", "check_linear", "cost", "FeatureMap", "HybridState",
+    "ShapeError", "build", "decompositions",
     "hybrid_attention", "hybrid_attention_chunked", "hybrid_attention_flops", "hybrid_attention_reference",
     "hybrid_attention_step", "FrameAxis", "HybridModel", "export_video_model", "inspect", "transform", "load",
 ]
