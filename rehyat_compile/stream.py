@@ -194,7 +194,8 @@ class StreamRunner:
         inputs = _chunk(plan.flat, program.input_dims, 0, stop)
         tables = _chunk(self._tables(program, plan.flat), program.table_dims, 0, stop, device)
         states = [t for site in program.sites for t in site.initial(device)]
-        example = tuple(inputs + tables + states)
+        # Own storage for every example tensor: slices of the whole video would carry its storage.
+        example = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs + tables + states)
         _propagate_meta(program.module, example)
         return program.module, example
 
