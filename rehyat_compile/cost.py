@@ -68,6 +68,10 @@ _SHAPE_QUERIES = {aten.sym_is_contiguous.default, aten.is_contiguous.default, at
                   aten.sym_storage_offset.default, aten.numel.default, aten.sym_numel.default, aten.dim.default,
                   torch.ops.prim.layout.default}
 
+# C++ kernels that reject symbolic sizes outside export tracing: run their Python decomposition
+# (what export itself traces) instead.
+_SYMBOLIC_SIZE_DECOMPOSED = {aten.constant_pad_nd.default}
+
 # Non-pointwise ops whose elementwise work is one FLOP per input element.
 _NORMALISATIONS = {aten._softmax, aten._log_softmax, aten._safe_softmax, aten.native_layer_norm,
                    aten.native_group_norm, aten.native_batch_norm, aten._fused_rms_norm, aten.cumsum,
@@ -303,15 +307,10 @@ class _OpCounter(TorchDispatchMode):
                 decomposed = func.decompose(*args, **kwargs)
             if decomposed is not NotImplemented:
                 return decomposed
-        try:
-            out = func(*args, **kwargs)
-        except RuntimeError:
-            # some C++ kernels (constant_pad_nd) reject symbolic sizes outside export tracing; their
-            # Python decomposition (what export itself would trace) takes them
-            if func not in decomposition_table:
-                raise
+        if func in _SYMBOLIC_SIZE_DECOMPOSED:
             with self:
                 return decomposition_table[func](*args, **kwargs)
+        out = func(*args, **kwargs)
         self.ops.append(op_cost(func, args, kwargs, out, self.sym))
         return out
 
