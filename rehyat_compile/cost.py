@@ -145,6 +145,12 @@ class CostReport:
         expr = self.metric(metric) if isinstance(metric, str) else metric
         return symbolic.degree(expr, self.T)
 
+    def asymptotic(self, metric: str | sympy.Expr = "flops") -> sympy.Expr:
+        """A polynomial in T growing like the metric (floors, ceilings, Min/Max of chunk counts
+        resolved for large T): the readable form of hybrid-attention costs."""
+        expr = self.metric(metric) if isinstance(metric, str) else metric
+        return symbolic.growth_polynomial(expr, self.T)
+
     def evaluate(self, T: int) -> dict[str, int]:
         """The four metrics at ``T`` latent frames, as integers."""
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
@@ -172,7 +178,9 @@ class CostReport:
         lines = [f"cost in T = latent frames ({len(self.by_node)} nodes, {len(self.by_site)} attention sites"
                  + (f", step graph over chunks of {self.chunk_frames} frames)" if self.chunk_frames else ")")]
         for name in METRICS:
-            lines.append(f"  {name:<18} degree {self.degree(name)}  {self.metric(name)}")
+            exact, growth = self.metric(name), self.asymptotic(name)
+            lines.append(f"  {name:<18} degree {self.degree(name)}  {exact}"
+                         + (f"\n  {'':<18} ~ {growth}" if sympy.expand(exact - growth) != 0 else ""))
         lines.append(f"  {'weights_bytes':<18} {self.weights_bytes}")
         return "\n".join(lines)
 

@@ -354,9 +354,18 @@ def test_paper_width_wan_on_meta_matches_flop_counter():
 @pytest.mark.slow
 def test_wan_1_3b_costs_on_meta_in_under_a_minute():
     import time
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: the CI machine is shared
     cost = rc.cost(meta_wan(30), kwargs=meta_wan_inputs(3))
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     assert cost.degree("flops") == 2 and cost.degree("peak_memory") == 1
     assert len(cost.by_site) == 60
-    assert elapsed < 90, f"costing Wan2.1-1.3B took {elapsed:.0f} s"  # ~30 s on 2 loaded cores
+    assert elapsed < 60, f"costing Wan2.1-1.3B took {elapsed:.0f} s of CPU"  # ~25 s
+
+
+def test_asymptotic_form_of_hybrid_cost_is_linear_polynomial():
+    cost = rc.cost(VideoAttention((3, 1)).eval(), (video(4),))
+    growth = cost.asymptotic("flops")
+    assert sympy.Poly(growth, cost.T).degree() == 1
+    assert "~" in str(cost)
+    big = 3000  # exact and asymptotic forms agree to within the bounded floor terms
+    assert abs(cost.evaluate(T=big)["flops"] - growth.subs(cost.T, big)) < 1e-3 * growth.subs(cost.T, big)
