@@ -194,3 +194,64 @@ def infer_video_layout(q: fx.Node, symbol, patch: int, frames: int | None, video
     if symbol is not None:
         return _symbolic_layout(q, n, symbol, patch, frames, video_shape)
     return _static_layout(q, n, frames, video_shape)
+
+
+def _merged_range(node: fx.Node, target_size, norm):
+    """(input dims, start, stop) if ``node`` merges input dims [start, stop) into one dim of size
+    ``target_size`` (flatten / reshape / view), else None."""
+    if node.op != "call_function" or node.target not in (aten.flatten.using_ints, aten.reshape.default,
+                                                         aten.view.default, aten._unsafe_view.default):
+        return None
+    src, out = node.args[0].meta.get("val"), node.meta.get("val")
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return None
+    ins = [norm(as_expr(d)) for d in src.shape]
+    outs = [norm(as_expr(d)) for d in out.shape]
+    for k, size in enumerate(outs):
+        if sympy.simplify(size - target_size) != 0:
+            continue
+        before = sympy.Mul(*outs[:k])
+        # the last matching prefix: size-1 dims before the merge belong to the prefix, not to the merge
+        start = next((i for i in reversed(range(len(ins) + 1))
+                      if sympy.simplify(sympy.Mul(*ins[:i]) - before) == 0), None)
+        if start is None:
+            continue
+        stop = next((j for j in range(start + 2, len(ins) + 1)
+                     if sympy.simplify(sympy.Mul(*ins[start:j]) - target_size) == 0), None)
+        if stop is not None:
+            return ins, start, stop
+    return None
+
+
+def frame_major(q: fx.Node, layout: VideoLayout, symbol, patch: int, limit: int = 600) -> bool | None:
+    """Whether the video tokens above q are frame-major (time the slowest of the merged axes).
+
+    Looks for the flatten/reshape that merges (time, h, w) into the T*M video tokens: True when the
+    frame axis comes first in the merge, False when it comes later (h-major or w-major: the chunks would
+    not be frames), None when no such merge is found (not verifiable, e.g. pre-patchified inputs)."""
+    if symbol is not None:
+        t = sympy.Symbol("t", integer=True, positive=True)
+
+        def norm(e):
+            return sympy.simplify(e.subs(symbol, patch * t))
+
+        frames = t
+    else:
+        def norm(e):
+            return e
+
+        frames = sympy.Integer(layout.frames)
+    video = frames * layout.tokens_per_frame
+    if layout.frames == 1 or layout.tokens_per_frame == 1:
+        return None
+    for node in _ancestors(q, limit):
+        merged = _merged_range(node, video, norm)
+        if merged is None:
+            continue
+        ins, start, stop = merged
+        axes = ins[start:stop]
+        if sympy.simplify(axes[0] - frames) == 0:
+            return True
+        if any(sympy.simplify(a - frames) == 0 for a in axes[1:]):
+            return False
+    return None
