@@ -146,6 +146,8 @@ def _static_layout(q: fx.Node, n, frames: int | None, video_shape):
     if n.is_Integer and int(n) % frames and isinstance(batch, int) and batch % frames == 0:
         return None, (f"factorised spatial-only attention: the sequence ({n} tokens) has no time axis, "
                       f"frames sit in the batch ({batch})")
+    if n.is_Integer and int(n) < frames:
+        return None, f"not over video tokens: {n} tokens, fewer than the {frames} frames"
     # no video_shape: the video is all of N, or the concatenated piece divisible by the frame count
 
     def divisible(size):
