@@ -365,3 +365,10 @@ def test_paper_width_wan_on_meta_matches_flop_counter():
     assert attention.subs(cost.T, 21) == 2 * 4 * tokens**2 * 1536  # 4 N^2 D per block, D = 12 heads x 128
 
 
+def test_asymptotic_form_of_hybrid_cost_is_linear_polynomial():
+    cost = rc.cost(VideoAttention((3, 1)).eval(), (video(4),))
+    growth = cost.asymptotic("flops")
+    assert sympy.Poly(growth, cost.T).degree() == 1
+    assert "~" in str(cost)
+    big = 3000  # exact and asymptotic forms agree to within the bounded floor terms
+    assert abs(cost.evaluate(T=big)["flops"] - growth.subs(cost.T, big)) < 1e-3 * growth.subs(cost.T, big)
