@@ -297,6 +297,33 @@ class _SiteGroup:
     def parameters(self):
         return [*self.phi_q.parameters(), *self.phi_k.parameters()]
 
+    @torch.no_grad()
+    def calibrate(self, target: float = 1.0, iterations: int = 40) -> None:
+        """Shift both feature maps' output bias per head so that at the start the linear part weighs
+        about ``target`` against the softmax window (mean phi_q . z over queries, z summed over half
+        the tokens). A fresh map on a long sequence otherwise gives phi_q . z in the thousands: the
+        linear average drowns the window and the first steps crush the features into softplus's flat
+        tail, where they stop learning."""
+        sample = self.samples[0]
+        q_in, k_in = sample.features_in()
+        q_in, k_in = q_in.float(), k_in.float()
+        n = q_in.shape[2]
+        base_q, base_k = self.phi_q.b2.clone(), self.phi_k.b2.clone()
+        lo = torch.full((self.phi_q.heads, 1, 1), -40.0, device=base_q.device, dtype=base_q.dtype)
+        hi = torch.full_like(lo, 10.0)
+        for _ in range(iterations):  # weight grows monotonically with the shift: bisect per head
+            mid = (lo + hi) / 2
+            self.phi_q.b2.copy_(base_q + mid)
+            self.phi_k.b2.copy_(base_k + mid)
+            fq, fk = self.phi_q(q_in), self.phi_k(k_in)
+            weight = (fq * fk.mean(dim=2, keepdim=True)).sum(-1).mean(dim=(0, 2)) * (n / 2)  # [heads]
+            too_big = (weight > target).view(-1, 1, 1)
+            hi = torch.where(too_big, mid, hi)
+            lo = torch.where(too_big, lo, mid)
+        shift = (lo + hi) / 2
+        self.phi_q.b2.copy_(base_q + shift)
+        self.phi_k.b2.copy_(base_k + shift)
+
     def forward(self, sample: SiteSample) -> torch.Tensor:
         device = self.phi_q.w1.device
         if sample.q.device != device:  # offloaded captures come back one sample at a time
@@ -358,13 +385,15 @@ def train_feature_maps(samples: Mapping[str, list[SiteSample]], specs: Mapping[s
                        feature_maps: Mapping[str, tuple[FeatureMap, FeatureMap]], *, steps: int = 200,
                        lr: float = 3e-3, loss: str = "l1", progress: bool = True,
                        eval_samples: Mapping[str, list[SiteSample]] | None = None,
-                       eval_every: int = 0) -> dict[str, SiteResult]:
+                       eval_every: int = 0, calibrate: bool = True) -> dict[str, SiteResult]:
     """Train ``feature_maps[name] = (phi_q, phi_k)`` of every site in ``samples`` so the hybrid op with
     ``specs[name]``'s layout matches the recorded teacher output. Step s uses sample ``s % len``.
     AdamW with a cosine decay to lr/10; 16-bit activations are computed in fp32. Errors (relative L1) are measured on ``eval_samples``
     (default: the training samples) before and after, and every ``eval_every`` steps (0 = never) into
     ``error_curve``; ``train_seconds`` is the wall time of the optimisation steps alone (all sites of
-    this call). The feature maps are updated in place."""
+    this call). ``calibrate``: first rescale each site's features so the linear part starts at about
+    the softmax window's weight (:meth:`_SiteGroup.calibrate`); the "before" error is measured before
+    that. The feature maps are updated in place."""
     _check_training_args(steps, lr, loss)
     for name in samples:
         if name not in specs or name not in feature_maps:
@@ -376,6 +405,9 @@ def train_feature_maps(samples: Mapping[str, list[SiteSample]], specs: Mapping[s
     curves: dict[str, list[float]] = {n: [] for g in groups for n in g.names}
     error_curves: dict[str, list] = {n: [(0, e)] for n, e in before.items()}
     params = [p for g in groups for p in g.parameters()]
+    if calibrate and steps:
+        for g in groups:
+            g.calibrate()
     train_seconds = 0.0
     if params and steps:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
