@@ -11,6 +11,7 @@ from rehyat_compile.distill import (capture_sites, shard_sites, site_errors, sof
 from tests.distill_data import site_problem, site_problems, toy_setup
 
 
+@pytest.mark.slow
 def test_training_at_least_halves_every_site_error():
     specs, samples, maps = site_problems(["a", "b"])
     results = train_feature_maps(samples, specs, maps, steps=300, lr=3e-2, progress=False)
