@@ -14,7 +14,7 @@ from torch import fx
 from .canonicalize import canonicalize
 from .classify_attention import as_expr, classify_attention
 from .find_attention import AttentionMatch, find_attention
-from .infer_video_layout import VideoLayout, infer_video_layout
+from .infer_video_layout import VideoLayout, frame_major, infer_video_layout
 
 
 @dataclass
@@ -33,6 +33,10 @@ class Site:
     reason: str = ""
     scale: float | None = None
     key: str = ""
+    frame_major: bool | None = None  # True: verified in the graph; None: could not be checked
+    chunk_frames: int | None = None  # set on converted sites (HybridModel.sites)
+    overlap_frames: int | None = None
+    causal: bool | None = None
     match: AttentionMatch | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -41,6 +45,19 @@ class Site:
         if self.layout is None:
             return None
         return self.layout.extra_before, self.layout.frames, self.layout.tokens_per_frame
+
+    @property
+    def tokens_per_frame(self) -> int | None:
+        return None if self.layout is None else self.layout.tokens_per_frame
+
+    @property
+    def extra_before(self) -> int | None:
+        return None if self.layout is None else self.layout.extra_before
+
+    @property
+    def extra_after(self) -> int | None:
+        """Extra tokens after the video; None when unknown or data-dependent (computed in the graph)."""
+        return None if self.layout is None else self.layout.extra_after
 
     @property
     def decision(self) -> str:
@@ -53,7 +70,9 @@ class Site:
                 "video": None if self.video is None else list(self.video),
                 "extra_before": None if layout is None else layout.extra_before,
                 "extra_after": None if layout is None else layout.extra_after,
-                "rewritable": self.rewritable, "reason": self.reason, "scale": self.scale}
+                "frame_major": self.frame_major, "rewritable": self.rewritable, "reason": self.reason,
+                "scale": self.scale, "chunk_frames": self.chunk_frames, "overlap_frames": self.overlap_frames,
+                "causal": self.causal}
 
 
 def _int_or_none(x):
@@ -110,6 +129,11 @@ def _site_for(match: AttentionMatch, name: str, symbol, patch: int, frames, vide
         site.reason = reason
         return site
     site.kind = "joint" if (site.layout.extra_before or site.layout.extra_after != 0) else "self"
+    site.frame_major = frame_major(match.q, site.layout, symbol, patch)
+    if site.frame_major is False:
+        site.reason = ("video tokens are not frame-major (time is not the slowest axis of the merge that "
+                       "builds them): chunks of the token axis would not be frames")
+        return site
     site.rewritable = True
     return site
 
