@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "native"],
+                   help="dtype of the op during training (native = the activations' dtype)")
     p.add_argument("--every", type=int, default=10, help="print the error every this many steps")
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,14 +52,16 @@ def main() -> None:
     n = a.frames * a.tokens_per_frame
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; torch {torch.__version__}")
     print(f"layer: {a.heads} heads x {a.head_dim}, N = {a.frames} frames x {a.tokens_per_frame} = {n} tokens, "
-          f"{a.dtype}; Tc={a.chunk_frames} To={a.overlap_frames} F={a.feature_dim}; {a.samples} samples")
+          f"{a.dtype} (op in {a.compute_dtype} while training); Tc={a.chunk_frames} To={a.overlap_frames} F={a.feature_dim}; {a.samples} samples")
     # warm-up (allocator, kernels) on a copy of the feature maps, then one timed run
     warm = {name: tuple(copy.deepcopy(m) for m in maps[name])}
-    train_feature_maps({name: samples}, {name: spec}, warm, steps=2, lr=a.lr, progress=False)
+    train_feature_maps({name: samples}, {name: spec}, warm, steps=2, lr=a.lr, progress=False,
+                       compute_dtype=torch.float32 if a.compute_dtype == "float32" else None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    compute = torch.float32 if a.compute_dtype == "float32" else None
     r = train_feature_maps({name: samples}, {name: spec}, maps, steps=a.steps, lr=a.lr, progress=False,
-                           eval_every=a.every)[name]
+                           eval_every=a.every, compute_dtype=compute)[name]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     for (step, err) in r.error_curve:
         loss = r.loss_curve[step - 1] if step else float("nan")

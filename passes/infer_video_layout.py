@@ -158,8 +158,8 @@ def _static_layout(q: fx.Node, n, frames: int | None, video_shape):
         frames, m = video_shape[0], video_shape[1] * video_shape[2]
         video = frames * m
         if n.is_Integer and video > n:
-            return None, (f"video_shape={tuple(video_shape)} gives {video} video tokens but the attention has only "
-                          f"{n} tokens")
+            return None, (f"not over video tokens: {n} tokens, fewer than the {video} of "
+                          f"video_shape={tuple(video_shape)}")
         before, reason = _offset(q, n, sympy.Integer(video), sympy.simplify(n - video))
         if reason:
             return None, reason

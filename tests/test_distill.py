@@ -11,6 +11,7 @@ from rehyat_compile.distill import (capture_sites, shard_sites, site_errors, sof
 from tests.distill_data import site_problem, site_problems, toy_setup
 
 
+@pytest.mark.slow
 def test_training_at_least_halves_every_site_error():
     specs, samples, maps = site_problems(["a", "b"])
     results = train_feature_maps(samples, specs, maps, steps=300, lr=3e-2, progress=False)
@@ -40,6 +41,21 @@ def test_sites_of_different_shapes_train_in_one_call():
     specs["b"], samples["b"], maps["b"] = spec_b, samples_b, maps_b
     results = train_feature_maps(samples, specs, maps, steps=20, lr=1e-2, progress=False)
     assert all(r.error_after < r.error_before for r in results.values())
+
+
+def test_calibration_brings_a_long_sequence_linear_part_to_the_window_weight():
+    from rehyat_compile.distill import _group_sites
+    specs, samples, maps = site_problems(["a"], frames=16, tokens_per_frame=16, feature_dim=32)
+    group = _group_sites(samples, specs, maps)[0]
+    q, k = group.samples[0].q, group.samples[0].k
+
+    def linear_weight():
+        with torch.no_grad():
+            return float((group.phi_q(q) * group.phi_k(k).mean(2, keepdim=True)).sum(-1).mean() * q.shape[2] / 2)
+
+    assert linear_weight() > 10  # a fresh map: the linear average drowns the window
+    group.calibrate()
+    assert linear_weight() == pytest.approx(1.0, rel=0.1)
 
 
 def test_zero_steps_leaves_weights_and_error():
@@ -194,6 +210,8 @@ def test_half_precision_activations_train_in_fp32_like_fp32_activations():
     maps16 = {"a": copy.deepcopy(maps["a"])}
     samples16 = {"a": [type(s)(*(t.bfloat16() for t in (s.q, s.k, s.v, s.target))) for s in samples["a"]]}
     r32 = train_feature_maps(samples, specs, maps, steps=20, lr=1e-2, progress=False)["a"]
+    native = {"a": copy.deepcopy(maps16["a"])}
     r16 = train_feature_maps(samples16, specs, maps16, steps=20, lr=1e-2, progress=False)["a"]
-    assert r16.error_after < 0.9 * r16.error_before
+    r_native = train_feature_maps(samples16, specs, native, steps=20, lr=1e-2, progress=False, compute_dtype=None)["a"]
+    assert r16.error_after < 0.9 * r16.error_before and r_native.error_after < 0.9 * r_native.error_before
     assert r16.error_after == pytest.approx(r32.error_after, rel=0.05)
