@@ -10,6 +10,8 @@ Which input dim is time
 -----------------------
 * default: dim 2 of the first 5-D floating-point tensor among the inputs (positional arguments
   first, then keyword arguments in the order given) -- diffusers' ``hidden_states`` [B, C, T, H, W];
+  dim 1 when the model config's input channel count is at dim 2 or 4 instead of dim 1
+  ([B, T, C, H, W] CogVideoX, [B, T, H, W, C] Kandinsky 5);
 * ``frames=int``: that dim of the same tensor;
 * ``frames=(name_or_index, dim)``: dim ``dim`` of keyword argument ``name`` or positional
   argument ``index`` (a tensor).
@@ -146,11 +148,16 @@ def find_frame_input(model, args: tuple, kwargs: dict, frames=None) -> tuple[str
 
 
 def _default_time_dim(model, tensor: torch.Tensor) -> int:
-    """2 ([B, C, T, H, W]), or 1 when dim 2 matches the config's ``in_channels`` and dim 1 does not
-    (CogVideoX-style [B, T, C, H, W])."""
+    """2 ([B, C, T, H, W]); 1 when the config's input channel count (``in_channels`` / ``in_visual_dim``)
+    sits at dim 2 (CogVideoX-style [B, T, C, H, W]) or last (Kandinsky-style [B, T, H, W, C])."""
     config = getattr(model, "config", None)
-    channels = config.get("in_channels") if isinstance(config, dict) else getattr(config, "in_channels", None)
-    if isinstance(channels, int) and tensor.shape[2] == channels and tensor.shape[1] != channels:
+    channels = None
+    for name in ("in_channels", "in_visual_dim"):
+        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        if isinstance(value, int):
+            channels = value
+            break
+    if channels is not None and tensor.shape[1] != channels and channels in (tensor.shape[2], tensor.shape[4]):
         return 1
     return 2
 

@@ -286,7 +286,7 @@ def _fill_zero_weights(model, std=0.05):
 
 
 def make_kandinsky5(frames=5):
-    """Kandinsky 5 video: channels-last latents [B, T, H, W, C] (pass frames=("hidden_states", 1))."""
+    """Kandinsky 5 video: channels-last latents [B, T, H, W, C] (time found at dim 1 from in_visual_dim)."""
     from diffusers import Kandinsky5Transformer3DModel
     model = _seeded(Kandinsky5Transformer3DModel, in_visual_dim=CH, in_text_dim=32, in_text_dim2=24, time_dim=32,
                     out_visual_dim=CH, patch_size=(1, 2, 2), model_dim=INNER, ff_dim=64, num_text_blocks=1,
@@ -317,7 +317,7 @@ def make_hunyuan_video_1_5(frames=5):
 
 
 MODELS.update({"kandinsky5": make_kandinsky5, "hunyuan-video-1.5": make_hunyuan_video_1_5})
-FRAMES = {"kandinsky5": ("hidden_states", 1)}  # frames= for models whose time axis is not found by default
+FRAMES: dict = {}  # frames= for models whose time axis the default rule does not find (none at present)
 
 
 def make_ltx2_video(frames=5):

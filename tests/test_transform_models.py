@@ -70,3 +70,19 @@ def test_hunyuan_video_1_5_data_dependent_branch_gives_a_clear_export_error():
     model, args, kwargs = MODELS["hunyuan-video-1.5"]()
     with pytest.raises(ConversionError, match="cannot be exported with torch.export: GuardOnDataDependentSymNode"):
         rc.inspect(model, args, kwargs)
+
+
+@pytest.mark.slow
+def test_bf16_model_converts_with_bf16_feature_maps_and_masked_text():
+    model, args, kwargs = MODELS["hunyuan-video"]()
+    model = model.to(torch.bfloat16)
+    args = tuple(a.to(torch.bfloat16) for a in args)
+    kwargs = {n: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for n, v in kwargs.items()}
+    with torch.no_grad():
+        reference = model(*args, **kwargs)[0].float()
+        hybrid = rc.transform(model, args, kwargs, chunk_frames=16)
+        out = hybrid(*args, **kwargs)[0]
+        chunked = hybrid.with_options(chunk_frames=2)(*args, **kwargs)[0]
+    assert out.dtype == torch.bfloat16 and hybrid.feature_maps[hybrid.sites[0].key].phi_q.w1.dtype == torch.bfloat16
+    assert _rel(out.float(), reference) < 1e-2 and torch.isfinite(chunked).all()
