@@ -244,3 +244,16 @@ def test_unconverted_video_self_attention_is_refused():
     _, args, kwargs = MODELS["wan2.1-t2v"](5)
     with pytest.raises(rc.ConversionError, match="every frame"):
         rc.stream(hybrid)(*args, **kwargs)
+
+
+def test_runner_follows_parameters_and_buffers_replaced_after_it_was_built():
+    model, hybrid = converted("wan2.1-t2v", 2, 1)
+    runner = rc.stream(hybrid)
+    _, args, kwargs = MODELS["wan2.1-t2v"](5)
+    with torch.no_grad():
+        before = runner(*args, **kwargs)
+        model.rope.freqs_cos = model.rope.freqs_cos * 0.5   # a new buffer object, as .to() makes
+        hybrid.feature_maps["blocks_0_attn1"].phi_k.w2.mul_(2.0)  # as a distillation step would
+        after, want = runner(*args, **kwargs), hybrid(*args, **kwargs)
+    outputs_close(after, want)
+    assert rel_err(after[0], before[0]) > 1e-3
