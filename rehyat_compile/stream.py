@@ -335,9 +335,18 @@ def _propagate_meta(module: fx.GraphModule, example: tuple) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    # a shape environment: data-dependent sizes (Mochi's unmasked text length) become unbacked symbols
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    for node in module.graph.nodes:
+        node.meta.pop("unbacked_bindings", None)  # names from the export's shape environment, not this one
     fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example]
-    FakeTensorProp(module, mode).propagate_dont_convert_inputs(*fakes)
+    try:
+        FakeTensorProp(module, mode).propagate_dont_convert_inputs(*fakes)
+    except Exception as exc:  # surfaces as one clear error instead of a fake-tensor traceback
+        raise ConversionError(f"the step graph cannot be traced for a chunk with fixed shapes: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
 def stream(hybrid, *, table_device=None) -> StreamRunner:

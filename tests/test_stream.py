@@ -212,10 +212,11 @@ def test_state_bytes_do_not_depend_on_frames():
     assert sizes == [2 * per_site, 2 * per_site]
 
 
-def test_step_graph_exports_with_states_as_inputs_and_outputs():
-    _, hybrid = converted("wan2.1-t2v", 2, 1)
+@pytest.mark.parametrize("name", ["wan2.1-t2v", pytest.param("cosmos", marks=pytest.mark.slow)])
+def test_step_graph_exports_with_states_as_inputs_and_outputs(name):
+    _, hybrid = converted(name, 2, 1)
     runner = rc.stream(hybrid)
-    _, args, kwargs = MODELS["wan2.1-t2v"](5)
+    _, args, kwargs = MODELS[name](5)
     module, example = runner.step_module(*args, **kwargs)
     ep = torch.export.export(module, example, strict=False)
     signature = runner.signature(*args, **kwargs)
