@@ -14,7 +14,7 @@ from torch import fx
 from .canonicalize import canonicalize
 from .classify_attention import as_expr, classify_attention
 from .find_attention import AttentionMatch, find_attention
-from .infer_video_layout import VideoLayout, infer_video_layout
+from .infer_video_layout import VideoLayout, frame_major, infer_video_layout
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Site:
     reason: str = ""
     scale: float | None = None
     key: str = ""
+    frame_major: bool | None = None  # True: verified in the graph; None: could not be checked
     match: AttentionMatch | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -53,7 +54,8 @@ class Site:
                 "video": None if self.video is None else list(self.video),
                 "extra_before": None if layout is None else layout.extra_before,
                 "extra_after": None if layout is None else layout.extra_after,
-                "rewritable": self.rewritable, "reason": self.reason, "scale": self.scale}
+                "frame_major": self.frame_major, "rewritable": self.rewritable, "reason": self.reason,
+                "scale": self.scale}
 
 
 def _int_or_none(x):
@@ -110,6 +112,11 @@ def _site_for(match: AttentionMatch, name: str, symbol, patch: int, frames, vide
         site.reason = reason
         return site
     site.kind = "joint" if (site.layout.extra_before or site.layout.extra_after != 0) else "self"
+    site.frame_major = frame_major(match.q, site.layout, symbol, patch)
+    if site.frame_major is False:
+        site.reason = ("video tokens are not frame-major (time is not the slowest axis of the merge that "
+                       "builds them): chunks of the token axis would not be frames")
+        return site
     site.rewritable = True
     return site
 

@@ -7,7 +7,8 @@ from rich.console import Console
 from rich.table import Table
 
 COLUMNS = ("site", "module", "kind", "form", "heads", "head dim", "video offset", "frames", "tokens/frame",
-           "decision", "reason")
+           "frame-major", "decision", "reason")
+FRAME_MAJOR = {True: "yes", False: "no", None: "?"}
 
 
 def _cell(x) -> str:
@@ -31,8 +32,9 @@ class InspectReport:
         rows = []
         for s in self.sites:
             video = s.video or (None, None, None)
+            checked = FRAME_MAJOR[s.frame_major] if s.layout is not None else None
             rows.append(tuple(_cell(x) for x in (s.name, s.module, s.kind, s.form, s.heads, s.head_dim, video[0],
-                                                 video[1], video[2], s.decision, s.reason)))
+                                                 video[1], video[2], checked, s.decision, s.reason)))
         return rows
 
     def __str__(self) -> str:

@@ -186,3 +186,21 @@ def test_wrong_video_shape_is_declined_with_reason_and_model_left_whole():
         rc.transform(model, (_video(),), video_shape=(4, 3, 3))
     with pytest.raises(ValueError, match="video_shape"):
         rc.inspect(model, (_video(),), video_shape=(4, 0))
+
+
+class TimeFastest(VideoAttention):
+    """Tokens ordered (h, w, t): time is the fastest axis, so token chunks are not frames."""
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        tokens = x.permute(0, 3, 4, 2, 1).reshape(b, h * w * t, c)
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        o = _attend(_heads(q), _heads(k), _heads(v), "sdpa")
+        return self.out(o.transpose(1, 2).reshape(b, -1, HEADS * D))
+
+
+def test_time_fastest_token_order_is_declined_and_frame_major_is_verified():
+    report = rc.inspect(TimeFastest("sdpa").eval(), (_video(),))
+    assert not report.sites[0].rewritable and "not frame-major" in report.sites[0].reason
+    good = rc.inspect(VideoAttention("sdpa").eval(), (_video(),))
+    assert good.sites[0].frame_major is True
