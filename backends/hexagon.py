@@ -1,0 +1,102 @@
+"""Hexagon (HVX) builds through TVM without the Hexagon SDK (BACKENDS.md "Hexagon").
+
+``tvm.tirx.build`` treats a hexagon target as a device and skips host finalisation, so the
+kernels are lowered here with the hexagon target as its own host: the Relax module goes through
+the generic CPU Relax pipeline, its TIR functions through the default TIR pipeline plus host
+finalisation, then ``target.build.hexagon``. Two gaps are filled: float intrinsics such as
+``tirx.exp`` have no Hexagon lowering (they become libm calls, ``expf``...), and linking calls the
+SDK's ``tvm.contrib.hexagon.link_shared``, replaced by ``ld.lld`` (LLVM 22, TVM's LLVM major).
+Output per version: HVX assembly ``.s``, object ``.o``, shared object ``.so`` (ELF, QDSP6).
+The Relax VM that sequences the kernels runs on the phone's Arm CPU (see the aarch64 target).
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+# Float intrinsics without a Hexagon LLVM lowering -> C math library (fp32 names; fp64 drop the f).
+LIBM = {"tirx.exp": "expf", "tirx.log": "logf", "tirx.tanh": "tanhf", "tirx.erf": "erff", "tirx.sqrt": "sqrtf",
+        "tirx.pow": "powf", "tirx.log1p": "log1pf", "tirx.exp2": "exp2f", "tirx.sin": "sinf", "tirx.cos": "cosf"}
+_registered = False
+
+
+def lld() -> str | None:
+    """ld.lld of LLVM 22 (same major as TVM's LLVM), or any ld.lld."""
+    return shutil.which("ld.lld-22") or shutil.which("ld.lld")
+
+
+def _register_lowerings() -> None:
+    global _registered
+    if _registered:
+        return
+    import tvm
+    from tvm.tirx.op import register_intrin_lowering
+
+    def to_libm(name):
+        def lower(call):
+            dtype = str(call.ty)
+            return tvm.tirx.call_pure_extern(dtype, name if dtype == "float32" else name[:-1], *call.args)
+        return lower
+    for op, name in LIBM.items():
+        register_intrin_lowering(op, target="hexagon", f=to_libm(name), level=99)
+    _registered = True
+
+
+class _Linker:
+    """Stands in for the SDK linker: links with ld.lld and keeps copies of the object and .so."""
+
+    def __init__(self):
+        self.objects: list[str] = []
+        self.shared: str | None = None
+
+    def __call__(self, so_name, objs, *extra) -> int:
+        objects = [str(o).strip('"') for o in objs]
+        done = subprocess.run([lld(), "-shared", "--hash-style=sysv", "-o", str(so_name), *objects],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"ld.lld failed for Hexagon: {done.stderr[-2000:]}")
+        self.objects, self.shared = objects, str(so_name)
+        return 0
+
+
+def kernel_module(mod, version: str):
+    """TIR IRModule of ``mod``'s kernels, lowered for ``qcom/hexagon-<version>`` as its own host."""
+    import tvm
+    from tvm import relax
+    target = tvm.target.Target(f"qcom/hexagon-{version}", host=f"qcom/hexagon-{version}")
+    with target:
+        lowered = relax.backend.cpu_generic.get_default_pipeline(target)(mod)
+    kernels = tvm.IRModule({gv: f for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)})
+    kernels = tvm.tirx.transform.BindTarget(target)(kernels)
+    pipeline, finalize_host, _ = tvm.tirx.get_default_tir_pipeline(target)
+    return finalize_host()(pipeline(kernels)), target
+
+
+def build_kernels(kernels, target, out_dir: Path, stem: str) -> dict:
+    """Compile lowered ``kernels`` to ``stem.s``, ``stem.o``, ``stem.so`` in ``out_dir``."""
+    import tvm
+    import tvm_ffi
+    if lld() is None:
+        raise RuntimeError("ld.lld not found: apt-get install lld-22 (Hexagon links with LLVM's linker)")
+    _register_lowerings()
+    linker = _Linker()
+    tvm_ffi.register_global_func("tvm.contrib.hexagon.link_shared", linker, override=True)
+    module = tvm.get_global_func("target.build.hexagon")(kernels, target)
+    (out_dir / f"{stem}.s").write_text(module.inspect_source("s"))
+    shutil.copyfile(linker.objects[0], out_dir / f"{stem}.o")
+    shutil.copyfile(linker.shared, out_dir / f"{stem}.so")
+    for leftover in (*linker.objects, linker.shared):
+        Path(leftover).unlink(missing_ok=True)
+    return {"assembly": f"{stem}.s", "object": f"{stem}.o", "library": f"{stem}.so"}
+
+
+def build_versions(mod, versions, out_dir: Path, name: str) -> dict:
+    """{role_version: file} for every Hexagon ``version`` (e.g. 'v75')."""
+    _register_lowerings()
+    files = {}
+    for version in versions:
+        kernels, target = kernel_module(mod, version)
+        for role, file in build_kernels(kernels, target, out_dir, f"{name}.{version}").items():
+            files[f"{role}_{version}"] = file
+    return files

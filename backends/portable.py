@@ -1,0 +1,192 @@
+"""Export a model to a graph of standard aten ops every backend here can import.
+
+The hybrid op reaches the backends as its decomposition (``rc.decompositions("matmul")``: prefix
+sums over chunks as a lower-triangular matmul, because TVM's VM cannot lower cumsum), on top of
+PyTorch's core-aten table (composite ops such as ``reshape`` must be decomposed in the same pass,
+or the op's decomposition is traced with views on non-contiguous fake tensors). Two further
+rewrites keep the graph inside what TVM's Relax frontend takes: ``unfold`` becomes slices + stack,
+and empty tensors (the zero extra tokens of a video-only layout) are dropped from ``cat``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from rehyat_compile.op import decompositions
+
+
+def unfold_as_slices(x: torch.Tensor, dimension: int, size: int, step: int) -> torch.Tensor:
+    """``x.unfold(dimension, size, step)`` written as static slices stacked on a new axis."""
+    dim = dimension % x.dim()
+    count = (x.shape[dim] - size) // step + 1
+    windows = [x.narrow(dim, i * step, size) for i in range(count)]
+    return torch.stack(windows, dim=dim).movedim(dim + 1, -1)
+
+
+def portable_decompositions() -> dict:
+    """Core-aten decompositions + the hybrid op as matmul-prefix aten + unfold as slices."""
+    table = torch.export.default_decompositions()
+    table.update(decompositions("matmul"))
+    table[torch.ops.aten.unfold.default] = unfold_as_slices
+    return table
+
+
+def _is_empty(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.numel() == 0
+
+
+def drop_empty_concat_inputs(graph: fx.Graph) -> int:
+    """Remove zero-size inputs of ``aten.cat`` (a cat of one input becomes that input).
+    Returns how many cat nodes changed; dead nodes are removed."""
+    changed = 0
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.aten.cat.default:
+            continue
+        inputs = node.args[0]
+        kept = [t for t in inputs if not _is_empty(t)]
+        if len(kept) == len(inputs) or not kept:
+            continue
+        changed += 1
+        if len(kept) == 1 and kept[0].meta["val"].shape == node.meta["val"].shape:
+            node.replace_all_uses_with(kept[0])
+        else:
+            node.args = (kept, *node.args[1:])
+    graph.eliminate_dead_code()
+    return changed
+
+
+class _TensorsOnly(torch.nn.Module):
+    """``model`` called with only the tensors of (args, kwargs); the other leaves (flags such as
+    ``return_dict=False``) are fixed to their example values."""
+
+    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict):
+        super().__init__()
+        self.model = model
+        leaves, self.spec = torch.utils._pytree.tree_flatten((tuple(args), dict(kwargs)))
+        self.fixed = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+
+    def forward(self, *tensors):
+        supply = iter(tensors)
+        leaves = [next(supply) if fixed is None else fixed for fixed in self.fixed]
+        args, kwargs = torch.utils._pytree.tree_unflatten(leaves, self.spec)
+        return self.model(*args, **kwargs)
+
+
+def portable_program(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> torch.export.ExportedProgram:
+    """``torch.export`` + the decompositions above: an ExportedProgram of standard aten ops whose
+    inputs are the tensors of ``(args, kwargs)`` (:func:`tensor_leaves`), in order."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(args, tuple):
+        raise TypeError(f"args must be a tuple of example inputs, got {type(args).__name__}")
+    with torch.no_grad():
+        program = torch.export.export(_TensorsOnly(model, args, kwargs or {}), tuple(tensor_leaves(args, kwargs)))
+        program = program.run_decompositions(portable_decompositions())
+    drop_empty_concat_inputs(program.graph_module.graph)
+    program.graph_module.recompile()
+    return program
+
+
+def tensor_leaves(args: tuple, kwargs: dict | None = None) -> list[torch.Tensor]:
+    """The tensors of ``(args, kwargs)`` in pytree order (other leaves such as
+    ``return_dict=False`` are constants of the exported graph)."""
+    leaves = torch.utils._pytree.tree_leaves((tuple(args), dict(kwargs or {})))
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape, dtype (torch name without 'torch.') and role ('input', 'state', 'weight',
+    'output') of one tensor crossing the compiled function's boundary."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    role: str
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor, role: str) -> "TensorSpec":
+        return cls(name, tuple(int(d) for d in tensor.shape), str(tensor.dtype).removeprefix("torch."), role)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "role": self.role}
+
+
+class _AllInputs(torch.nn.Module):
+    """The exported graph as a function of (weights..., inputs...) returning a flat tuple."""
+
+    def __init__(self, graph_module: fx.GraphModule):
+        super().__init__()
+        self.graph_module = graph_module
+
+    def forward(self, *flat):
+        return tuple(self.graph_module(*flat))
+
+
+@dataclass
+class FlatProgram:
+    """A function of weights and inputs, all explicit: ``program`` (an ExportedProgram whose every
+    placeholder is a user input, weights first), ``weights`` (name -> tensor, in argument order),
+    and the specs of the inputs and outputs. Backends compile this; ``rc.load`` feeds it."""
+
+    program: torch.export.ExportedProgram
+    weights: dict[str, torch.Tensor]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @property
+    def arguments(self) -> list[TensorSpec]:
+        return [TensorSpec.of(n, t, "weight") for n, t in self.weights.items()] + self.inputs
+
+
+def tensor_names(args: tuple, kwargs: dict | None = None) -> list[str]:
+    """Readable names of :func:`tensor_leaves`: ``args[0]``, ``timestep``, ``cond['mask']``..."""
+    paths, _ = torch.utils._pytree.tree_flatten_with_path((tuple(args), dict(kwargs or {})))
+    names = []
+    for path, leaf in paths:
+        if isinstance(leaf, torch.Tensor):
+            key = torch.utils._pytree.keystr(path)          # "[0][1]" or "[1]['timestep']"
+            names.append(f"args{key[3:]}" if key.startswith("[0]") else key[3:].strip("[]'\""))
+    return names
+
+
+def flat_program(program: torch.export.ExportedProgram, args: tuple, n_state_inputs: int = 0,
+                 state_names: tuple[str, ...] = (), kwargs: dict | None = None) -> FlatProgram:
+    """Lift parameters, buffers and constants of ``program`` to leading arguments; the inputs are
+    the tensors of ``(args, kwargs)``. The last ``n_state_inputs`` user inputs (and as many last
+    outputs) are recurrent state."""
+    from torch.export.graph_signature import InputKind, OutputKind
+    lookup = {**program.state_dict, **program.constants}
+    weights, user = {}, []
+    for spec in program.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            user.append(spec.arg.name)
+        else:
+            weights[spec.target] = lookup[spec.target].detach().contiguous()
+    outs = [s for s in program.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
+    if len(outs) != len(program.graph_signature.output_specs):
+        raise ValueError("model mutates buffers in forward; only pure functions can be built")
+    flat_args = tensor_leaves(args, kwargs)
+    if len(flat_args) != len(user):
+        raise ValueError(f"the exported graph takes {len(user)} tensor inputs but args/kwargs hold {len(flat_args)} "
+                         "tensors; tensors inside non-pytree containers are not supported")
+    n_user = len(user)
+    input_names = tensor_names(args, kwargs)
+    if state_names:
+        input_names[n_user - n_state_inputs:] = list(state_names)
+    inputs = [TensorSpec.of(name, t, "state" if i >= n_user - n_state_inputs else "input")
+              for i, (name, t) in enumerate(zip(input_names, flat_args))]
+    with torch.no_grad():
+        results = tuple(program.graph_module(*weights.values(), *flat_args))
+        flat = _AllInputs(program.graph_module)
+        lifted = torch.export.export(flat, (*weights.values(), *flat_args))
+    n_out = len(results)
+    output_names = [f"output{i}" for i in range(n_out)]
+    if state_names:
+        output_names[n_out - n_state_inputs:] = [f"next_{n}" for n in state_names]
+    outputs = [TensorSpec.of(name, t, "state" if i >= n_out - n_state_inputs else "output")
+               for i, (name, t) in enumerate(zip(output_names, results))]
+    return FlatProgram(lifted, weights, inputs, outputs)

@@ -1,0 +1,319 @@
+"""Ahead-of-time builds: ``rc.build`` writes an artifact folder, ``rc.load`` verifies and runs it.
+
+An artifact is a folder with the compiled files of one or two entries (``main``; or ``first`` and
+``step`` for a streaming build), ``weights.safetensors`` and ``manifest.json`` (target, backend,
+compiler versions, input/output specs with state tensors, the cost, sha256 of every file).
+Every backend compiles the same thing: the exported graph in standard aten ops as a function of
+(weights..., inputs...) (``rehyat_compile.backends.portable``).
+
+Streaming builds take a *step module*: an nn.Module with a ``state_names`` attribute whose
+``forward(*inputs, *state)`` returns ``(*outputs, *next_state)`` and accepts the state left out
+for the first chunk (the recurrent state starts empty, so the first chunk is its own graph).
+``args`` are the inputs of one chunk.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backends.portable import FlatProgram, flat_program, portable_program, tensor_leaves
+from .backends.targets import BACKENDS, TARGETS, NotRunnableHere, Target, resolve, with_options
+
+FORMAT = "rehyat-compile-artifact/1"
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+
+
+class ArtifactError(ValueError):
+    """An artifact folder is incomplete, tampered with, or not an artifact."""
+
+
+def _backend(name: str):
+    return importlib.import_module(f"rehyat_compile.backends.{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# What gets compiled
+# ---------------------------------------------------------------------------------------------
+
+def _as_tuple(args) -> tuple:
+    return tuple(args) if isinstance(args, (tuple, list)) else (args,)
+
+
+def _entries(model, args: tuple, kwargs: dict, streaming: bool) -> dict[str, FlatProgram]:
+    """{entry name: FlatProgram}: ``main``, or ``first`` + ``step`` for a step module."""
+    if not streaming:
+        return {"main": flat_program(portable_program(model, args, kwargs), args, kwargs=kwargs)}
+    state_names = getattr(model, "state_names", None)
+    if not state_names:
+        raise ValueError("streaming=True needs a step module: an nn.Module with a 'state_names' attribute whose "
+                         "forward(*inputs, *state) returns (*outputs, *next_state); got "
+                         f"{type(model).__name__} without state_names")
+    if kwargs:
+        raise ValueError("streaming builds take the chunk inputs as positional args; kwargs must be empty")
+    with torch.no_grad():
+        first_out = model(*args)
+    state = tuple(first_out[len(first_out) - len(state_names):])
+    first = flat_program(portable_program(model, args), args)
+    n_state = len(state_names)
+    first.outputs = [o if i < len(first.outputs) - n_state else
+                     type(o)(f"next_{state_names[i - len(first.outputs) + n_state]}", o.shape, o.dtype, "state")
+                     for i, o in enumerate(first.outputs)]
+    step_args = (*args, *state)
+    step = flat_program(portable_program(model, step_args), step_args, n_state, tuple(state_names))
+    return {"first": first, "step": step}
+
+
+def _output_structure(model, args: tuple, kwargs: dict) -> str:
+    """``torch.utils._pytree`` spec (JSON) of the model's output, to rebuild it from flat tensors."""
+    from torch.utils import _pytree
+    with torch.no_grad():
+        return _pytree.treespec_dumps(_pytree.tree_structure(model(*args, **kwargs)))
+
+
+def _cost(model, args: tuple, kwargs: dict, streaming: bool) -> dict:
+    """Symbolic cost (rc.cost, symbol T = latent frames) when available, else the FLOP count of
+    the example call; the reason is recorded when the symbolic cost could not be derived."""
+    import rehyat_compile as rc
+    reason = "rc.cost is not available in this build"
+    if hasattr(rc, "cost"):
+        try:
+            chunk = getattr(model, "chunk_frames", None) if streaming else None
+            report = rc.cost(model, args, kwargs, chunk_frames=chunk) if chunk else rc.cost(model, args, kwargs)
+            return {"symbol": "T (latent frames)", **{m: str(getattr(report, m)) for m in
+                    ("flops", "flops_elementwise", "bytes", "peak_memory")}}
+        except Exception as err:  # the cost model declines some graphs; the build still stands
+            reason = f"{type(err).__name__}: {err}"[:500]
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*args, **kwargs)
+    return {"flops_at_example": int(counter.get_total_flops()), "symbolic_unavailable": reason}
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _versions(backend: str) -> dict:
+    import rehyat_compile
+    found = {"rehyat_compile": rehyat_compile.__version__, "torch": torch.__version__,
+             "python": platform.python_version()}
+    found.update(_backend(backend).versions())
+    return found
+
+
+def _write_weights(entries: dict[str, FlatProgram], out_dir: Path) -> None:
+    from safetensors.torch import save_file
+    weights = {}
+    for flat in entries.values():
+        for name, tensor in flat.weights.items():
+            weights.setdefault(name, tensor.detach().cpu().contiguous())
+    save_file(weights, str(out_dir / WEIGHTS))
+
+
+# ---------------------------------------------------------------------------------------------
+# rc.build
+# ---------------------------------------------------------------------------------------------
+
+def build(model, args=(), kwargs=None, *, target: str, backend: str | None = None, out_dir,
+          streaming: bool = False, target_options: dict | None = None) -> "Artifact":
+    """Compile ``model(*args, **kwargs)`` ahead of time for ``target`` with ``backend`` (None: the
+    target's default, see ``rehyat_compile.backends.targets.TARGETS``) into ``out_dir``.
+
+    streaming=True builds the recurrent step graph of a step module (module docstring) instead of
+    the whole graph. target_options overrides the target's options (``TARGETS[target].options``),
+    e.g. ``{"versions": ("v75",)}`` for hexagon or ``{"archs": ("sm_90",)}`` for cuda.
+    Returns the loaded artifact (``rc.load(out_dir)``)."""
+    spec, backend = resolve(target, backend)
+    spec = with_options(spec, target_options)
+    if not isinstance(streaming, bool):
+        raise TypeError(f"streaming must be a bool, got {type(streaming).__name__}")
+    if out_dir is None:
+        raise ValueError("out_dir must be a folder path for the artifact, got None")
+    final = Path(out_dir)
+    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not (final / MANIFEST).exists())):
+        raise ValueError(f"out_dir {final} exists and is not an artifact folder (nor empty); refusing to replace it")
+    # Build into a staging folder and swap it in at the end: a failed build leaves no half artifact.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        _build_into(out, model, args, kwargs, spec, backend, streaming)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)
+    return load(final)
+
+
+def _build_into(out: Path, model, args, kwargs, spec: Target, backend: str, streaming: bool) -> None:
+    args, kwargs = _as_tuple(args), dict(kwargs or {})
+    if isinstance(model, torch.nn.Module):
+        model = model.eval()
+
+    started = time.perf_counter()
+    entries = _entries(model, args, kwargs, streaming)
+    exported_s = time.perf_counter() - started
+    compiler = _backend(backend)
+    built = {}
+    for name, flat in entries.items():
+        t0 = time.perf_counter()
+        files = compiler.build_entry(flat, spec, out, name)
+        built[name] = {"files": files, "weights": list(flat.weights),
+                       "inputs": [s.to_dict() for s in flat.inputs],
+                       "outputs": [s.to_dict() for s in flat.outputs],
+                       "compile_seconds": round(time.perf_counter() - t0, 3)}
+    _write_weights(entries, out)
+    manifest = {
+        "format": FORMAT, "target": spec.name, "backend": backend, "streaming": streaming,
+        "target_description": spec.description, "target_options": {k: list(v) if isinstance(v, tuple) else v
+                                                                      for k, v in spec.options.items()},
+        "versions": _versions(backend),
+        "entries": built, "cost": _cost(model, args, kwargs, streaming),
+        "output_structure": None if streaming else _output_structure(model, args, kwargs),
+        "build_seconds": {"export": round(exported_s, 3), "total": round(time.perf_counter() - started, 3)},
+        "files": {p.name: sha256_of(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST},
+    }
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# rc.load
+# ---------------------------------------------------------------------------------------------
+
+def verify(out_dir) -> dict:
+    """The manifest of ``out_dir`` after checking its own digest and every file's sha256;
+    ArtifactError naming what is missing or altered."""
+    folder = Path(out_dir)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{folder} is not a build artifact: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a {FORMAT} manifest")
+    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise ArtifactError(f"{path} was edited after the build (its digest does not match)")
+    missing = [n for n in manifest["files"] if not (folder / n).is_file()]
+    if missing:
+        raise ArtifactError(f"artifact {folder} is incomplete: missing {', '.join(missing)}")
+    altered = [n for n, digest in manifest["files"].items() if sha256_of(folder / n) != digest]
+    if altered:
+        raise ArtifactError(f"artifact {folder} was tampered with: sha256 mismatch for {', '.join(altered)}")
+    listed = {f for entry in manifest["entries"].values() for f in entry["files"].values()} | {WEIGHTS}
+    unlisted = sorted(listed - set(manifest["files"]))
+    if unlisted:
+        raise ArtifactError(f"artifact {folder} lists files without checksums: {', '.join(unlisted)}")
+    return manifest
+
+
+@dataclass
+class Entry:
+    """One compiled function: ``run(*inputs) -> tuple of outputs`` (torch tensors in and out)."""
+
+    name: str
+    inputs: list[dict]
+    outputs: list[dict]
+    weights: list[np.ndarray] = field(repr=False)
+    runner: object = field(repr=False)
+
+    def __call__(self, *inputs):
+        if len(inputs) != len(self.inputs):
+            raise TypeError(f"entry {self.name!r} takes {len(self.inputs)} inputs "
+                            f"({', '.join(s['name'] for s in self.inputs)}), got {len(inputs)}")
+        arrays = []
+        for spec, value in zip(self.inputs, inputs):
+            array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
+                raise ValueError(f"input {spec['name']!r} must be {spec['dtype']} {spec['shape']}, "
+                                 f"got {array.dtype} {list(array.shape)}")
+            arrays.append(array)
+        return tuple(torch.from_numpy(np.asarray(r)) for r in self.runner(self.weights + arrays))
+
+
+class Artifact:
+    """A verified build. ``art(*inputs)`` runs ``main`` (or, streaming, ``first`` when called with
+    the chunk inputs only and ``step`` when the state follows them). ``art.runnable`` says whether
+    the target runs here; ``art.reason`` says why not."""
+
+    def __init__(self, out_dir, manifest: dict):
+        self.out_dir, self.manifest = Path(out_dir), manifest
+        self.target: Target = with_options(TARGETS[manifest["target"]], manifest.get("target_options"))
+        self.backend: str = manifest["backend"]
+        self.entries: dict[str, Entry] = {}
+        self.reason = ""
+        try:
+            self._load_entries()
+        except NotRunnableHere as err:
+            self.reason = str(err)
+
+    def _load_entries(self) -> None:
+        from safetensors.numpy import load_file
+        weights = load_file(str(self.out_dir / WEIGHTS))
+        compiler = _backend(self.backend)
+        for name, entry in self.manifest["entries"].items():
+            runner = compiler.load_entry(self.out_dir, self.target, entry["files"])
+            self.entries[name] = Entry(name, entry["inputs"], entry["outputs"],
+                                       [weights[w] for w in entry["weights"]], runner)
+
+    @property
+    def runnable(self) -> bool:
+        return bool(self.entries)
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.out_dir / n for n in self.manifest["files"]]
+
+    def __repr__(self) -> str:
+        return (f"Artifact({str(self.out_dir)!r}, target={self.target.name!r}, backend={self.backend!r}, "
+                f"entries={list(self.manifest['entries'])}, runnable={self.runnable})")
+
+    def __call__(self, *args, **kwargs):
+        """Same call as the model: (args, kwargs) -> the model's output structure; tensors only are
+        inputs (other arguments were fixed at build time)."""
+        if not self.runnable:
+            raise RuntimeError(f"cannot run {self!r} here: {self.reason}")
+        inputs = tensor_leaves(args, kwargs)
+        if "main" in self.entries:
+            from torch.utils import _pytree
+            outs = self.entries["main"](*inputs)
+            return _pytree.tree_unflatten(list(outs), _pytree.treespec_loads(self.manifest["output_structure"]))
+        first = self.entries["first"]
+        return first(*inputs) if len(inputs) == len(first.inputs) else self.entries["step"](*inputs)
+
+
+def load(out_dir) -> Artifact:
+    """Verify ``out_dir`` (manifest digest, every file's sha256) and return the artifact; raises
+    ArtifactError for a tampered or incomplete artifact."""
+    manifest = verify(out_dir)
+    if manifest["target"] not in TARGETS or manifest["backend"] not in BACKENDS:
+        raise ArtifactError(f"manifest names target {manifest['target']!r} / backend {manifest['backend']!r}; "
+                            f"known: {sorted(TARGETS)} / {list(BACKENDS)}")
+    return Artifact(out_dir, manifest)
