@@ -185,8 +185,10 @@ class StreamRunner:
         return sum(site_state_nbytes(site) for site in program.sites)
 
     # -- export ------------------------------------------------------------------------------------
-    def step_module(self, *args, **kwargs) -> tuple[fx.GraphModule, tuple]:
-        """(step GraphModule, example inputs of the first full chunk: chunk inputs, tables, states)."""
+    def step_module(self, *args, **kwargs) -> tuple["StepModule", tuple]:
+        """(:class:`StepModule`, example: the first full chunk's tensor inputs, its tables and the
+        initial state) -- what ``rc.build(module, example[:-len(module.state_names)], streaming=True)``
+        compiles. With a fixed-shape export the module serves chunks of exactly ``chunk_frames``."""
         plan = self.plan(*args, **kwargs)
         stop = min(plan.chunk_frames, plan.frames)
         program = plan.program(stop)
@@ -194,9 +196,9 @@ class StreamRunner:
         inputs = _chunk(plan.flat, program.input_dims, 0, stop)
         tables = _chunk(self._tables(program, plan.flat), program.table_dims, 0, stop, device)
         states = [t for site in program.sites for t in site.initial(device)]
-        example = tuple(inputs + tables + states)
-        _propagate_meta(program.module, example)
-        return program.module, example
+        _propagate_meta(program.module, tuple(inputs + tables + states))
+        module = StepModule(program, inputs)
+        return module, tuple(x for x in inputs if isinstance(x, torch.Tensor)) + tuple(tables) + tuple(states)
 
     def signature(self, *args, **kwargs) -> dict:
         """Names of the step module's inputs and outputs, grouped (for manifests)."""
@@ -207,6 +209,32 @@ class StreamRunner:
         return {"inputs": placeholders[:n_in], "tables": placeholders[n_in:n_in + n_tab],
                 "states_in": states, "outputs": [f"output_{i}" for i in range(program.n_outputs)],
                 "states_out": states, "chunk_frames": program.chunk_frames}
+
+
+class StepModule(torch.nn.Module):
+    """The step program as an ``nn.Module`` for export and ``rc.build(..., streaming=True)``:
+    ``forward(*chunk_tensors, *tables, *state) -> (*chunk_outputs, *next_state)``; with the state
+    left out it starts from the initial (empty) one, as the first chunk does. The model's non-tensor
+    inputs (``return_dict`` ...) are fixed to the values given here. ``state_names``: one per state
+    tensor, ``"<site>.<HybridState field>"``; ``chunk_frames``: token frames per chunk."""
+
+    def __init__(self, program: StepProgram, chunk_inputs: list):
+        super().__init__()
+        self.step = program.module
+        self.sites = program.sites
+        self.chunk_frames = program.chunk_frames
+        self.state_names = tuple(f"{site.name}.{f}" for site in program.sites for f in STATE_FIELDS)
+        self._constants = {i: x for i, x in enumerate(chunk_inputs) if not isinstance(x, torch.Tensor)}
+        self._n_inputs = len(chunk_inputs) - len(self._constants) + len(program.table_dims)
+
+    def forward(self, *tensors):
+        inputs, state = list(tensors[:self._n_inputs]), list(tensors[self._n_inputs:])
+        if not state:
+            device = next((t.device for t in inputs), torch.device("cpu"))
+            state = [t for site in self.sites for t in site.initial(device)]
+        for i in sorted(self._constants):
+            inputs.insert(i, self._constants[i])
+        return tuple(self.step(*inputs, *state))
 
 
 class FrameCount:

@@ -220,17 +220,19 @@ def test_step_graph_exports_with_states_as_inputs_and_outputs(name):
     module, example = runner.step_module(*args, **kwargs)
     ep = torch.export.export(module, example, strict=False)
     signature = runner.signature(*args, **kwargs)
-    n_states = len(signature["states_in"])
-    assert n_states == 2 * len(STATE_FIELDS)
+    n_states = len(module.state_names)
+    assert n_states == 2 * len(STATE_FIELDS) == len(signature["states_in"])
     user_inputs = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     assert len(user_inputs) == len(example)
     assert len(ep.graph_signature.user_outputs) == len(signature["outputs"]) + n_states
     with torch.no_grad():
         eager, exported = module(*example), ep.module()(*example)
-    for a, b in zip(eager, exported):
+        first = module(*example[:-n_states])  # the state left out: the first chunk's
+    for a, b, c in zip(eager, exported, first):
         torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, c)
     # the graph's shapes are the chunk's (2 frames), not the export example's
-    out = next(iter(module.graph.find_nodes(op="output"))).args[0][0]
+    out = next(iter(module.step.graph.find_nodes(op="output"))).args[0][0]
     assert tuple(out.meta["val"].shape) == (1, 4, 2, 8, 8)
 
 
