@@ -140,8 +140,9 @@ def frame_dim_of(size, dim: int, symbol, patch: int) -> FrameDim | None:
     if len(set(values)) == 1:
         return None  # constant whenever the frames fill whole temporal patches
     if per_frame <= 0 or any(v != per_frame * t + extra for v, t in zip(values, (1, 2, 3, 5, 8))):
+        names = ", ".join(sorted(map(str, symbols)))
         raise ConversionError(f"a frame-dependent size {expr} is not of the form a*T + b in token frames "
-                              f"T = {symbol}/{patch}; cannot chunk it")
+                              f"T = ({names}) / {patch}; cannot chunk it")
     return FrameDim(dim, per_frame, extra)
 
 

@@ -84,8 +84,7 @@ class StreamRunner:
     # -- the step programs for one call -------------------------------------------------------
     def plan(self, *args, **kwargs) -> "_Plan":
         """How this call runs: the flat inputs, the frame count, and a step program per chunk length."""
-        with _video_shape_for(self.hybrid, None):
-            gm = self.hybrid.graph_module(*args, **kwargs)
+        gm = self.hybrid.graph_module(*args, **kwargs)
         frame_axis = getattr(self.hybrid, "_frame_axis", None)
         patch = frame_axis.patch if frame_axis is not None else temporal_patch(self.hybrid.original)
         if frame_axis is None or frame_axis.dynamic:
@@ -108,8 +107,7 @@ class StreamRunner:
         if not sites:
             raise ConversionError("stream needs a converted model: the graph has no rehyat::hybrid_attention node")
         tokens = {n.args[5] for n in sites}
-        dims, frames = _guess_input_dims(leaves, frame_axis, video_shape, tokens, patch)
-        user_dims = dims
+        user_dims, frames = _guess_input_dims(leaves, frame_axis, video_shape, tokens, patch)
         flat_dims = _guess_input_dims(flat, frame_axis, video_shape, tokens, patch)[0]
 
         def program(length: int) -> StepProgram:
@@ -342,7 +340,7 @@ def _video_shape_for(hybrid, frames):
     """Trace with ``video_shape`` (frames, h, w) set to this many frames when the user gave one (static
     exports read the layout from it)."""
     shape = getattr(hybrid, "_video_shape", None)
-    if shape is None or frames is None:
+    if shape is None:
         yield
         return
     object.__setattr__(hybrid, "_video_shape", (frames, *shape[1:]))
