@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from functools import lru_cache
 
 import sympy
 import torch
@@ -34,6 +35,33 @@ class VideoLayout:
     extra_after: int | None
 
 
+T = sympy.Symbol("t", integer=True, positive=True)  # token frames after the temporal patch
+
+
+@lru_cache(maxsize=65536)
+def _simplified(expr: sympy.Expr) -> sympy.Expr:
+    return expr if expr.is_Integer else sympy.simplify(expr)
+
+
+def _same(a: sympy.Expr, b: sympy.Expr) -> bool:
+    """a == b as sizes (cached simplify; integers compared directly)."""
+    if a.is_Integer and b.is_Integer:
+        return a == b
+    return _simplified(a - b) == 0
+
+
+@lru_cache(maxsize=64)
+def _normaliser(symbol, patch: int):
+    """Size expression in input frames ``symbol`` -> in token frames ``T`` (cached per expression)."""
+    if symbol is None:
+        return lambda e: e
+
+    @lru_cache(maxsize=65536)
+    def norm(e):
+        return e if e.is_Integer else _simplified(e.subs(symbol, patch * T))
+    return norm
+
+
 def _cat_pieces(node: fx.Node, n, norm):
     """(pieces, sizes) if ``node`` is an ``aten.cat`` whose output is ``n`` long on its cat dim."""
     if node.op != "call_function" or node.target != aten.cat.default:
@@ -44,7 +72,7 @@ def _cat_pieces(node: fx.Node, n, norm):
     if not isinstance(val, torch.Tensor) or len(pieces) < 2:
         return None
     dim %= val.dim()
-    if sympy.simplify(norm(as_expr(val.shape[dim])) - n) != 0:
+    if not _same(norm(as_expr(val.shape[dim])), n):
         return None
     return pieces, [norm(as_expr(p.meta["val"].shape[dim])) for p in pieces]
 
@@ -92,7 +120,7 @@ def _offset(q: fx.Node, n, video_tokens, extra, norm=lambda e: e) -> tuple[int |
         return 0, ""
 
     def is_video(size):
-        return sympy.simplify(size - video_tokens) == 0
+        return _same(size, video_tokens)
 
     before = _find_video_offset(q, n, is_video, norm)
     if before is None:
@@ -105,11 +133,7 @@ def _offset(q: fx.Node, n, video_tokens, extra, norm=lambda e: e) -> tuple[int |
 
 
 def _symbolic_layout(q: fx.Node, n, symbol, patch: int, frames: int, video_shape):
-    t = sympy.Symbol("t", integer=True, positive=True)
-
-    def norm(e):
-        return sympy.simplify(e.subs(symbol, patch * t))
-
+    t, norm = T, _normaliser(symbol, patch)
     values = [sympy.simplify(n.subs(symbol, patch * k)) for k in (2, 3, 4)]
     m = sympy.simplify(values[1] - values[0])
     if not m.is_Integer or sympy.simplify(values[2] - values[1] - m) != 0 or m <= 0:
@@ -134,8 +158,8 @@ def _static_layout(q: fx.Node, n, frames: int | None, video_shape):
         frames, m = video_shape[0], video_shape[1] * video_shape[2]
         video = frames * m
         if n.is_Integer and video > n:
-            return None, (f"video_shape={tuple(video_shape)} gives {video} video tokens but the attention has only "
-                          f"{n} tokens")
+            return None, (f"not over video tokens: {n} tokens, fewer than the {video} of "
+                          f"video_shape={tuple(video_shape)}")
         before, reason = _offset(q, n, sympy.Integer(video), sympy.simplify(n - video))
         if reason:
             return None, reason
@@ -210,16 +234,16 @@ def _merged_range(node: fx.Node, target_size, norm):
     ins = [norm(as_expr(d)) for d in src.shape]
     outs = [norm(as_expr(d)) for d in out.shape]
     for k, size in enumerate(outs):
-        if sympy.simplify(size - target_size) != 0:
+        if not _same(size, target_size):
             continue
         before = sympy.Mul(*outs[:k])
         # the last matching prefix: size-1 dims before the merge belong to the prefix, not to the merge
         start = next((i for i in reversed(range(len(ins) + 1))
-                      if sympy.simplify(sympy.Mul(*ins[:i]) - before) == 0), None)
+                      if _same(sympy.Mul(*ins[:i]), before)), None)
         if start is None:
             continue
         stop = next((j for j in range(start + 2, len(ins) + 1)
-                     if sympy.simplify(sympy.Mul(*ins[start:j]) - target_size) == 0), None)
+                     if _same(sympy.Mul(*ins[start:j]), target_size)), None)
         if stop is not None:
             return ins, start, stop
     return None
@@ -231,18 +255,8 @@ def frame_major(q: fx.Node, layout: VideoLayout, symbol, patch: int, limit: int 
     Looks for the flatten/reshape that merges (time, h, w) into the T*M video tokens: True when the
     frame axis comes first in the merge, False when it comes later (h-major or w-major: the chunks would
     not be frames), None when no such merge is found (not verifiable, e.g. pre-patchified inputs)."""
-    if symbol is not None:
-        t = sympy.Symbol("t", integer=True, positive=True)
-
-        def norm(e):
-            return sympy.simplify(e.subs(symbol, patch * t))
-
-        frames = t
-    else:
-        def norm(e):
-            return e
-
-        frames = sympy.Integer(layout.frames)
+    norm = _normaliser(symbol, patch)
+    frames = T if symbol is not None else sympy.Integer(layout.frames)
     video = frames * layout.tokens_per_frame
     if layout.frames == 1 or layout.tokens_per_frame == 1:
         return None
@@ -252,8 +266,8 @@ def frame_major(q: fx.Node, layout: VideoLayout, symbol, patch: int, limit: int 
             continue
         ins, start, stop = merged
         axes = ins[start:stop]
-        if sympy.simplify(axes[0] - frames) == 0:
+        if _same(axes[0], frames):
             return True
-        if any(sympy.simplify(a - frames) == 0 for a in axes[1:]):
+        if any(_same(a, frames) for a in axes[1:]):
             return False
     return None

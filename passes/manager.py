@@ -34,6 +34,9 @@ class Site:
     scale: float | None = None
     key: str = ""
     frame_major: bool | None = None  # True: verified in the graph; None: could not be checked
+    chunk_frames: int | None = None  # set on converted sites (HybridModel.sites)
+    overlap_frames: int | None = None
+    causal: bool | None = None
     match: AttentionMatch | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -42,6 +45,19 @@ class Site:
         if self.layout is None:
             return None
         return self.layout.extra_before, self.layout.frames, self.layout.tokens_per_frame
+
+    @property
+    def tokens_per_frame(self) -> int | None:
+        return None if self.layout is None else self.layout.tokens_per_frame
+
+    @property
+    def extra_before(self) -> int | None:
+        return None if self.layout is None else self.layout.extra_before
+
+    @property
+    def extra_after(self) -> int | None:
+        """Extra tokens after the video; None when unknown or data-dependent (computed in the graph)."""
+        return None if self.layout is None else self.layout.extra_after
 
     @property
     def decision(self) -> str:
@@ -55,7 +71,8 @@ class Site:
                 "extra_before": None if layout is None else layout.extra_before,
                 "extra_after": None if layout is None else layout.extra_after,
                 "frame_major": self.frame_major, "rewritable": self.rewritable, "reason": self.reason,
-                "scale": self.scale}
+                "scale": self.scale, "chunk_frames": self.chunk_frames, "overlap_frames": self.overlap_frames,
+                "causal": self.causal}
 
 
 def _int_or_none(x):

@@ -238,12 +238,15 @@ class HybridModel(nn.Module):
     def _render_cached(self, key, pristine, frame_axis, chosen):
         """Rewrite fresh copies of the pristine graph: the student (hybrid) and the teacher (softmax)."""
         gm, student_sites = self._fresh_graph(pristine, chosen)
+        for site in student_sites:
+            site.chunk_frames, site.overlap_frames = self._options.chunk_frames, self._options.overlap_frames
+            site.causal = self._options.causal
         rewrite_attention(gm, student_sites, self._options, frame_axis)
         _redirect_parameters(gm, self.original)
         teacher_gm, teacher_sites = self._fresh_graph(pristine, chosen)
         rewrite_attention(teacher_gm, teacher_sites, None, frame_axis)
         _redirect_parameters(teacher_gm, self.original)
-        object.__setattr__(self, "sites", chosen)
+        object.__setattr__(self, "sites", student_sites)
         self._programs[key] = (gm, teacher_gm)
 
     def _programs_for(self, args, kwargs):

@@ -15,7 +15,7 @@ import rehyat_compile as rc  # noqa: E402
 from rehyat_compile.errors import ConversionError  # noqa: E402
 from tests.models import FRAMES, MODELS  # noqa: E402
 
-VIDEO_SHAPE = {"ltx-video": (5, 4, 4)}
+VIDEO_SHAPE = {"ltx-video": (5, 4, 4), "ltx2-video": (5, 4, 4)}
 
 
 def _rel(a, b):

@@ -318,3 +318,24 @@ def make_hunyuan_video_1_5(frames=5):
 
 MODELS.update({"kandinsky5": make_kandinsky5, "hunyuan-video-1.5": make_hunyuan_video_1_5})
 FRAMES = {"kandinsky5": ("hidden_states", 1)}  # frames= for models whose time axis is not found by default
+
+
+def make_ltx2_video(frames=5):
+    """LTX-2 audio-video: pre-patchified video and audio tokens, sizes as ints (static + video_shape)."""
+    from diffusers import LTX2VideoTransformer3DModel
+    model = _seeded(LTX2VideoTransformer3DModel, in_channels=CH, out_channels=CH, patch_size=1, patch_size_t=1,
+                    num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, cross_attention_dim=INNER,
+                    audio_in_channels=CH, audio_out_channels=CH, audio_num_attention_heads=HEADS,
+                    audio_attention_head_dim=HEAD_DIM, audio_cross_attention_dim=INNER, num_layers=2,
+                    caption_channels=32)
+    side = LATENT // 2
+    audio = 6
+    return model, (_randn(1, frames * side * side, CH),), dict(
+        audio_hidden_states=_randn(1, audio, CH, seed=3), encoder_hidden_states=_randn(1, TEXT, 32, seed=2),
+        audio_encoder_hidden_states=_randn(1, TEXT, 32, seed=4), timestep=torch.tensor([500.0]),
+        encoder_attention_mask=torch.ones(1, TEXT, dtype=torch.long),
+        audio_encoder_attention_mask=torch.ones(1, TEXT, dtype=torch.long), num_frames=frames, height=side,
+        width=side, audio_num_frames=audio, return_dict=False)
+
+
+MODELS["ltx2-video"] = make_ltx2_video

@@ -204,3 +204,19 @@ def test_time_fastest_token_order_is_declined_and_frame_major_is_verified():
     assert not report.sites[0].rewritable and "not frame-major" in report.sites[0].reason
     good = rc.inspect(VideoAttention("sdpa").eval(), (_video(),))
     assert good.sites[0].frame_major is True
+
+
+class FlexVideoAttention(VideoAttention):
+    def forward(self, x):
+        from torch.nn.attention.flex_attention import flex_attention
+        b, c, t, h, w = x.shape
+        q, k, v = self.qkv(x.flatten(2).transpose(1, 2)).chunk(3, dim=-1)
+        o = flex_attention(_heads(q), _heads(k), _heads(v), score_mod=lambda s, b_, h_, qi, ki: s + (qi - ki))
+        return self.out(o.transpose(1, 2).reshape(b, -1, HEADS * D)).transpose(1, 2).reshape(b, c, t, h, w)
+
+
+def test_flex_attention_is_declined_with_reason():
+    model = FlexVideoAttention("sdpa").eval().requires_grad_(False)  # CPU flex_attention has no backward
+    report = rc.inspect(model, (_video(),))
+    assert [(s.form, s.rewritable) for s in report.sites] == [("flex_attention", False)]
+    assert "score_mod" in report.sites[0].reason

@@ -35,6 +35,11 @@ def test_hybrid_is_trainable_passes_attributes_and_tags_sites():
     taps = hybrid.site_tensors(x)
     assert set(taps) == {"a", "b"} and taps["a"]["q"].shape == (1, 2, 16, 8)
     assert hybrid.conversion["layers"] == ["a", "b"]
+    site = hybrid.sites[0]
+    assert (site.chunk_frames, site.overlap_frames, site.causal, site.tokens_per_frame) == (2, 1, True, 4)
+    assert (site.extra_before, site.extra_after, site.heads, site.kv_heads) == (0, 0, 2, 2)
+    sibling = hybrid.with_options(chunk_frames=4)
+    assert sibling.feature_maps is hybrid.feature_maps and sibling.sites[0].chunk_frames == 4
 
 
 def test_layers_selects_sites_and_lazy_transform_traces_on_first_call():

@@ -15,9 +15,9 @@ EXPECTED = {
     "hunyuan-video": (2, "joint"), "mochi": (2, "joint"), "ltx-video": (2, "self"), "allegro": (2, "self"),
     "easyanimate": (2, "joint"), "cosmos": (2, "self"), "chronoedit": (2, "self"), "anyflow": (2, "self"),
     "consisid": (2, "joint"), "hunyuan-video-framepack": (2, "joint"), "motif-video": (2, "joint"),
-    "latte": (1, "self"), "kandinsky5": (2, "self"),
+    "latte": (1, "self"), "kandinsky5": (2, "self"), "ltx2-video": (2, "self"),
 }
-VIDEO_SHAPE = {"ltx-video": (5, 4, 4)}  # LTX takes pre-patchified tokens and ints: static export
+VIDEO_SHAPE = {"ltx-video": (5, 4, 4), "ltx2-video": (5, 4, 4)}  # LTX takes pre-patchified tokens and ints: static export
 
 
 def _rel(a, b):
