@@ -140,8 +140,9 @@ def frame_dim_of(size, dim: int, symbol, patch: int) -> FrameDim | None:
     if len(set(values)) == 1:
         return None  # constant whenever the frames fill whole temporal patches
     if per_frame <= 0 or any(v != per_frame * t + extra for v, t in zip(values, (1, 2, 3, 5, 8))):
+        names = ", ".join(sorted(map(str, symbols)))
         raise ConversionError(f"a frame-dependent size {expr} is not of the form a*T + b in token frames "
-                              f"T = {symbol}/{patch}; cannot chunk it")
+                              f"T = ({names}) / {patch}; cannot chunk it")
     return FrameDim(dim, per_frame, extra)
 
 
@@ -327,6 +328,17 @@ def _tables(graph: fx.Graph, data: set, dep: set) -> list[fx.Node]:
     return out
 
 
+def _graph_module(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule of ``graph`` whose submodules ARE gm's (not the copies fx makes), so a later
+    ``hybrid.to(device)`` (which replaces buffers) or training of the feature maps reaches it."""
+    module = fx.GraphModule(gm, graph)
+    for name, _ in list(module.named_children()):
+        live = getattr(gm, name, None)
+        if isinstance(live, torch.nn.Module):
+            setattr(module, name, live)
+    return module
+
+
 def _table_module(gm: fx.GraphModule, tables: list[fx.Node]) -> fx.GraphModule:
     """GraphModule(*flat_inputs) -> tuple of tables: the ancestors of the tables, copied."""
     graph = fx.Graph()
@@ -345,7 +357,7 @@ def _table_module(gm: fx.GraphModule, tables: list[fx.Node]) -> fx.GraphModule:
         elif node in needed and node.target not in _DROPPED:
             env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(tuple(env[t] for t in tables))
-    module = fx.GraphModule(gm, graph)
+    module = _graph_module(gm, graph)
     module.graph.eliminate_dead_code()
     module.recompile()
     return module
@@ -431,7 +443,7 @@ def _step_graph(gm: fx.GraphModule, data: set, tables: list[fx.Node], skip) -> t
     leaves = out_node.args[0]
     flat_leaves = list(leaves) if isinstance(leaves, (tuple, list)) else [leaves]
     step.output(tuple([env[x] if isinstance(x, fx.Node) else x for x in flat_leaves] + state_out))
-    module = fx.GraphModule(gm, step)
+    module = _graph_module(gm, step)
     module.graph.eliminate_dead_code()
     module.graph.lint()
     module.recompile()

@@ -84,8 +84,7 @@ class StreamRunner:
     # -- the step programs for one call -------------------------------------------------------
     def plan(self, *args, **kwargs) -> "_Plan":
         """How this call runs: the flat inputs, the frame count, and a step program per chunk length."""
-        with _video_shape_for(self.hybrid, None):
-            gm = self.hybrid.graph_module(*args, **kwargs)
+        gm = self.hybrid.graph_module(*args, **kwargs)
         frame_axis = getattr(self.hybrid, "_frame_axis", None)
         patch = frame_axis.patch if frame_axis is not None else temporal_patch(self.hybrid.original)
         if frame_axis is None or frame_axis.dynamic:
@@ -108,8 +107,7 @@ class StreamRunner:
         if not sites:
             raise ConversionError("stream needs a converted model: the graph has no rehyat::hybrid_attention node")
         tokens = {n.args[5] for n in sites}
-        dims, frames = _guess_input_dims(leaves, frame_axis, video_shape, tokens, patch)
-        user_dims = dims
+        user_dims, frames = _guess_input_dims(leaves, frame_axis, video_shape, tokens, patch)
         flat_dims = _guess_input_dims(flat, frame_axis, video_shape, tokens, patch)[0]
 
         def program(length: int) -> StepProgram:
@@ -185,8 +183,10 @@ class StreamRunner:
         return sum(site_state_nbytes(site) for site in program.sites)
 
     # -- export ------------------------------------------------------------------------------------
-    def step_module(self, *args, **kwargs) -> tuple[fx.GraphModule, tuple]:
-        """(step GraphModule, example inputs of the first full chunk: chunk inputs, tables, states)."""
+    def step_module(self, *args, **kwargs) -> tuple["StepModule", tuple]:
+        """(:class:`StepModule`, example: the first full chunk's tensor inputs, its tables and the
+        initial state) -- what ``rc.build(module, example[:-len(module.state_names)], streaming=True)``
+        compiles. With a fixed-shape export the module serves chunks of exactly ``chunk_frames``."""
         plan = self.plan(*args, **kwargs)
         stop = min(plan.chunk_frames, plan.frames)
         program = plan.program(stop)
@@ -194,10 +194,11 @@ class StreamRunner:
         inputs = _chunk(plan.flat, program.input_dims, 0, stop)
         tables = _chunk(self._tables(program, plan.flat), program.table_dims, 0, stop, device)
         states = [t for site in program.sites for t in site.initial(device)]
+        _propagate_meta(program.module, tuple(inputs + tables + states))
+        module = StepModule(program, inputs)
         # Own storage for every example tensor: slices of the whole video would carry its storage.
-        example = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs + tables + states)
-        _propagate_meta(program.module, example)
-        return program.module, example
+        example = tuple(x for x in inputs if isinstance(x, torch.Tensor)) + tuple(tables) + tuple(states)
+        return module, tuple(t.clone() for t in example)
 
     def signature(self, *args, **kwargs) -> dict:
         """Names of the step module's inputs and outputs, grouped (for manifests)."""
@@ -208,6 +209,32 @@ class StreamRunner:
         return {"inputs": placeholders[:n_in], "tables": placeholders[n_in:n_in + n_tab],
                 "states_in": states, "outputs": [f"output_{i}" for i in range(program.n_outputs)],
                 "states_out": states, "chunk_frames": program.chunk_frames}
+
+
+class StepModule(torch.nn.Module):
+    """The step program as an ``nn.Module`` for export and ``rc.build(..., streaming=True)``:
+    ``forward(*chunk_tensors, *tables, *state) -> (*chunk_outputs, *next_state)``; with the state
+    left out it starts from the initial (empty) one, as the first chunk does. The model's non-tensor
+    inputs (``return_dict`` ...) are fixed to the values given here. ``state_names``: one per state
+    tensor, ``"<site>.<HybridState field>"``; ``chunk_frames``: token frames per chunk."""
+
+    def __init__(self, program: StepProgram, chunk_inputs: list):
+        super().__init__()
+        self.step = program.module
+        self.sites = program.sites
+        self.chunk_frames = program.chunk_frames
+        self.state_names = tuple(f"{site.name}.{f}" for site in program.sites for f in STATE_FIELDS)
+        self._constants = {i: x for i, x in enumerate(chunk_inputs) if not isinstance(x, torch.Tensor)}
+        self._n_inputs = len(chunk_inputs) - len(self._constants) + len(program.table_dims)
+
+    def forward(self, *tensors):
+        inputs, state = list(tensors[:self._n_inputs]), list(tensors[self._n_inputs:])
+        if not state:
+            device = next((t.device for t in inputs), torch.device("cpu"))
+            state = [t for site in self.sites for t in site.initial(device)]
+        for i in sorted(self._constants):
+            inputs.insert(i, self._constants[i])
+        return tuple(self.step(*inputs, *state))
 
 
 class FrameCount:
@@ -315,7 +342,7 @@ def _video_shape_for(hybrid, frames):
     """Trace with ``video_shape`` (frames, h, w) set to this many frames when the user gave one (static
     exports read the layout from it)."""
     shape = getattr(hybrid, "_video_shape", None)
-    if shape is None or frames is None:
+    if shape is None:
         yield
         return
     object.__setattr__(hybrid, "_video_shape", (frames, *shape[1:]))
@@ -336,9 +363,18 @@ def _propagate_meta(module: fx.GraphModule, example: tuple) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    # a shape environment: data-dependent sizes (Mochi's unmasked text length) become unbacked symbols
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    for node in module.graph.nodes:
+        node.meta.pop("unbacked_bindings", None)  # names from the export's shape environment, not this one
     fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example]
-    FakeTensorProp(module, mode).propagate_dont_convert_inputs(*fakes)
+    try:
+        FakeTensorProp(module, mode).propagate_dont_convert_inputs(*fakes)
+    except Exception as exc:  # surfaces as one clear error instead of a fake-tensor traceback
+        raise ConversionError(f"the step graph cannot be traced for a chunk with fixed shapes: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
 def stream(hybrid, *, table_device=None) -> StreamRunner:
