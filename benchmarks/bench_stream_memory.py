@@ -21,12 +21,8 @@ import rehyat_compile as rc
 
 
 def make_model(layers: int, device, dtype):
-    from diffusers import WanTransformer3DModel
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
-                                  in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
-                                  num_layers=layers, rope_max_seq_len=1024)
-    return model.to(device=device, dtype=dtype).eval()
+    from rehyat_compile.zoo import make_wan_1_3b
+    return make_wan_1_3b(layers=layers, device=device, dtype=dtype)
 
 
 def inputs(frames: int, device, dtype, height=60, width=104, text=512):

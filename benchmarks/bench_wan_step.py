@@ -16,11 +16,7 @@ import time
 import torch
 
 import rehyat_compile as rc
-
-WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-
+from rehyat_compile.zoo import make_wan_1_3b, wan_1_3b_inputs
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,19 +36,12 @@ def parse_args(argv=None):
 
 
 def build_model(layers: int, device):
-    from diffusers import WanTransformer3DModel
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = WanTransformer3DModel(**{**WAN_1_3B, "num_layers": layers})
-    return model.to(torch.bfloat16).eval()
+    return make_wan_1_3b(layers=layers, device=device, dtype=torch.bfloat16)
 
 
 def inputs(video_frames: int, args, device):
-    latent = (video_frames - 1) // 4 + 1
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    x = torch.randn(1, 16, latent, args.height, args.width, generator=gen).to(device, torch.bfloat16)
-    text = torch.randn(1, args.text_tokens, 4096, generator=gen).to(device, torch.bfloat16)
-    return (x,), dict(timestep=torch.tensor([500], device=device), encoder_hidden_states=text, return_dict=False)
+    return wan_1_3b_inputs((video_frames - 1) // 4 + 1, height=args.height, width=args.width,
+                           text_tokens=args.text_tokens, device=device, dtype=torch.bfloat16)
 
 
 def measure(fn, device, repeats):

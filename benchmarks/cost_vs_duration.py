@@ -30,9 +30,7 @@ import torch
 import rehyat_compile as rc
 from rehyat_compile.symbolic import T
 
-WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+from rehyat_compile.zoo import WAN2_1_1_3B_CONFIG as WAN_1_3B  # noqa: E402
 LATENT_H, LATENT_W, TEXT_TOKENS = 60, 104, 512  # 480x832 video, VAE stride 8
 TOKENS_PER_FRAME = (LATENT_H // 2) * (LATENT_W // 2)  # 1560 after the 2x2 spatial patch
 FEATURE_DIM = 64  # rc.transform's default feature_dim

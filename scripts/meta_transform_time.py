@@ -7,20 +7,12 @@ import sys
 import time
 
 import torch
-from diffusers import WanTransformer3DModel
-
 import rehyat_compile as rc
+from rehyat_compile import zoo
 
 
 def main(frames: int = 21) -> None:
-    with torch.device("meta"):
-        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
-                                      in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
-                                      num_layers=30).eval()
-        x = torch.randn(1, 16, frames, 60, 104)
-        text = torch.randn(1, 512, 4096)
-        t = torch.tensor([500])
-    kwargs = dict(timestep=t, encoder_hidden_states=text, return_dict=False)
+    model, (x,), kwargs = zoo.make_wan_1_3b_meta(frames)
     start, cpu = time.perf_counter(), time.process_time()
     ep, _ = rc.export_video_model(model, (x,), kwargs)
     export_wall, export_cpu = time.perf_counter() - start, time.process_time() - cpu

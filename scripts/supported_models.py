@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rehyat_compile as rc  # noqa: E402
 from rehyat_compile.errors import ConversionError  # noqa: E402
-from tests.models import FRAMES, MODELS  # noqa: E402
+from rehyat_compile.zoo import FRAMES, MODELS  # noqa: E402
 
 VIDEO_SHAPE = {"ltx-video": (5, 4, 4), "ltx2-video": (5, 4, 4)}
 

@@ -4,7 +4,7 @@ import torch
 
 import rehyat_compile as rc
 from rehyat_compile.errors import ConversionError
-from tests.models import make_wan_t2v
+from models import make_wan_t2v
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,7 @@ def test_wan_sites_split_self_and_cross_attention(wan_cost):
 
 @pytest.fixture(scope="module")
 def converted_wan_cost():
-    from tests.models import make_wan_t2v
+    from models import make_wan_t2v
     model, args, kwargs = make_wan_t2v(5)
     hybrid = rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1)
     return hybrid, rc.cost(hybrid, args, kwargs)
@@ -138,7 +138,7 @@ def test_converted_wan_is_linear_and_accepted(converted_wan_cost):
 
 @pytest.mark.parametrize("frames", [5, 9])
 def test_converted_wan_flops_equal_flop_counter(converted_wan_cost, frames):
-    from tests.models import make_wan_t2v
+    from models import make_wan_t2v
     hybrid, cost = converted_wan_cost
     _, args, kwargs = make_wan_t2v(frames)
     assert cost.evaluate(T=frames)["flops"] == counted_flops(hybrid, *args, **kwargs)
@@ -335,9 +335,7 @@ def test_degree_of_floors_and_min_from_the_hybrid_formula():
     assert upper_envelope([T, 2 * T, 3 * T + 1, T**2]) == [3 * T + 1, T**2]
 
 
-WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+from rehyat_compile.zoo import WAN2_1_1_3B_CONFIG as WAN_1_3B  # noqa: E402
 
 
 def meta_wan(num_layers):

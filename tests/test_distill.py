@@ -123,7 +123,7 @@ def test_softmax_forced_graph_drops_feature_maps_and_leaves_original_alone():
 
 def sharpened_wan(factor=2.0, frames=5):
     """Tiny Wan2.1 whose self-attention is far from uniform: q and k RMSNorm gains scaled (logits x factor^2)."""
-    from tests.models import make_wan_t2v
+    from models import make_wan_t2v
     model, args, kwargs = make_wan_t2v(frames=frames)
     with torch.no_grad():
         for block in model.blocks:

@@ -4,7 +4,7 @@ import torch
 
 import rehyat_compile as rc
 
-from .models import make_wan_t2v
+from models import make_wan_t2v
 
 
 def _run(transformer):

@@ -8,7 +8,7 @@ from torch.export import Dim
 
 import rehyat_compile as rc
 from rehyat_compile.passes.thread_state import STATE_FIELDS, thread_state
-from tests.models import MODELS
+from models import MODELS
 
 SETTINGS = settings(max_examples=8, deadline=None)
 

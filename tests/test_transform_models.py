@@ -6,7 +6,7 @@ import torch
 import rehyat_compile as rc
 from rehyat_compile.errors import ConversionError
 
-from .models import FRAMES, MODELS
+from models import FRAMES, MODELS
 
 # what inspect must find: (converted self/joint sites, kind of the converted sites)
 EXPECTED = {

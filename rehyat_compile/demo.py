@@ -1,0 +1,153 @@
+"""``rehyat-compile demo``: the whole pipeline on the embedded tiny Wan2.1 model.
+
+Builds a tiny Wan2.1 T2V DiT from a diffusers config with fixed seeds, inspects it, converts it,
+proves exactness with one chunk covering the video, distils briefly, streams it and compares,
+computes the symbolic cost and checks linearity (plot written), builds for cpu, adreno and
+hexagon and verifies each on its emulator, then prints a one-screen summary. Every number in the
+summary is measured in this run; outputs go to ``out_dir``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+FRAMES, CHUNK, OVERLAP = 5, 2, 1
+DEMO_TARGETS = ("cpu", "adreno", "hexagon")
+
+
+def _rel(a, b) -> float:
+    a, b = _tensor(a), _tensor(b)
+    return float((a - b).norm() / b.norm())
+
+
+def _tensor(out):
+    if torch.is_tensor(out):
+        return out
+    if isinstance(out, (tuple, list)):
+        return _tensor(out[0])
+    return out.sample
+
+
+class _Steps:
+    """Collects (step, seconds, result line) and prints each as it finishes."""
+
+    def __init__(self, console):
+        self.console, self.rows, self.start = console, [], time.perf_counter()
+
+    def run(self, name, fn):
+        t0 = time.perf_counter()
+        if self.console:
+            with self.console.status(f"{name} ..."):
+                value, line = fn()
+        else:
+            value, line = fn()
+        seconds = time.perf_counter() - t0
+        self.rows.append({"step": name, "seconds": round(seconds, 2), "result": line})
+        if self.console:
+            self.console.print(f"[green]✓[/] {name:<34} {seconds:6.1f} s  {line}")
+        return value
+
+
+def run_demo(out_dir: Path, console=None) -> dict:
+    """Run every stage; returns the summary dict (also written to ``out_dir/summary.json``)."""
+    import rehyat_compile as rc
+    from . import zoo
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    steps = _Steps(console)
+    model, args, kwargs = zoo.make_wan_t2v(frames=FRAMES)
+    summary: dict = {"model": "wan2.1-tiny (diffusers WanTransformer3DModel, random weights)",
+                     "frames": FRAMES, "chunk_frames": CHUNK, "overlap_frames": OVERLAP}
+    with torch.no_grad():
+        reference = model(*args, **kwargs)
+
+    def inspect_step():
+        report = rc.inspect(model, args, kwargs)
+        (out_dir / "inspect.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
+        converted = [s for s in report.sites if s.rewritable]
+        if console:
+            console.print(str(report))
+        return report, f"{len(report.sites)} attention sites, {len(converted)} convertible"
+    steps.run("inspect", inspect_step)
+
+    def exact_step():
+        whole = rc.transform(model, args, kwargs, chunk_frames=FRAMES, overlap_frames=0)
+        with torch.no_grad():
+            err = _rel(whole(*args, **kwargs), reference)
+        summary["exact_rel_error"] = err
+        if err > 1e-4:
+            raise AssertionError(f"one chunk covering the video should equal the original; rel error {err:.2e}")
+        return whole, f"Tc >= T equals the original: rel error {err:.1e}"
+    steps.run("prove exactness (Tc >= T)", exact_step)
+
+    hybrid = steps.run("transform (Tc=2, To=1)", lambda: _transform(rc, model, args, kwargs, summary))
+
+    def distill_step():
+        batches = [((a * (1 - lvl) + lvl * torch.randn_like(a),) + tuple(args[1:]), kwargs)
+                   for a in args[:1] for lvl in (0.2, 0.5, 0.8)]
+        rep = rc.distill(model, hybrid, batches, steps=60, lr=2e-2, progress=False)
+        with torch.no_grad():
+            after = _rel(hybrid(*args, **kwargs), reference)
+        summary["distilled_rel_error"] = after
+        rc.save_hybrid(hybrid, out_dir / "hybrid")
+        return rep, f"model error vs original {summary['converted_rel_error']:.3f} -> {after:.3f}"
+    steps.run("distill phi (60 steps)", distill_step)
+
+    def stream_step():
+        runner = rc.stream(hybrid)
+        with torch.no_grad():
+            err = _rel(runner(*args, **kwargs), hybrid(*args, **kwargs))
+        nbytes = runner.state_nbytes(*args, **kwargs)
+        summary.update(stream_rel_error=err, state_bytes=nbytes)
+        if err > 1e-4:
+            raise AssertionError(f"streamed output differs from the parallel form: rel error {err:.2e}")
+        return runner, f"chunk by chunk == parallel: rel error {err:.1e}; state {nbytes / 1024:.1f} KiB"
+    steps.run("stream", stream_step)
+
+    def cost_step():
+        from .costplot import cost_rows, plot_cost_vs_duration
+        original, converted = rc.cost(model, args, kwargs), rc.cost(hybrid, args, kwargs)
+        rejected = False
+        try:
+            rc.check_linear(original)
+        except rc.ComplexityError:
+            rejected = True
+        rc.check_linear(converted)
+        rows = cost_rows(original, converted, (5, 21, 41, 81))
+        plot_cost_vs_duration(rows, out_dir / "cost.png", title="tiny Wan2.1: original vs converted")
+        summary.update(cost_degree_original=original.degree("flops"), cost_degree_converted=converted.degree("flops"),
+                       original_rejected=rejected, cost_rows=rows)
+        return converted, (f"FLOPs degree in T: {original.degree('flops')} -> {converted.degree('flops')}; "
+                           f"check_linear rejects original: {rejected}; plot cost.png")
+    steps.run("symbolic cost + linearity", cost_step)
+
+    builds = {}
+    for target in DEMO_TARGETS:
+        def build_step(target=target):
+            art = rc.build(hybrid, args, kwargs, target=target, out_dir=out_dir / f"build-{target}")
+            builds[target] = getattr(art, "verification", None)
+            return art, f"{target}: {builds[target] or 'built'}"
+        steps.run(f"build {target}", build_step)
+    summary["builds"] = builds
+    summary["steps"] = steps.rows
+    summary["total_seconds"] = round(time.perf_counter() - steps.start, 1)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if console:
+        console.print(f"\n[bold]demo finished in {summary['total_seconds']} s[/]; outputs in {out_dir}/")
+    return summary
+
+
+def _transform(rc, model, args, kwargs, summary):
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=CHUNK, overlap_frames=OVERLAP)
+    with torch.no_grad():
+        out = hybrid(*args, **kwargs)
+    err = _rel(out, model(*args, **kwargs))
+    if not torch.isfinite(_tensor(out)).all():
+        raise AssertionError("converted model produced non-finite values")
+    summary["converted_rel_error"] = err
+    return hybrid, f"{len(hybrid.sites)} sites converted; rel error before distillation {err:.3f}"
