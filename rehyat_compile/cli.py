@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -292,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # torch.export's own deprecation notice, printed once per export; not the user's concern.
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*", category=FutureWarning)
     parser = build_parser()
     opts = parser.parse_args(argv)
     try:

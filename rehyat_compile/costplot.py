@@ -6,10 +6,18 @@ from pathlib import Path
 METRICS = ("flops", "bytes", "peak_memory")
 
 
+def valid_frames(frames, *reports) -> list[int]:
+    """The frame counts every report's graph holds for (its guards, e.g. a RoPE table's length)."""
+    def inside(t, report):
+        lower, upper = report.frames_range
+        return t >= lower and (upper is None or t <= upper)
+    return [t for t in frames if all(inside(t, r) for r in reports)]
+
+
 def cost_rows(original, converted, frames) -> list[dict]:
-    """One row per latent-frame count: each metric of both reports evaluated at that T."""
+    """One row per latent-frame count the graphs hold for: each metric of both reports at that T."""
     rows = []
-    for t in frames:
+    for t in valid_frames(frames, original, converted):
         a, b = original.evaluate(T=t), converted.evaluate(T=t)
         rows.append({"T": int(t), **{f"original_{m}": float(a[m]) for m in METRICS},
                      **{f"converted_{m}": float(b[m]) for m in METRICS}})
