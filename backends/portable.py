@@ -25,11 +25,20 @@ def unfold_as_slices(x: torch.Tensor, dimension: int, size: int, step: int) -> t
     return torch.stack(windows, dim=dim).movedim(dim + 1, -1)
 
 
+def empty_permuted_as_empty(size, physical_layout, *, dtype=None, layout=None, device=None, pin_memory=None,
+                            requires_grad=False):
+    """``aten.empty_permuted`` (uninitialised, strides only differ) as a contiguous ``empty``:
+    torch-mlir cannot legalise it and the values are the same (none)."""
+    return torch.empty(size, dtype=dtype, device=device)
+
+
 def portable_decompositions() -> dict:
-    """Core-aten decompositions + the hybrid op as matmul-prefix aten + unfold as slices."""
+    """Core-aten decompositions + the hybrid op as matmul-prefix aten + unfold as slices +
+    empty_permuted as empty."""
     table = torch.export.default_decompositions()
     table.update(decompositions("matmul"))
     table[torch.ops.aten.unfold.default] = unfold_as_slices
+    table[torch.ops.aten.empty_permuted.default] = empty_permuted_as_empty
     return table
 
 

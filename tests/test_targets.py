@@ -91,3 +91,34 @@ def test_hexagon_v75_build_is_hvx_code_that_disassembles(block_x, tmp_path):
     text = _needs(verify.hexagon_disassembly, tmp_path / "hex" / files["object_v75"], "v75")
     assert "vmem(" in text  # HVX vector loads/stores: the kernels use the vector unit
     assert "vmem(" in (tmp_path / "hex" / files["assembly_v75"]).read_text()
+
+
+OPENCL_KERNEL_TOL = 1e-4  # fp32 kernel vs the same TIR on x86, N(0,1) inputs: summation order only
+
+
+@pytest.mark.slow
+def test_adreno_opencl_kernels_run_on_pocl_and_match_x86(block_x):
+    pytest.importorskip("pyopencl")
+    from rehyat_compile.backends import opencl_check
+    from rehyat_compile.backends.portable import flat_program, portable_program
+    from rehyat_compile.backends.tvm import relax_module
+    block, x, _ = block_x
+    try:
+        opencl_check.opencl_context()
+    except Exception as err:  # no ICD loader or no platform
+        pytest.skip(f"no OpenCL platform: {err}")
+    results = opencl_check.check_kernels(relax_module(flat_program(portable_program(block, (x,)), (x,))))
+    checked = [r for r in results if r.status == "ok"]
+    assert len(checked) >= 0.9 * len(results), [r for r in results if r.status != "ok"]
+    worst = max(checked, key=lambda r: r.max_abs_error)
+    assert worst.max_abs_error <= OPENCL_KERNEL_TOL, worst
+
+
+@pytest.mark.gpu
+def test_cuda_build_runs_on_the_gpu_and_matches_pytorch(block_x, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    block, x, ref = block_x
+    art = rc.build(block, (x,), target="cuda", out_dir=tmp_path / "cuda")
+    assert art.runnable, art.reason
+    torch.testing.assert_close(art(x), ref, atol=1e-4, rtol=1e-4)
