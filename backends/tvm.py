@@ -142,7 +142,8 @@ def build_entry(flat: FlatProgram, spec: Target, out_dir: Path, name: str) -> di
 # Loading
 # ---------------------------------------------------------------------------------------------
 
-def _gpu_available() -> bool:
+def cuda_device_available() -> bool:
+    """A CUDA driver and device TVM can use (the stub driver of a GPU-less build is not one)."""
     import ctypes.util
     return ctypes.util.find_library("cuda") is not None and _tvm().cuda(0).exist
 
@@ -153,7 +154,7 @@ def load_entry(out_dir: Path, spec: Target, files: dict):
     from tvm import relax
     if spec.name == "cpu":
         device = tvm.cpu()
-    elif spec.name == "cuda" and "library" in files and _gpu_available():
+    elif spec.name == "cuda" and "library" in files and cuda_device_available():
         device = tvm.cuda(0)
     else:
         raise NotRunnableHere(f"target {spec.name!r} does not run on this machine "
