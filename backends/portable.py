@@ -162,11 +162,19 @@ def tensor_names(args: tuple, kwargs: dict | None = None) -> list[str]:
     return names
 
 
-def flat_program(program: torch.export.ExportedProgram, args: tuple, n_state_inputs: int = 0,
-                 state_names: tuple[str, ...] = (), kwargs: dict | None = None) -> FlatProgram:
+def _with_state(specs: list, tensors, names: list[str], state_names: list[str]) -> list[TensorSpec]:
+    """Specs of ``tensors``; the last ``len(state_names)`` take those names and the role 'state'."""
+    first_state = len(names) - len(state_names)
+    names = names[:first_state] + state_names
+    return [TensorSpec.of(name, t, "state" if i >= first_state else role)
+            for i, (name, t, role) in enumerate(zip(names, tensors, specs))]
+
+
+def flat_program(program: torch.export.ExportedProgram, args: tuple, kwargs: dict | None = None, *,
+                 state_names: tuple[str, ...] = (), state_inputs: bool = False) -> FlatProgram:
     """Lift parameters, buffers and constants of ``program`` to leading arguments; the inputs are
-    the tensors of ``(args, kwargs)``. The last ``n_state_inputs`` user inputs (and as many last
-    outputs) are recurrent state."""
+    the tensors of ``(args, kwargs)``. With ``state_names`` the last outputs are the next
+    recurrent state (named ``next_<name>``), and with ``state_inputs`` the last inputs the state."""
     from torch.export.graph_signature import InputKind, OutputKind
     lookup = {**program.state_dict, **program.constants}
     weights, user = {}, []
@@ -182,20 +190,12 @@ def flat_program(program: torch.export.ExportedProgram, args: tuple, n_state_inp
     if len(flat_args) != len(user):
         raise ValueError(f"the exported graph takes {len(user)} tensor inputs but args/kwargs hold {len(flat_args)} "
                          "tensors; tensors inside non-pytree containers are not supported")
-    n_user = len(user)
-    input_names = tensor_names(args, kwargs)
-    if state_names:
-        input_names[n_user - n_state_inputs:] = list(state_names)
-    inputs = [TensorSpec.of(name, t, "state" if i >= n_user - n_state_inputs else "input")
-              for i, (name, t) in enumerate(zip(input_names, flat_args))]
+    inputs = _with_state(["input"] * len(flat_args), flat_args, tensor_names(args, kwargs),
+                         list(state_names) if state_inputs else [])
     with torch.no_grad():
         results = tuple(program.graph_module(*weights.values(), *flat_args))
         flat = _AllInputs(program.graph_module)
         lifted = torch.export.export(flat, (*weights.values(), *flat_args))
-    n_out = len(results)
-    output_names = [f"output{i}" for i in range(n_out)]
-    if state_names:
-        output_names[n_out - n_state_inputs:] = [f"next_{n}" for n in state_names]
-    outputs = [TensorSpec.of(name, t, "state" if i >= n_out - n_state_inputs else "output")
-               for i, (name, t) in enumerate(zip(output_names, results))]
+    outputs = _with_state(["output"] * len(results), results, [f"output{i}" for i in range(len(results))],
+                          [f"next_{n}" for n in state_names])
     return FlatProgram(lifted, weights, inputs, outputs)

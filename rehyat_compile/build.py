@@ -53,7 +53,7 @@ def _as_tuple(args) -> tuple:
 def _entries(model, args: tuple, kwargs: dict, streaming: bool) -> dict[str, FlatProgram]:
     """{entry name: FlatProgram}: ``main``, or ``first`` + ``step`` for a step module."""
     if not streaming:
-        return {"main": flat_program(portable_program(model, args, kwargs), args, kwargs=kwargs)}
+        return {"main": flat_program(portable_program(model, args, kwargs), args, kwargs)}
     state_names = getattr(model, "state_names", None)
     if not state_names:
         raise ValueError("streaming=True needs a step module: an nn.Module with a 'state_names' attribute whose "
@@ -64,13 +64,10 @@ def _entries(model, args: tuple, kwargs: dict, streaming: bool) -> dict[str, Fla
     with torch.no_grad():
         first_out = model(*args)
     state = tuple(first_out[len(first_out) - len(state_names):])
-    first = flat_program(portable_program(model, args), args)
-    n_state = len(state_names)
-    first.outputs = [o if i < len(first.outputs) - n_state else
-                     type(o)(f"next_{state_names[i - len(first.outputs) + n_state]}", o.shape, o.dtype, "state")
-                     for i, o in enumerate(first.outputs)]
+    first = flat_program(portable_program(model, args), args, state_names=tuple(state_names))
     step_args = (*args, *state)
-    step = flat_program(portable_program(model, step_args), step_args, n_state, tuple(state_names))
+    step = flat_program(portable_program(model, step_args), step_args, state_names=tuple(state_names),
+                        state_inputs=True)
     return {"first": first, "step": step}
 
 
