@@ -151,14 +151,30 @@ class FlatProgram:
         return [TensorSpec.of(n, t, "weight") for n, t in self.weights.items()] + self.inputs
 
 
-def tensor_names(args: tuple, kwargs: dict | None = None) -> list[str]:
-    """Readable names of :func:`tensor_leaves`: ``args[0]``, ``timestep``, ``cond['mask']``..."""
+def positional_names(model: torch.nn.Module, count: int) -> list[str]:
+    """Names of ``model.forward``'s first ``count`` positional parameters (``args[i]`` past a
+    ``*args``)."""
+    import inspect
+    names = []
+    for param in inspect.signature(model.forward).parameters.values():
+        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD) or len(names) == count:
+            break
+        names.append(param.name)
+    return names + [f"args[{i}]" for i in range(len(names), count)]
+
+
+def tensor_names(args: tuple, kwargs: dict | None = None, arg_names: list[str] | None = None) -> list[str]:
+    """Readable names of :func:`tensor_leaves`: ``hidden_states`` (from ``arg_names``, else
+    ``args[0]``), ``timestep``, ``cond['mask']``..."""
     paths, _ = torch.utils._pytree.tree_flatten_with_path((tuple(args), dict(kwargs or {})))
     names = []
     for path, leaf in paths:
         if isinstance(leaf, torch.Tensor):
-            key = torch.utils._pytree.keystr(path)          # "[0][1]" or "[1]['timestep']"
-            names.append(f"args{key[3:]}" if key.startswith("[0]") else key[3:].strip("[]'\""))
+            position, rest = path[1].idx if path[0].idx == 0 else None, torch.utils._pytree.keystr(path[2:])
+            if position is None:
+                names.append(torch.utils._pytree.keystr(path[1:]).strip("[]'\"") + rest)
+            else:
+                names.append((arg_names[position] if arg_names else f"args[{position}]") + rest)
     return names
 
 
@@ -171,7 +187,8 @@ def _with_state(specs: list, tensors, names: list[str], state_names: list[str]) 
 
 
 def flat_program(program: torch.export.ExportedProgram, args: tuple, kwargs: dict | None = None, *,
-                 state_names: tuple[str, ...] = (), state_inputs: bool = False) -> FlatProgram:
+                 state_names: tuple[str, ...] = (), state_inputs: bool = False,
+                 arg_names: list[str] | None = None) -> FlatProgram:
     """Lift parameters, buffers and constants of ``program`` to leading arguments; the inputs are
     the tensors of ``(args, kwargs)``. With ``state_names`` the last outputs are the next
     recurrent state (named ``next_<name>``), and with ``state_inputs`` the last inputs the state."""
@@ -190,7 +207,7 @@ def flat_program(program: torch.export.ExportedProgram, args: tuple, kwargs: dic
     if len(flat_args) != len(user):
         raise ValueError(f"the exported graph takes {len(user)} tensor inputs but args/kwargs hold {len(flat_args)} "
                          "tensors; tensors inside non-pytree containers are not supported")
-    inputs = _with_state(["input"] * len(flat_args), flat_args, tensor_names(args, kwargs),
+    inputs = _with_state(["input"] * len(flat_args), flat_args, tensor_names(args, kwargs, arg_names),
                          list(state_names) if state_inputs else [])
     with torch.no_grad():
         results = tuple(program.graph_module(*weights.values(), *flat_args))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends.portable import FlatProgram, flat_program, portable_program, tensor_leaves
+from .backends.portable import FlatProgram, flat_program, portable_program, positional_names, tensor_leaves
 from .backends.targets import BACKENDS, TARGETS, NotRunnableHere, Target, resolve, with_options
 
 FORMAT = "rehyat-compile-artifact/1"
@@ -53,7 +53,8 @@ def _as_tuple(args) -> tuple:
 def _entries(model, args: tuple, kwargs: dict, streaming: bool) -> dict[str, FlatProgram]:
     """{entry name: FlatProgram}: ``main``, or ``first`` + ``step`` for a step module."""
     if not streaming:
-        return {"main": flat_program(portable_program(model, args, kwargs), args, kwargs)}
+        return {"main": flat_program(portable_program(model, args, kwargs), args, kwargs,
+                                     arg_names=positional_names(model, len(args)))}
     state_names = getattr(model, "state_names", None)
     if not state_names:
         raise ValueError("streaming=True needs a step module: an nn.Module with a 'state_names' attribute whose "
@@ -64,10 +65,11 @@ def _entries(model, args: tuple, kwargs: dict, streaming: bool) -> dict[str, Fla
     with torch.no_grad():
         first_out = model(*args)
     state = tuple(first_out[len(first_out) - len(state_names):])
-    first = flat_program(portable_program(model, args), args, state_names=tuple(state_names))
+    names = positional_names(model, len(args))
+    first = flat_program(portable_program(model, args), args, state_names=tuple(state_names), arg_names=names)
     step_args = (*args, *state)
     step = flat_program(portable_program(model, step_args), step_args, state_names=tuple(state_names),
-                        state_inputs=True)
+                        state_inputs=True, arg_names=names + list(state_names))
     return {"first": first, "step": step}
 
 
