@@ -105,7 +105,7 @@ def _build_cuda(flat, mod, spec: Target, out_dir: Path, name: str) -> dict:
 def _cuda_fatbin_library(flat, spec: Target, out_dir: Path, name: str) -> str | None:
     """Host .so embedding an nvcc fatbin (one cubin per arch); None without nvcc."""
     from .cuda_fatbin import build_fatbin_library
-    if shutil.which("nvcc") is None:
+    if shutil.which("nvcc") is None or not spec.options.get("fatbin", True):
         return None
     build_fatbin_library(flat.program, spec.options["archs"], spec.tvm_host, out_dir / f"{name}.so")
     return f"{name}.so"
