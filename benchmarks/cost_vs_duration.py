@@ -35,7 +35,7 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 LATENT_H, LATENT_W, TEXT_TOKENS = 60, 104, 512  # 480x832 video, VAE stride 8
 TOKENS_PER_FRAME = (LATENT_H // 2) * (LATENT_W // 2)  # 1560 after the 2x2 spatial patch
-FEATURE_DIM = 64  # rc.FeatureMap's default
+FEATURE_DIM = 64  # rc.transform's default feature_dim
 BLOCKS = WAN_1_3B["num_layers"]
 CONVERTED = (15, 20, 25, 30)
 CHUNKS = (1, 2, 3, 5)
@@ -61,46 +61,11 @@ def wan_inputs(frames: int = 3) -> dict:
                     encoder_hidden_states=torch.empty(1, TEXT_TOKENS, 4096), return_dict=False)
 
 
-class HybridWanSelfAttention:
-    """Wan's self-attention processor with softmax attention replaced by rc.hybrid_attention on
-    feature-mapped q, k (phi_q, phi_k live on the attention module, so they export as parameters).
-    Used for the converted model while rc.transform is not available in this branch."""
-
-    def __init__(self, chunk_frames: int, overlap_frames: int):
-        self.chunk_frames, self.overlap_frames = chunk_frames, overlap_frames
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
-        out = rc.hybrid_attention(q, k, v, attn.phi_q(q), attn.phi_k(k), tokens_per_frame=TOKENS_PER_FRAME,
-                                  chunk_frames=self.chunk_frames, overlap_frames=self.overlap_frames)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(q)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-def _rotate(x, freqs_cos, freqs_sin):
-    """Wan's interleaved RoPE, as in diffusers' WanAttnProcessor."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
-
-
-def convert(model, chunk_frames: int, overlap_frames: int, blocks: int | None = None):
-    """Convert the self-attention of the first ``blocks`` blocks (all by default)."""
-    heads, head_dim = WAN_1_3B["num_attention_heads"], WAN_1_3B["attention_head_dim"]
-    for block in list(model.blocks)[:blocks]:
-        with torch.device("meta"):
-            block.attn1.phi_q = rc.FeatureMap(heads, head_dim, feature_dim=FEATURE_DIM)
-            block.attn1.phi_k = rc.FeatureMap(heads, head_dim, feature_dim=FEATURE_DIM)
-        block.attn1.processor = HybridWanSelfAttention(chunk_frames, overlap_frames)
-    return model
+def convert(model, chunk_frames: int, overlap_frames: int, example: dict, blocks: int | None = None):
+    """rc.transform of the self-attention of the first ``blocks`` blocks (all by default)."""
+    layers = None if blocks is None else [f"blocks.{i}.attn1" for i in range(blocks)]
+    return rc.transform(model, kwargs=example, chunk_frames=chunk_frames, overlap_frames=overlap_frames,
+                        layers=layers, feature_dim=FEATURE_DIM)
 
 
 def block_costs(attention: str = "fused") -> dict:
@@ -123,7 +88,8 @@ def block_costs(attention: str = "fused") -> dict:
     for tc in CHUNKS:
         for to in OVERLAPS:
             if to <= tc:
-                costs[(tc, to)] = block(rc.cost(convert(wan(1), tc, to), kwargs=example, attention=attention))
+                hybrid = convert(wan(1), tc, to, example)
+                costs[(tc, to)] = block(rc.cost(hybrid, kwargs=example, attention=attention))
     return costs
 
 
@@ -195,9 +161,10 @@ def plot(fused: dict, math: dict, path: Path) -> None:
 def check_full(costs: dict) -> dict:
     """Cost the full 30-block models and compare them with the block composition."""
     started = time.perf_counter()
-    full = rc.cost(wan(), kwargs=wan_inputs())
+    example = wan_inputs(13)
+    full = rc.cost(wan(), kwargs=example)
     seconds_original = time.perf_counter() - started
-    mixed = rc.cost(convert(wan(), 3, 1, blocks=15), kwargs=wan_inputs())
+    mixed = rc.cost(convert(wan(), 3, 1, example, blocks=15), kwargs=example)
     checks = {"full_original_seconds": seconds_original}
     for metric in ADDITIVE:
         checks[f"original_{metric}_exact"] = sympy.expand(full.metric(metric) - model_cost(costs, metric)) == 0

@@ -27,10 +27,31 @@ def key_length(match: AttentionMatch):
     return match.k_t.meta["val"].shape[-1]
 
 
+def _same_source(match: AttentionMatch, limit: int = 40) -> bool:
+    """True when q and k are computed from one token tensor a few ops up (both from x by to_q/to_k).
+
+    Used only when the two lengths differ by data-dependent symbols that sympy cannot compare (each
+    data-dependent slice gets a fresh symbol, Framepack): a shared >= 3-D activation above both means
+    self-attention over one sequence."""
+    def above(node):
+        seen, queue = {node}, [node]
+        while queue and len(seen) < limit:
+            for parent in queue.pop(0).all_input_nodes:
+                if parent not in seen:
+                    seen.add(parent)
+                    queue.append(parent)
+        return {n for n in seen if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
+                and n.meta["val"].dim() >= 3}
+
+    k = match.k if match.k is not None else match.k_t
+    return bool(above(match.q) & above(k))
+
+
 def classify_attention(match: AttentionMatch, symbol: sympy.Symbol | None) -> tuple[str, str]:
     q = match.q.meta["val"]
     n_q, n_k = as_expr(q.shape[-2]), as_expr(key_length(match))
-    if sympy.simplify(n_q - n_k) != 0:
+    difference = sympy.simplify(n_q - n_k)
+    if difference != 0 and (difference.is_number or not _same_source(match)):
         return "cross", f"cross-attention: {n_q} queries attend to {n_k} keys of another sequence (left as is)"
     if match.is_causal:
         return "self", "already causal (is_causal=True): a causal mask over all tokens is not the hybrid pattern"

@@ -34,27 +34,56 @@ class VideoLayout:
     extra_after: int | None
 
 
-def _find_sequence_cat(q: fx.Node, n, is_video, limit: int = 400, norm=lambda e: e):
-    """Nearest ``aten.cat`` above q with output length n on its dim and a video piece; (cat, pieces).
-    ``norm`` rewrites size expressions in token frames before comparing (s -> patch * t)."""
-    seen, queue = {q}, deque([q])
-    while queue and len(seen) < limit:
-        node = queue.popleft()
-        if node.op == "call_function" and node.target == aten.cat.default:
-            pieces = node.args[0]
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor) and len(pieces) >= 2:
-                dim %= val.dim()
-                if sympy.simplify(norm(as_expr(val.shape[dim])) - n) == 0:
-                    sizes = [norm(as_expr(p.meta["val"].shape[dim])) for p in pieces]
-                    if any(is_video(s) for s in sizes):
-                        return node, sizes
-        for parent in node.all_input_nodes:
+def _cat_pieces(node: fx.Node, n, norm):
+    """(pieces, sizes) if ``node`` is an ``aten.cat`` whose output is ``n`` long on its cat dim."""
+    if node.op != "call_function" or node.target != aten.cat.default:
+        return None
+    pieces = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or len(pieces) < 2:
+        return None
+    dim %= val.dim()
+    if sympy.simplify(norm(as_expr(val.shape[dim])) - n) != 0:
+        return None
+    return pieces, [norm(as_expr(p.meta["val"].shape[dim])) for p in pieces]
+
+
+def _ancestors(node: fx.Node, limit: int):
+    """Nodes above ``node``, nearest first (breadth-first, at most ``limit``)."""
+    seen, queue, order = {node}, deque([node]), []
+    while queue and len(order) < limit:
+        current = queue.popleft()
+        order.append(current)
+        for parent in current.all_input_nodes:
             if parent not in seen:
                 seen.add(parent)
                 queue.append(parent)
-    return None, None
+    return order
+
+
+def _find_video_offset(q: fx.Node, n, is_video, norm=lambda e: e, limit: int = 400, depth: int = 6):
+    """Offset of the video piece inside the concatenation(s) that build the n-token sequence above q.
+
+    The nearest ``aten.cat`` with an n-long output is taken; when no piece is the video itself, the
+    pieces are searched the same way (history + video packed first, then joined with text: Framepack).
+    Returns the offset (sympy) or None."""
+    for node in _ancestors(q, limit):
+        found = _cat_pieces(node, n, norm)
+        if found is None:
+            continue
+        pieces, sizes = found
+        offset = sympy.Integer(0)
+        for piece, size in zip(pieces, sizes):
+            if is_video(size):
+                return offset
+            if depth > 1:
+                inner = _find_video_offset(piece, size, is_video, norm, limit, depth - 1)
+                if inner is not None:
+                    return offset + inner
+            offset = offset + size
+        return None
+    return None
 
 
 def _offset(q: fx.Node, n, video_tokens, extra, norm=lambda e: e) -> tuple[int | None, str]:
@@ -65,12 +94,11 @@ def _offset(q: fx.Node, n, video_tokens, extra, norm=lambda e: e) -> tuple[int |
     def is_video(size):
         return sympy.simplify(size - video_tokens) == 0
 
-    cat, sizes = _find_sequence_cat(q, n, is_video, norm=norm)
-    if cat is None:
+    before = _find_video_offset(q, n, is_video, norm)
+    if before is None:
         return None, (f"cannot locate the {video_tokens} video tokens among the {n} tokens: no concatenation "
                       f"builds the sequence (pass video_shape=(frames, h, w) or check the model)")
-    index = next(i for i, s in enumerate(sizes) if is_video(s))
-    before = sympy.simplify(sum(sizes[:index], sympy.Integer(0)))
+    before = sympy.simplify(before)
     if not before.is_Integer:
         return None, f"the tokens before the video ({before}) vary with the input; only a fixed offset is supported"
     return int(before), ""
@@ -100,33 +128,64 @@ def _symbolic_layout(q: fx.Node, n, symbol, patch: int, frames: int, video_shape
     return VideoLayout(m, frames, before, int(after) if after.is_Integer else None), ""
 
 
-def _static_layout(q: fx.Node, n: int, frames: int | None, video_shape):
+def _static_layout(q: fx.Node, n, frames: int | None, video_shape):
+    """Layout of a static export; ``n`` may hold data-dependent symbols (text lengths from masks)."""
     if video_shape is not None:
         frames, m = video_shape[0], video_shape[1] * video_shape[2]
         video = frames * m
-        if video > n:
+        if n.is_Integer and video > n:
             return None, (f"video_shape={tuple(video_shape)} gives {video} video tokens but the attention has only "
                           f"{n} tokens")
-        before, reason = _offset(q, sympy.Integer(n), sympy.Integer(video), n - video)
+        before, reason = _offset(q, n, sympy.Integer(video), sympy.simplify(n - video))
         if reason:
             return None, reason
-        return VideoLayout(m, frames, before, n - video - before), ""
+        return VideoLayout(m, frames, before, _int_or_none(n - video - before)), ""
     if frames is None:
         return None, "static export without a frame axis: pass video_shape=(frames, h, w)"
-    # no video_shape: the video is the concatenated piece divisible by the frame count (or all of N)
-    if n % frames == 0:
-        candidates = [n]
+    batch = q.meta["val"].shape[0]
+    if n.is_Integer and int(n) % frames and isinstance(batch, int) and batch % frames == 0:
+        return None, (f"factorised spatial-only attention: the sequence ({n} tokens) has no time axis, "
+                      f"frames sit in the batch ({batch})")
+    # no video_shape: the video is all of N, or the concatenated piece divisible by the frame count
+
+    def divisible(size):
+        return size.is_Integer and int(size) > 0 and int(size) % frames == 0
+
+    if divisible(n):
+        video = int(n)
     else:
-        cat, sizes = _find_sequence_cat(q, sympy.Integer(n), lambda s: int(s) % frames == 0 and int(s) > 0)
-        candidates = [] if cat is None else [int(s) for s in sizes if int(s) % frames == 0 and int(s) > 0]
-    if not candidates:
-        return None, (f"static export: cannot split the {n} tokens into {frames} frames; "
-                      f"pass video_shape=(frames, h, w)")
-    video = max(candidates)
-    before, reason = _offset(q, sympy.Integer(n), sympy.Integer(video), n - video)
+        video = _largest_divisible_piece(q, n, divisible)
+        if video is None:
+            return None, (f"static export: cannot split the {n} tokens into {frames} frames; "
+                          f"pass video_shape=(frames, h, w)")
+    before, reason = _offset(q, n, sympy.Integer(video), sympy.simplify(n - video))
     if reason:
         return None, reason
-    return VideoLayout(video // frames, frames, before, n - video - before), ""
+    return VideoLayout(video // frames, frames, before, _int_or_none(n - video - before)), ""
+
+
+def _largest_divisible_piece(q: fx.Node, n, divisible, depth: int = 6):
+    """Size of the largest concatenated piece (searched as in :func:`_find_video_offset`) that
+    ``divisible`` accepts, or None."""
+    best = None
+    for node in _ancestors(q, 400):
+        found = _cat_pieces(node, n, lambda e: e)
+        if found is None:
+            continue
+        for piece, size in zip(*found):
+            if divisible(size):
+                best = max(best or 0, int(size))
+            elif depth > 1:
+                inner = _largest_divisible_piece(piece, size, divisible, depth - 1)
+                if inner is not None:
+                    best = max(best or 0, inner)
+        return best
+    return None
+
+
+def _int_or_none(expr):
+    expr = sympy.simplify(expr)
+    return int(expr) if expr.is_Integer else None
 
 
 def infer_video_layout(q: fx.Node, symbol, patch: int, frames: int | None, video_shape=None):
@@ -134,4 +193,4 @@ def infer_video_layout(q: fx.Node, symbol, patch: int, frames: int | None, video
     n = as_expr(q.meta["val"].shape[-2])
     if symbol is not None:
         return _symbolic_layout(q, n, symbol, patch, frames, video_shape)
-    return _static_layout(q, int(n), frames, video_shape)
+    return _static_layout(q, n, frames, video_shape)

@@ -85,10 +85,13 @@ def drop_mask_column(out: torch.Tensor) -> torch.Tensor:
     return out[..., :-1]
 
 
-def extra_after_in_graph(q: torch.Tensor, frame_input: torch.Tensor, dim: int, patch: int, extra_before: int,
+def extra_after_in_graph(q: torch.Tensor, frames, dim: int, patch: int, extra_before: int,
                          tokens_per_frame: int) -> int:
-    """N - offset - T*M for sequences whose extra token count depends on data."""
-    return q.shape[2] - extra_before - tokens_per_frame * (frame_input.shape[dim] // patch)
+    """N - offset - T*M for sequences whose extra token count depends on data; ``frames`` is the token
+    frame count, or the frame input tensor (T = its size along ``dim`` // ``patch``)."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.shape[dim] // patch
+    return q.shape[2] - extra_before - tokens_per_frame * frames
 
 
 def softmax_attention(q, k, v, scale: float):
@@ -156,11 +159,11 @@ def rewrite_site(gm: fx.GraphModule, site: Site, options: ChunkOptions | None, f
                     features.meta["val"] = val
             extra_after = layout.extra_after
             if extra_after is None:
-                frame_input = _frame_input(gm, frame_axis)
-                if frame_input is None:
+                frames = _frame_input(gm, frame_axis) if frame_axis.dynamic else layout.frames
+                if frames is None:
                     raise ValueError(f"site {site.name}: data-dependent extra tokens need the frame input")
                 extra_after = _call(graph, extra_after_in_graph,
-                                    [q_in, frame_input, frame_axis.dim, frame_axis.patch, layout.extra_before,
+                                    [q_in, frames, frame_axis.dim, frame_axis.patch, layout.extra_before,
                                      layout.tokens_per_frame], anchor)
             args = [q_in, k_in, v_in, fq, fk, layout.tokens_per_frame, options.chunk_frames, options.overlap_frames,
                     options.causal, layout.extra_before, extra_after, float(site.scale)]

@@ -221,8 +221,16 @@ def linear_states(fk_video, v_video, layout: HybridLayout, frames: int, prefix: 
     return s, z
 
 
-def _windowed_softmax(q_video, k, v, layout: HybridLayout, frames: int, scale: float):
-    """Normalised softmax attention of each chunk's queries over (extra tokens + its window)."""
+def _with_extra(window, before, after, groups: int):
+    """Prepend the extra tokens [B,H,E,D] to each of `groups` windows [B,H,G,L,D] -> [B,H*G,E+L,D]."""
+    bsz, heads = window.shape[:2]
+    extra = torch.cat([before, after], dim=2)[:, :, None].expand(-1, -1, groups, -1, -1)
+    return torch.cat([extra, window], dim=3).reshape(bsz, heads * groups, -1, window.shape[-1])
+
+
+def _windowed_softmax_masked(q_video, k, v, layout: HybridLayout, frames, scale: float):
+    """Normalised softmax of every chunk's queries over (extra tokens + its window), all chunks in
+    one SDPA with a key-padding mask. Traceable with a symbolic frame count (no branches)."""
     tc, to, m = layout.chunk_frames, layout.overlap_frames, layout.tokens_per_frame
     n_chunks = -(-frames // tc)
     kb, k_video, ka = _split_tokens(k, layout)
@@ -234,28 +242,65 @@ def _windowed_softmax(q_video, k, v, layout: HybridLayout, frames: int, scale: f
         fr = _frames_padded(t_video, m, to, to + n_chunks * tc)          # [B,H,To+nC*Tc,M,D]
         win = fr.unfold(2, tc + to, tc)                                  # [B,H,nC,M,D,Tc+To]
         win = win.permute(0, 1, 2, 5, 3, 4).reshape(bsz, heads, n_chunks, (tc + to) * m, d)
-        extra = torch.cat([t_before, t_after], dim=2)[:, :, None].expand(-1, -1, n_chunks, -1, -1)
-        return torch.cat([extra, win], dim=3).reshape(bsz, heads * n_chunks, -1, d)
+        return _with_extra(win, t_before, t_after, n_chunks)
 
-    kw, vw = windows(k_video, kb, ka), windows(v_video, vb, va)
     # Key validity: extra tokens always; window frame f (= t*Tc - To + i) when 0 <= f < frames.
     first = torch.arange(n_chunks, device=q_video.device)[:, None] * tc - to
     frame = first + torch.arange(tc + to, device=q_video.device)[None, :]
     valid = ((frame >= 0) & (frame < frames)).repeat_interleave(m, dim=1)
     valid = torch.cat([valid.new_ones(n_chunks, layout.extra), valid], dim=1)
     mask = valid[None, :, None, :].expand(heads, -1, -1, -1).reshape(1, heads * n_chunks, 1, -1)
-    o = F.scaled_dot_product_attention(qc, kw, vw, attn_mask=mask, scale=scale)
-    return o.reshape(bsz, heads, n_chunks, tc * m, d)
+    o = F.scaled_dot_product_attention(qc, windows(k_video, kb, ka), windows(v_video, vb, va), attn_mask=mask,
+                                       scale=scale)
+    return o.reshape(bsz, heads, n_chunks * tc * m, d)[:, :, : frames * m]
+
+
+def _windowed_softmax_grouped(q_video, k, v, layout: HybridLayout, frames: int, scale: float):
+    """Same result as the masked form without a mask or padding (so SDPA can take its flash
+    kernel): chunk 0, the complete chunks after it (windows of Tc+To frames), and a short last
+    chunk are three groups of equal-size windows."""
+    tc, to, m = layout.chunk_frames, layout.overlap_frames, layout.tokens_per_frame
+    kb, k_video, ka = _split_tokens(k, layout)
+    vb, v_video, va = _split_tokens(v, layout)
+    bsz, heads, _, d = q_video.shape
+    qf, kf, vf = (t.reshape(bsz, heads, -1, m, t.shape[-1]) for t in (q_video, k_video, v_video))
+    full = frames // tc
+
+    def attend(first_chunk, n_chunks, chunk_len, window_start, window_len, step):
+        """SDPA for n_chunks chunks of chunk_len frames starting at first_chunk."""
+        q0 = first_chunk * tc
+        qs = qf[:, :, q0:q0 + n_chunks * chunk_len].reshape(bsz, heads * n_chunks, chunk_len * m, d)
+
+        def windows(t, before, after):
+            span = t[:, :, window_start:window_start + (n_chunks - 1) * step + window_len]
+            win = span.unfold(2, window_len, step).permute(0, 1, 2, 5, 3, 4)
+            return _with_extra(win.reshape(bsz, heads, n_chunks, window_len * m, d), before, after, n_chunks)
+
+        o = F.scaled_dot_product_attention(qs, windows(kf, kb, ka), windows(vf, vb, va), scale=scale)
+        return o.reshape(bsz, heads, n_chunks * chunk_len * m, d)
+
+    first_len = min(tc, frames)
+    parts = [attend(0, 1, first_len, 0, first_len, tc)]
+    if full > 1:
+        parts.append(attend(1, full - 1, tc, tc - to, tc + to, tc))
+    if frames > tc and frames % tc:
+        rem = frames % tc
+        parts.append(attend(full, 1, rem, full * tc - to, rem + to, tc))
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
 def hybrid_attention_chunked(q, k, v, fq, fk, *, tokens_per_frame, chunk_frames, overlap_frames,
                              causal=True, extra_before=0, extra_after=0, scale=None, prefix="cumsum",
-                             validate=True):
+                             windows="auto", validate=True):
     """Chunk-parallel hybrid attention (pure PyTorch). ``prefix='matmul'`` writes the prefix
-    sums over chunks as a lower-triangular matmul, for compilers that cannot lower cumsum."""
+    sums over chunks as a lower-triangular matmul, for compilers that cannot lower cumsum.
+    ``windows``: 'grouped' (mask-free SDPA per group of equal windows), 'masked' (one SDPA with
+    a key mask, branch-free for symbolic shapes) or 'auto' (grouped unless frames is symbolic)."""
     layout = make_layout(tokens_per_frame, chunk_frames, overlap_frames, causal, extra_before, extra_after)
     if validate:
         validate_inputs(q, k, v, fq, fk, layout)
+    if windows not in ("auto", "grouped", "masked"):
+        raise ValueError(f"windows must be 'auto', 'grouped' or 'masked', got {windows!r}")
     scale = resolve_scale(scale, q.shape[-1])
     n = q.shape[2]
     frames = layout.frames(n)
@@ -268,12 +313,15 @@ def hybrid_attention_chunked(q, k, v, fq, fk, *, tokens_per_frame, chunk_frames,
     _, v_video, _ = _split_tokens(v, layout)
     _, fq_video, _ = _split_tokens(fq, layout)
 
-    o = _windowed_softmax(q_video, k, v, layout, frames, scale)            # [B,H,nC,Tc*M,D]
+    # A symbolic frame count (tracing, export) takes the branch-free masked form.
+    windowed = _windowed_softmax_grouped if windows == "grouped" or (
+        windows == "auto" and isinstance(frames, int)) else _windowed_softmax_masked
+    o = windowed(q_video, k, v, layout, frames, scale)                    # [B,H,T*M,D]
     s, z = linear_states(fk_video, v_video, layout, frames, prefix)       # fp32
     fqc = _frames_padded(fq_video.to(_acc(q)), m, 0, n_chunks * tc).reshape(bsz, heads, n_chunks, tc * m, -1)
-    num = o.to(_acc(q)) + fqc @ s
-    den = 1.0 + fqc @ z.unsqueeze(-1)
-    y_video = (num / den).reshape(bsz, heads, n_chunks * tc * m, d)[:, :, : frames * m].to(q.dtype)
+    num = (fqc @ s).reshape(bsz, heads, n_chunks * tc * m, d)[:, :, : frames * m]
+    den = (1.0 + fqc @ z.unsqueeze(-1)).reshape(bsz, heads, n_chunks * tc * m, 1)[:, :, : frames * m]
+    y_video = ((o.to(_acc(q)) + num) / den).to(q.dtype)
 
     parts = []
     if layout.extra_before:
@@ -289,39 +337,47 @@ def hybrid_attention_chunked(q, k, v, fq, fk, *, tokens_per_frame, chunk_frames,
 # ---------------------------------------------------------------------------------------------
 
 class HybridState(NamedTuple):
-    """Carried between chunks, per layer: S [B,H,F,D] and z [B,H,F] (fp32), and the k, v, phi_k
-    of the last ``min(overlap_frames, frames seen)`` frames ([B,H,frames*M,X], input dtypes)."""
+    """Carried between chunks, per layer; every field has a fixed shape, whatever the frame count.
+
+    s [B,H,F,D] and z [B,H,F] (fp32 or wider): sums of phi_k v^T and phi_k over the frames that
+    have left the window. k_overlap, v_overlap [B,H,To*M,D] and fk_overlap [B,H,To*M,F] (input
+    dtypes): the last To frames seen, zero before they exist; overlap_valid [To*M] (bool) marks
+    which of them exist yet (only the first chunks have fewer than To frames behind them).
+    """
 
     s: torch.Tensor
     z: torch.Tensor
     k_overlap: torch.Tensor
     v_overlap: torch.Tensor
     fk_overlap: torch.Tensor
+    overlap_valid: torch.Tensor
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self)
 
 
-def initial_state(k, v, fk) -> HybridState:
-    """The state before the first chunk: S = 0, z = 0, no overlap frames."""
+def initial_state(k, v, fk, overlap_tokens: int) -> HybridState:
+    """The state before the first chunk: S = 0, z = 0, an empty (all-invalid) overlap cache."""
     bsz, heads, _, d = k.shape
     feat = fk.shape[-1]
     s = torch.zeros(bsz, heads, feat, d, dtype=_acc(k), device=k.device)
-    return HybridState(s, s.new_zeros(bsz, heads, feat), k[:, :, :0], v[:, :, :0], fk[:, :, :0])
+    return HybridState(s, s.new_zeros(bsz, heads, feat), k.new_zeros(bsz, heads, overlap_tokens, d),
+                       v.new_zeros(bsz, heads, overlap_tokens, d), fk.new_zeros(bsz, heads, overlap_tokens, feat),
+                       torch.zeros(overlap_tokens, dtype=torch.bool, device=k.device))
 
 
-def _validate_state(state, k, v, fk, layout: HybridLayout) -> None:
+def _validate_state(state, k, v, fk, overlap_tokens: int) -> None:
     if not isinstance(state, HybridState):
         raise TypeError(f"state must be None or a HybridState, got {type(state).__name__}")
     bsz, heads, _, d = k.shape
     feat = fk.shape[-1]
-    if tuple(state.s.shape) != (bsz, heads, feat, d) or tuple(state.z.shape) != (bsz, heads, feat):
-        raise ShapeError(f"state.s / state.z must be [B,H,F,D]=[{bsz},{heads},{feat},{d}] / [B,H,F], "
-                         f"got {tuple(state.s.shape)} / {tuple(state.z.shape)}")
-    cached = state.k_overlap.shape[2]
-    if cached % layout.tokens_per_frame or cached // layout.tokens_per_frame > layout.overlap_frames:
-        raise ShapeError(f"state overlap holds {cached} tokens; expected a multiple of tokens_per_frame="
-                         f"{layout.tokens_per_frame} of at most overlap_frames={layout.overlap_frames} frames")
+    expected = {"s": (bsz, heads, feat, d), "z": (bsz, heads, feat), "k_overlap": (bsz, heads, overlap_tokens, d),
+                "v_overlap": (bsz, heads, overlap_tokens, d), "fk_overlap": (bsz, heads, overlap_tokens, feat),
+                "overlap_valid": (overlap_tokens,)}
+    for name, shape in expected.items():
+        got = tuple(getattr(state, name).shape)
+        if got != shape:
+            raise ShapeError(f"state.{name} must have shape {shape} for these inputs and overlap_frames, got {got}")
 
 
 def hybrid_attention_step(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_frames, overlap_frames,
@@ -330,10 +386,10 @@ def hybrid_attention_step(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_fra
     extra_after] tokens; returns (output for those tokens, state for the next chunk)."""
     layout = make_layout(tokens_per_frame, chunk_frames, overlap_frames, True, extra_before, extra_after)
     validate_inputs(q, k, v, fq, fk, layout, whole_video=False)
-    state = initial_state(k, v, fk) if state is None else state
-    _validate_state(state, k, v, fk, layout)
+    overlap_tokens = layout.overlap_frames * layout.tokens_per_frame
+    state = initial_state(k, v, fk, overlap_tokens) if state is None else state
+    _validate_state(state, k, v, fk, overlap_tokens)
     scale = resolve_scale(scale, q.shape[-1])
-    m = layout.tokens_per_frame
 
     kb, k_video, ka = _split_tokens(k, layout)
     vb, v_video, va = _split_tokens(v, layout)
@@ -341,19 +397,24 @@ def hybrid_attention_step(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_fra
     window_k = torch.cat([state.k_overlap, k_video], dim=2)
     window_v = torch.cat([state.v_overlap, v_video], dim=2)
     window_fk = torch.cat([state.fk_overlap, fk_video], dim=2)
+    window_valid = torch.cat([state.overlap_valid, state.overlap_valid.new_ones(k_video.shape[2])])
 
     # Every query of the chunk (extra tokens included) sees extras + window with softmax.
     keys = torch.cat([kb, ka, window_k], dim=2)
     values = torch.cat([vb, va, window_v], dim=2)
-    o = F.scaled_dot_product_attention(q, keys, values, scale=scale).to(_acc(q))
+    mask = None
+    if overlap_tokens:
+        mask = torch.cat([window_valid.new_ones(layout.extra), window_valid])[None, :]
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale).to(_acc(q))
     fqf = fq.to(_acc(q))
     y = (o + fqf @ state.s) / (1.0 + fqf @ state.z.unsqueeze(-1))
 
-    # Frames leaving the window move into the state; the last To frames stay as the overlap.
-    keep = min(layout.overlap_frames * m, window_k.shape[2])
-    leave = window_k.shape[2] - keep
+    # Frames leaving the window move into the state (not-yet-existing overlap slots hold zeros and
+    # add nothing); the last To frames stay as the overlap.
+    leave = k_video.shape[2]
     fk_leave = window_fk[:, :, :leave].to(_acc(q))
     s = state.s + fk_leave.transpose(-1, -2) @ window_v[:, :, :leave].to(_acc(q))
     z = state.z + fk_leave.sum(2)
-    new_state = HybridState(s, z, window_k[:, :, leave:], window_v[:, :, leave:], window_fk[:, :, leave:])
+    new_state = HybridState(s, z, window_k[:, :, leave:], window_v[:, :, leave:], window_fk[:, :, leave:],
+                            window_valid[leave:])
     return y.to(q.dtype), new_state

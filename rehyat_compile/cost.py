@@ -16,6 +16,16 @@ formulas, evaluated on symbolic shapes), and attributed to the graph node that i
 All four are sympy expressions in the symbol ``T`` (other dims concrete), with per-node and
 per-attention-site breakdowns. :func:`check_linear` raises ``ComplexityError`` naming the nodes whose
 cost grows faster than linearly in T.
+
+Attention is costed as fused kernels by default (SDPA and the hybrid op each read their inputs and
+write their output; FLOPs by their registered formulas, so the hybrid op's cost is
+:func:`~rehyat_compile.op.hybrid_attention_flops`); ``attention="math"`` runs both unfused, which
+is what memory traffic looks like where score matrices are materialised (most phone GPUs).
+
+A :class:`~rehyat_compile.transform.HybridModel` is costed from the rewritten graph it already
+holds (sites and feature maps included). A streaming step graph has no time axis: pass
+``chunk_frames`` and its per-call cost is constant, totals scale with ceiling(T / chunk_frames).
+The expressions hold for the frame counts the graph's guards allow (``CostReport.frames_range``).
 """
 from __future__ import annotations
 
@@ -27,8 +37,8 @@ import sympy
 import torch
 from torch.fx import Interpreter, Node
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch._decomp import decomposition_table
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils._sympy.numbers import int_oo
@@ -37,9 +47,9 @@ from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_
 from . import symbolic
 from .errors import ComplexityError, ConversionError
 from .export import export_video_model, find_frame_input
-from .transform import HybridModel
 from .op import decompositions, hybrid_attention_flops
-from rehyat_compile.passes.liveness import activation_liveness, storage_key
+from .passes.liveness import activation_liveness, storage_key
+from .transform import HybridModel
 
 aten = torch.ops.aten
 METRICS = ("flops", "flops_elementwise", "bytes", "peak_memory")
@@ -191,7 +201,8 @@ class _Symbols:
             unknown = converted.free_symbols - {symbolic.T}
             if unknown:
                 raise ValueError(f"a size in the graph depends on {sorted(map(str, unknown))}, not only on the "
-                                 "frame count (data-dependent output sizes cannot be costed)")
+                                 "frame count: another dynamic input size, or a data-dependent output size "
+                                 "(nonzero, masking), which cannot be costed")
             self.cache[expr] = converted
         return self.cache[expr]
 
@@ -226,8 +237,13 @@ def _registered_flops(func, args, kwargs, out, sym: _Symbols):
             return sym.shape(x)
         return sym(x) if isinstance(x, torch.SymInt) else x
 
-    args, kwargs, out = tree_map(as_shape, (args, kwargs, out))
-    return sympy.expand(shape_formula(*args, out_shape=out, **kwargs))
+    try:
+        shapes, kw_shapes, out_shape = tree_map(as_shape, (args, kwargs, out))
+        return sympy.expand(shape_formula(*shapes, out_shape=out_shape, **kw_shapes))
+    except AssertionError:
+        # a formula's shape check that sympy cannot prove (e.g. floor(T/floor(T/2)) == 2): evaluate
+        # it on the SymInt shapes as FlopCounterMode does (guards hold at the example length)
+        return sym(formula(*args, **kwargs, out_val=out))
 
 
 def _hybrid_scores(q: torch.Tensor, layout_args, sym: _Symbols):
@@ -586,6 +602,9 @@ def cost(model, args=(), kwargs=None, *, frames=None, chunk_frames: int | None =
         raise TypeError(f"model must be a torch.nn.Module or an ExportedProgram, got {type(model).__name__}")
 
     if isinstance(model, HybridModel):
+        if chunk_frames is not None:
+            raise ValueError("chunk_frames is for streaming step graphs; a HybridModel runs the whole video "
+                             "(cost it without chunk_frames)")
         # its rewritten graph is already exported with the frame axis symbolic (and knows its sites)
         program = _Program.unlifted(model.graph_module(*args, **kwargs))
     elif exported:

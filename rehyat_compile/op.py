@@ -12,6 +12,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .attention import hybrid_attention_chunked, make_layout, resolve_scale, validate_inputs
+from .kernels import hybrid_attention_cuda
 
 OP_NAME = "rehyat::hybrid_attention"
 
@@ -53,6 +54,8 @@ def _backward(ctx, grad):
 
 
 _hybrid_attention_op.register_autograd(_backward, setup_context=_setup_context)
+# CUDA: the fused Triton kernel where it applies, else this PyTorch form (kernels/__init__.py).
+_hybrid_attention_op.register_kernel("cuda")(hybrid_attention_cuda)
 
 
 def hybrid_attention(q, k, v, fq, fk, *, tokens_per_frame, chunk_frames, overlap_frames, causal=True,

@@ -147,6 +147,7 @@ class HybridModel(nn.Module):
         object.__setattr__(self, "_layers", None if layers is None else list(layers))
         object.__setattr__(self, "_frames", frames)
         object.__setattr__(self, "_programs", {})
+        object.__setattr__(self, "_analyses", {})
         object.__setattr__(self, "_frame_axis", None)
         object.__setattr__(self, "sites", [])
         object.__setattr__(self, "report", None)
@@ -179,8 +180,25 @@ class HybridModel(nn.Module):
                 "sites": [s.to_dict() | {"key": s.key} for s in self.sites]}
 
     # -- building ------------------------------------------------------------------------------
+    def _analysis(self, args, kwargs):
+        """(pristine GraphModule, FrameAxis, sites) for this input structure; exported once, shared by
+        every :meth:`with_options` sibling."""
+        key = _structure_key(args, kwargs, self._frame_axis)
+        if key not in self._analyses:
+            gm, frame_axis, sites = _analysed(self.original, args, kwargs, self._video_shape, self._frames)
+            key = _structure_key(args, kwargs, frame_axis)
+            self._analyses[key] = (gm, frame_axis, sites)
+        return self._analyses[key]
+
+    def _fresh_graph(self, pristine: fx.GraphModule, sites: list[Site]) -> tuple[fx.GraphModule, list[Site]]:
+        graph, node_map = _copy_graph(pristine.graph)
+        gm = fx.GraphModule(pristine, graph)
+        gm.original = self.original
+        gm.feature_maps = self.feature_maps
+        return gm, _rematch(node_map, sites)
+
     def _build(self, args, kwargs):
-        gm, frame_axis, sites = _analysed(self.original, args, kwargs, self._video_shape, self._frames)
+        pristine, frame_axis, sites = self._analysis(args, kwargs)
         report = InspectReport(sites, frame_axis, type(self.original).__name__)
         chosen = _selected(sites, self._layers)
         if not chosen:
@@ -193,21 +211,40 @@ class HybridModel(nn.Module):
                 if param is not None:
                     pair.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
                 self.feature_maps[site.key] = pair
-        teacher, node_map = _copy_graph(gm.graph)
-        gm.feature_maps = self.feature_maps
-        rewrite_attention(gm, chosen, self._options, frame_axis)
-        gm.original = self.original
-        _redirect_parameters(gm, self.original)
-        teacher_gm = fx.GraphModule(gm, teacher)
-        teacher_sites = _rematch(node_map, chosen)
-        rewrite_attention(teacher_gm, teacher_sites, None, frame_axis)
-        teacher_gm.original = self.original
-        _redirect_parameters(teacher_gm, self.original)
         object.__setattr__(self, "_frame_axis", frame_axis)
-        object.__setattr__(self, "sites", chosen)
         object.__setattr__(self, "report", report)
-        self._programs[_structure_key(args, kwargs, frame_axis)] = (gm, teacher_gm)
-        return gm, teacher_gm
+        key = _structure_key(args, kwargs, frame_axis)
+        self._render_cached(key, pristine, frame_axis, chosen)
+        return self._programs[key]
+
+    def with_options(self, *, chunk_frames=None, overlap_frames=None, causal=None) -> "HybridModel":
+        """A sibling with other chunking that shares the original, the feature maps and the exports."""
+        o = self._options
+        sibling = HybridModel(self.original, video_shape=self._video_shape,
+                              chunk_frames=o.chunk_frames if chunk_frames is None else chunk_frames,
+                              overlap_frames=o.overlap_frames if overlap_frames is None else overlap_frames,
+                              causal=o.causal if causal is None else causal, layers=self._layers,
+                              feature_dim=o.feature_dim, frames=self._frames)
+        sibling.feature_maps = self.feature_maps
+        object.__setattr__(sibling, "_analyses", self._analyses)
+        object.__setattr__(sibling, "_frame_axis", self._frame_axis)
+        object.__setattr__(sibling, "report", self.report)
+        for key, (gm, frame_axis, sites) in list(self._analyses.items()):
+            if key in self._programs:  # same structures as self, ready to call
+                chosen = [s for s in sites if s.name in {c.name for c in self.sites}]
+                sibling._render_cached(key, gm, frame_axis, chosen)
+        return sibling
+
+    def _render_cached(self, key, pristine, frame_axis, chosen):
+        """Rewrite fresh copies of the pristine graph: the student (hybrid) and the teacher (softmax)."""
+        gm, student_sites = self._fresh_graph(pristine, chosen)
+        rewrite_attention(gm, student_sites, self._options, frame_axis)
+        _redirect_parameters(gm, self.original)
+        teacher_gm, teacher_sites = self._fresh_graph(pristine, chosen)
+        rewrite_attention(teacher_gm, teacher_sites, None, frame_axis)
+        _redirect_parameters(teacher_gm, self.original)
+        object.__setattr__(self, "sites", chosen)
+        self._programs[key] = (gm, teacher_gm)
 
     def _programs_for(self, args, kwargs):
         kwargs = {} if kwargs is None else kwargs

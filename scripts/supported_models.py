@@ -12,7 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rehyat_compile as rc  # noqa: E402
-from tests.models import MODELS  # noqa: E402
+from rehyat_compile.errors import ConversionError  # noqa: E402
+from tests.models import FRAMES, MODELS  # noqa: E402
 
 VIDEO_SHAPE = {"ltx-video": (5, 4, 4)}
 
@@ -23,9 +24,15 @@ def _rel(a, b):
 
 def row(name: str) -> str:
     model, args, kwargs = MODELS[name]()
-    report = rc.inspect(model, args, kwargs, video_shape=VIDEO_SHAPE.get(name))
+    options = dict(video_shape=VIDEO_SHAPE.get(name), frames=FRAMES.get(name))
+    try:
+        report = rc.inspect(model, args, kwargs, **options)
+    except ConversionError as error:
+        return f"| {name} | {type(model).__name__} | - | 0 | - | - | - | - | {str(error).split(':')[0]} |"
     fa = report.frame_axis
     axis = "symbolic" if fa.dynamic else "static" + (" + video_shape" if name in VIDEO_SHAPE else "")
+    if name in FRAMES:
+        axis += f" (frames={FRAMES[name]})"
     ok = report.rewritable
     kinds = ", ".join(sorted({s.kind for s in ok})) or "-"
     declined = sorted({s.reason.split(":")[0] for s in report.sites if not s.rewritable})
@@ -33,9 +40,9 @@ def row(name: str) -> str:
         return f"| {name} | {type(model).__name__} | {len(report.sites)} | 0 | - | {axis} | - | - | {'; '.join(declined)} |"
     with torch.no_grad():
         reference = model(*args, **kwargs)[0]
-        whole = rc.transform(model, args, kwargs, video_shape=VIDEO_SHAPE.get(name), chunk_frames=64)(*args, **kwargs)[0]
-        chunked = rc.transform(model, args, kwargs, video_shape=VIDEO_SHAPE.get(name), chunk_frames=2,
-                               overlap_frames=1)(*args, **kwargs)[0]
+        hybrid = rc.transform(model, args, kwargs, chunk_frames=64, **options)
+        whole = hybrid(*args, **kwargs)[0]
+        chunked = hybrid.with_options(chunk_frames=2, overlap_frames=1)(*args, **kwargs)[0]
     return (f"| {name} | {type(model).__name__} | {len(report.sites)} | {len(ok)} | {kinds} | {axis} | "
             f"{_rel(whole, reference):.1e} | {_rel(chunked, reference):.1e} | {'; '.join(declined)} |")
 

@@ -197,3 +197,124 @@ MODELS = {
     "cosmos": make_cosmos,
     "sana-video": make_sana_video,
 }
+
+
+# ---- further diffusers 0.42.1 video transformers ---------------------------------------------
+
+def make_chronoedit(frames=5):
+    from diffusers import ChronoEditTransformer3DModel
+    model = _seeded(ChronoEditTransformer3DModel, **_wan_config())
+    return model, (_video(frames),), dict(timestep=torch.tensor([500]), encoder_hidden_states=_randn(1, TEXT, 32, seed=2),
+                                          return_dict=False)
+
+
+def make_anyflow(frames=5):
+    from diffusers import AnyFlowTransformer3DModel
+    config = _wan_config()
+    config.pop("rope_max_seq_len")
+    model = _seeded(AnyFlowTransformer3DModel, **config)
+    return model, (_video(frames, channels_first=False),), dict(
+        timestep=torch.full((1, frames), 500), r_timestep=torch.full((1, frames), 400),
+                                          encoder_hidden_states=_randn(1, TEXT, 32, seed=2), return_dict=False)
+
+
+def make_consisid(frames=5):
+    """ConsisID (CogVideoX-based identity-preserving video), face branch off."""
+    from diffusers import ConsisIDTransformer3DModel
+    model = _seeded(ConsisIDTransformer3DModel, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=CH,
+                    out_channels=CH, time_embed_dim=32, text_embed_dim=32, num_layers=2, sample_width=LATENT,
+                    sample_height=LATENT, sample_frames=(frames - 1) * 4 + 1, patch_size=2, max_text_seq_length=TEXT)
+    return model, (_video(frames, channels_first=False),), dict(
+        encoder_hidden_states=_randn(1, TEXT, 32, seed=2), timestep=torch.tensor([500]), return_dict=False)
+
+
+def make_hunyuan_video_framepack(frames=5):
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+    model = _seeded(HunyuanVideoFramepackTransformer3DModel, in_channels=CH, out_channels=CH,
+                    num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, num_layers=1, num_single_layers=1,
+                    num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32, pooled_projection_dim=24,
+                    rope_axes_dim=(4, 6, 6), has_image_proj=True, image_proj_dim=24,
+                    has_clean_x_embedder=True)
+    return model, (_video(frames),), dict(
+        timestep=torch.tensor([500]), encoder_hidden_states=_randn(1, TEXT, 32, seed=2),
+        encoder_attention_mask=torch.ones(1, TEXT, dtype=torch.long), pooled_projections=_randn(1, 24, seed=3),
+        image_embeds=_randn(1, 3, 24, seed=4), indices_latents=torch.arange(frames),
+        latents_clean=_video(2, seed=5), indices_latents_clean=torch.arange(2),
+        latents_history_2x=_video(2, seed=6), indices_latents_history_2x=torch.arange(2),
+        latents_history_4x=_video(4, seed=7), indices_latents_history_4x=torch.arange(4),
+        guidance=torch.tensor([3500.0]), return_dict=False)
+
+
+def make_motif_video(frames=5):
+    from diffusers import MotifVideoTransformer3DModel
+    model = _seeded(MotifVideoTransformer3DModel, in_channels=CH, out_channels=CH, num_attention_heads=HEADS,
+                    attention_head_dim=HEAD_DIM, num_layers=1, num_single_layers=1, patch_size=2, patch_size_t=1,
+                    text_embed_dim=32, rope_axes_dim=(4, 6, 6))
+    return model, (_video(frames),), dict(
+        timestep=torch.tensor([500]), encoder_hidden_states=_randn(1, TEXT, 32, seed=2),
+        encoder_attention_mask=torch.ones(1, TEXT, dtype=torch.long), return_dict=False)
+
+
+def make_latte(frames=5):
+    """Latte: factorised spatial + temporal attention (spatial-only is declined)."""
+    from diffusers import LatteTransformer3DModel
+    model = _seeded(LatteTransformer3DModel, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=CH,
+                    out_channels=CH, num_layers=1, sample_size=LATENT, patch_size=2, caption_channels=32,
+                    cross_attention_dim=INNER, num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                    video_length=frames)
+    return model, (_video(frames),), dict(timestep=torch.tensor([500]), encoder_hidden_states=_randn(1, TEXT, 32, seed=2),
+                                          return_dict=False)
+
+
+MODELS.update({
+    "chronoedit": make_chronoedit,
+    "anyflow": make_anyflow,
+    "consisid": make_consisid,
+    "hunyuan-video-framepack": make_hunyuan_video_framepack,
+    "motif-video": make_motif_video,
+    "latte": make_latte,
+})
+
+
+def _fill_zero_weights(model, std=0.05):
+    """Zero-initialised gates/modulations make the attention invisible in the output; give them values."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def make_kandinsky5(frames=5):
+    """Kandinsky 5 video: channels-last latents [B, T, H, W, C] (pass frames=("hidden_states", 1))."""
+    from diffusers import Kandinsky5Transformer3DModel
+    model = _seeded(Kandinsky5Transformer3DModel, in_visual_dim=CH, in_text_dim=32, in_text_dim2=24, time_dim=32,
+                    out_visual_dim=CH, patch_size=(1, 2, 2), model_dim=INNER, ff_dim=64, num_text_blocks=1,
+                    num_visual_blocks=2, axes_dims=(4, 6, 6))
+    _fill_zero_weights(model)
+    side = LATENT // 2
+    return model, (_randn(1, frames, LATENT, LATENT, CH),), dict(
+        encoder_hidden_states=_randn(1, TEXT, 32, seed=2), timestep=torch.tensor([500.0]),
+        pooled_projections=_randn(1, 24, seed=3),
+        visual_rope_pos=[torch.arange(frames), torch.arange(side), torch.arange(side)],
+        text_rope_pos=torch.arange(TEXT), return_dict=False)
+
+
+def make_hunyuan_video_1_5(frames=5):
+    """HunyuanVideo 1.5 (T2V: zero image embeddings). Not exportable: ``if torch.all(image_embeds == 0)``
+    is python control flow on data, which torch.export cannot trace (kept as the real-model example of
+    a clear "cannot be exported" error)."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+    model = _seeded(HunyuanVideo15Transformer3DModel, in_channels=CH, out_channels=CH, num_attention_heads=HEADS,
+                    attention_head_dim=HEAD_DIM, num_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1,
+                    text_embed_dim=32, text_embed_2_dim=24, image_embed_dim=16, rope_axes_dim=(4, 6, 6),
+                    target_size=64, task_type="t2v")
+    return model, (_video(frames),), dict(
+        timestep=torch.tensor([500.0]), encoder_hidden_states=_randn(1, TEXT, 32, seed=2),
+        encoder_attention_mask=torch.ones(1, TEXT, dtype=torch.long), encoder_hidden_states_2=_randn(1, 5, 24, seed=3),
+        encoder_attention_mask_2=torch.ones(1, 5, dtype=torch.long), image_embeds=torch.zeros(1, 3, 16),
+        return_dict=False)
+
+
+MODELS.update({"kandinsky5": make_kandinsky5, "hunyuan-video-1.5": make_hunyuan_video_1_5})
+FRAMES = {"kandinsky5": ("hidden_states", 1)}  # frames= for models whose time axis is not found by default

@@ -118,6 +118,32 @@ def test_wan_sites_split_self_and_cross_attention(wan_cost):
     assert sum(c.flops for c in cost.by_node.values()) == cost.flops
 
 
+@pytest.fixture(scope="module")
+def converted_wan_cost():
+    from tests.models import make_wan_t2v
+    model, args, kwargs = make_wan_t2v(5)
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1)
+    return hybrid, rc.cost(hybrid, args, kwargs)
+
+
+def test_converted_wan_is_linear_and_accepted(converted_wan_cost):
+    hybrid, cost = converted_wan_cost
+    assert cost.degree("flops") == 1 and cost.degree("flops_elementwise") == 1
+    assert rc.check_linear(cost) is cost
+    hybrid_nodes = [c for c in cost.by_node.values() if "hybrid_attention" in c.target]
+    assert sorted(c.site for c in hybrid_nodes) == sorted(s.name for s in hybrid.sites)
+    phi = [c for c in cost.by_node.values() if "phi_" in c.target]
+    assert len(phi) == 2 * len(hybrid.sites) and all(c.site in cost.by_site and c.flops != 0 for c in phi)
+
+
+@pytest.mark.parametrize("frames", [5, 9])
+def test_converted_wan_flops_equal_flop_counter(converted_wan_cost, frames):
+    from tests.models import make_wan_t2v
+    hybrid, cost = converted_wan_cost
+    _, args, kwargs = make_wan_t2v(frames)
+    assert cost.evaluate(T=frames)["flops"] == counted_flops(hybrid, *args, **kwargs)
+
+
 @pytest.mark.parametrize("chunk_frames, overlap_frames", [(1, 0), (2, 1), (3, 1)])
 def test_hybrid_layer_is_linear_and_matches_flop_counter(chunk_frames, overlap_frames):
     torch.manual_seed(0)
@@ -222,7 +248,7 @@ def test_model_that_does_not_export_is_a_clear_error():
 
     with pytest.raises(rc.ConversionError, match="cannot be exported"):
         rc.cost(Branchy(), (video(3),))
-    with pytest.raises(ValueError, match="data-dependent"):
+    with pytest.raises(ValueError, match="data-dependent output size"):
         rc.cost(DataDependent(), (video(3),))
 
 

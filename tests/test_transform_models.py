@@ -6,14 +6,16 @@ import torch
 import rehyat_compile as rc
 from rehyat_compile.errors import ConversionError
 
-from .models import MODELS
+from .models import FRAMES, MODELS
 
 # what inspect must find: (converted self/joint sites, kind of the converted sites)
 EXPECTED = {
     "wan2.1-t2v": (2, "self"), "wan2.1-i2v": (2, "self"), "wan-vace": (4, "self"), "skyreels-v2": (2, "self"),
     "helios": (2, "joint"), "cogvideox-1.0": (2, "joint"), "cogvideox-1.5": (2, "joint"),
     "hunyuan-video": (2, "joint"), "mochi": (2, "joint"), "ltx-video": (2, "self"), "allegro": (2, "self"),
-    "easyanimate": (2, "joint"), "cosmos": (2, "self"),
+    "easyanimate": (2, "joint"), "cosmos": (2, "self"), "chronoedit": (2, "self"), "anyflow": (2, "self"),
+    "consisid": (2, "joint"), "hunyuan-video-framepack": (2, "joint"), "motif-video": (2, "joint"),
+    "latte": (1, "self"), "kandinsky5": (2, "self"),
 }
 VIDEO_SHAPE = {"ltx-video": (5, 4, 4)}  # LTX takes pre-patchified tokens and ints: static export
 
@@ -28,14 +30,13 @@ def test_transform_one_chunk_equals_original_and_chunking_differs(name):
     model, args, kwargs = MODELS[name]()
     with torch.no_grad():
         reference = model(*args, **kwargs)[0]
-        whole = rc.transform(model, args, kwargs, video_shape=VIDEO_SHAPE.get(name), chunk_frames=16,
-                             overlap_frames=1)
+        whole = rc.transform(model, args, kwargs, video_shape=VIDEO_SHAPE.get(name), frames=FRAMES.get(name),
+                             chunk_frames=16, overlap_frames=1)
         count, kind = EXPECTED[name]
         assert len(whole.sites) == count
         assert {s.kind for s in whole.sites} == {kind}
         assert _rel(whole(*args, **kwargs)[0], reference) < 1e-4
-        chunked = rc.transform(model, args, kwargs, video_shape=VIDEO_SHAPE.get(name), chunk_frames=2,
-                               overlap_frames=1)
+        chunked = whole.with_options(chunk_frames=2, overlap_frames=1)  # same export, real chunking
         out = chunked(*args, **kwargs)[0]
     assert torch.isfinite(out).all()
     assert _rel(out, reference) > 1e-4
@@ -63,3 +64,9 @@ def test_hunyuan_text_refiner_is_not_video_and_key_mask_survives():
     joint = report.rewritable
     assert [s.video for s in joint] == [(0, 5, 16)] * 2  # text after the video: offset 0, 7 extra after
     assert all(s.layout.extra_after == 7 and s.match.mask is not None for s in joint)
+
+
+def test_hunyuan_video_1_5_data_dependent_branch_gives_a_clear_export_error():
+    model, args, kwargs = MODELS["hunyuan-video-1.5"]()
+    with pytest.raises(ConversionError, match="cannot be exported with torch.export: GuardOnDataDependentSymNode"):
+        rc.inspect(model, args, kwargs)

@@ -1,0 +1,348 @@
+"""``rc.stream``: run a converted (causal) video DiT chunk by chunk with a fixed-size state.
+
+Inside one denoising step the whole DiT runs on chunk t (every layer), each converted layer reading
+and updating its own state, then on chunk t+1 (REHYAT.md, "Inside a diffusion step"). The chunk
+program comes from :func:`rehyat_compile.passes.thread_state.thread_state`; this module feeds it.
+
+    runner = rc.stream(hybrid)
+    y = runner(*args, **kwargs)                      # == hybrid(*args, **kwargs) (causal form)
+    for y_chunk in runner.iter_chunks(*args, **kwargs): ...
+    runner.state_nbytes(*args, **kwargs)             # carried bytes, independent of the frame count
+    module, example = runner.step_module(*args, **kwargs)
+    torch.export.export(module, example)             # states as explicit inputs and outputs
+
+``step_module`` is what ``rc.build(..., streaming=True)`` compiles: ``module(*chunk_inputs, *tables,
+*states)`` returns ``(*chunk_outputs, *new_states)``; ``example`` is the first full chunk's inputs,
+its tables and the initial states. :meth:`StreamRunner.signature` names every one of them.
+
+Exports with a symbolic frame axis give one step program for every chunk. Fixed-shape exports
+(Cosmos, LTX-Video with ``video_shape``) and fixed-size extra video inputs (WanVACE's control video)
+are traced again on chunk-length inputs, one program per chunk length (the full chunk and a shorter
+last one), by :func:`~rehyat_compile.passes.thread_state.thread_state_matched`; which inputs are
+chunked is then read from sizes (the frame input's time dim, M*T token dims, ints equal to the frame
+count). For LTX-Video, ``video_shape`` fixes the frame count: transform per length.
+
+Position tables (RoPE, learned frame embeddings) are computed once per call for the whole video and
+sliced per chunk. ``table_device="cpu"`` computes and keeps them in host memory and moves one chunk's
+slice at a time, so device memory does not grow with the video length.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import fx
+from torch.export._tree_utils import reorder_kwargs
+from torch.utils import _pytree as pytree
+
+from .errors import ConversionError, ShapeError
+from .export import temporal_patch
+from .passes.thread_state import HYBRID_OP, STATE_FIELDS, FrameDim, StepProgram, thread_state, thread_state_matched
+
+
+class _TablesOn(fx.Interpreter):
+    """Evaluates a table module on another device: parameters and factory ops are moved there and
+    the inputs are zero-memory stand-ins of the right shape (tables read only their shapes)."""
+
+    def __init__(self, module, device):
+        super().__init__(module)
+        self.device = device
+
+    def placeholder(self, target, args, kwargs):
+        value = super().placeholder(target, args, kwargs)
+        if isinstance(value, torch.Tensor):
+            return torch.zeros((), dtype=value.dtype, device=self.device).expand(value.shape)
+        return value
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return value.to(self.device) if isinstance(value, torch.Tensor) else value
+
+    def call_function(self, target, args, kwargs):
+        if "device" in kwargs:
+            kwargs = {**kwargs, "device": self.device}
+        return super().call_function(target, args, kwargs)
+
+
+class StreamRunner:
+    """Runs a causal :class:`~rehyat_compile.HybridModel` chunk by chunk; see the module docstring."""
+
+    def __init__(self, hybrid, *, table_device=None):
+        if not hasattr(hybrid, "graph_module") or not hasattr(hybrid, "original"):
+            raise TypeError(f"stream needs the model returned by rc.transform (a HybridModel), got "
+                            f"{type(hybrid).__name__}")
+        conversion = hybrid.conversion
+        if not conversion.get("causal", True):
+            raise ConversionError(
+                "stream needs a causal conversion: this model was transformed with causal=False, so each chunk's "
+                "linear attention reads later frames and the video cannot run chunk by chunk; "
+                "use rc.transform(..., causal=True)")
+        self.hybrid = hybrid
+        self.table_device = None if table_device is None else torch.device(table_device)
+        self._programs: dict[int, StepProgram] = {}
+
+    # -- the step programs for one call -------------------------------------------------------
+    def plan(self, *args, **kwargs) -> "_Plan":
+        """How this call runs: the flat inputs, the frame count, and a step program per chunk length."""
+        with _video_shape_for(self.hybrid, None):
+            gm = self.hybrid.graph_module(*args, **kwargs)
+        frame_axis = getattr(self.hybrid, "_frame_axis", None)
+        patch = frame_axis.patch if frame_axis is not None else temporal_patch(self.hybrid.original)
+        if frame_axis is None or frame_axis.dynamic:
+            if id(gm) not in self._programs:
+                self._programs[id(gm)] = thread_state(gm, patch=patch)
+            program = self._programs[id(gm)]
+            flat = _flat(program.in_spec, args, kwargs)
+            if not _static_frame_inputs(flat, program.input_dims, frame_axis):
+                return _Plan(flat, _frames(flat, program.input_dims), program.chunk_frames, lambda length: program)
+        return self._static_plan(gm, frame_axis, patch, args, kwargs)
+
+    def _static_plan(self, full_gm, frame_axis, patch: int, args, kwargs) -> "_Plan":
+        """Fixed-shape exports (or inputs exported with a fixed frame count): trace the converted model
+        on chunk-length inputs too and let :func:`thread_state_matched` compare the two graphs."""
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        in_spec = getattr(full_gm.graph._codegen, "pytree_info", None)
+        flat = _flat(in_spec.in_spec if in_spec is not None else None, args, kwargs)
+        video_shape = getattr(self.hybrid, "_video_shape", None)
+        sites = [n for n in full_gm.graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
+        if not sites:
+            raise ConversionError("stream needs a converted model: the graph has no rehyat::hybrid_attention node")
+        tokens = {n.args[5] for n in sites}
+        dims, frames = _guess_input_dims(leaves, frame_axis, video_shape, tokens, patch)
+        user_dims = dims
+        flat_dims = _guess_input_dims(flat, frame_axis, video_shape, tokens, patch)[0]
+
+        def program(length: int) -> StepProgram:
+            key = (id(full_gm), length)
+            if key not in self._programs:
+                chunk_args, chunk_kwargs = pytree.tree_unflatten(_chunk(leaves, user_dims, 0, length), spec)
+                with _video_shape_for(self.hybrid, length):
+                    chunk_gm = self.hybrid.graph_module(*chunk_args, **chunk_kwargs)
+                self._programs[key] = thread_state_matched(
+                    chunk_gm, full_gm, _chunk(flat, flat_dims, 0, length), flat, chunk_frames=length, frames=frames,
+                    input_dims=flat_dims, patch=patch)
+            return self._programs[key]
+
+        return _Plan(flat, frames, sites[0].args[6], program)
+
+    def program(self, *args, **kwargs) -> StepProgram:
+        """The :class:`StepProgram` of this call's first chunk (every chunk's, unless the export is static)."""
+        plan = self.plan(*args, **kwargs)
+        return plan.program(min(plan.chunk_frames, plan.frames))
+
+    def _tables(self, program: StepProgram, flat: list) -> tuple:
+        if self.table_device is None:
+            return tuple(program.table_module(*flat))
+        return tuple(_TablesOn(program.table_module, self.table_device).run(*flat))
+
+    # -- running ----------------------------------------------------------------------------------
+    def _run_chunks(self, args, kwargs):
+        """Yields (program, flat outputs) per chunk."""
+        plan = self.plan(*args, **kwargs)
+        device = _device(plan.flat)
+        tables: dict[int, tuple] = {}
+        states = None
+        for start in range(0, plan.frames, plan.chunk_frames):
+            stop = min(start + plan.chunk_frames, plan.frames)
+            program = plan.program(stop - start)
+            if id(program) not in tables:
+                tables[id(program)] = self._tables(program, plan.flat)
+            if states is None:
+                states = [t for site in program.sites for t in site.initial(device)]
+            inputs = _chunk(plan.flat, program.input_dims, start, stop)
+            chunk_tables = _chunk(tables[id(program)], program.table_dims, start, stop, device)
+            outs = program.module(*inputs, *chunk_tables, *states)
+            states = list(outs[program.n_outputs:])
+            yield program, list(outs[:program.n_outputs])
+
+    def iter_chunks(self, *args, **kwargs):
+        """One output per chunk, each in the model's output structure restricted to that chunk."""
+        for program, outs in self._run_chunks(args, kwargs):
+            yield pytree.tree_unflatten(outs, program.out_spec) if program.out_spec is not None else outs
+
+    def __call__(self, *args, **kwargs):
+        """The converted model's output, computed chunk by chunk."""
+        pieces: list[list] = []
+        last = program = None
+        for program, outs in self._run_chunks(args, kwargs):
+            last, pieces = outs, pieces or [[] for _ in outs]
+            for i, (x, fd) in enumerate(zip(outs, program.output_dims)):
+                if fd is not None:
+                    pieces[i].append(x.narrow(fd.dim, fd.extra, x.shape[fd.dim] - fd.extra))
+        flat = []
+        for i, fd in enumerate(program.output_dims):
+            if fd is None:
+                flat.append(last[i])
+            else:
+                # extra (non-video) entries: the last chunk's, which has seen every frame through the state
+                head = [last[i].narrow(fd.dim, 0, fd.extra)] if fd.extra else []
+                flat.append(torch.cat(head + pieces[i], fd.dim))
+        return pytree.tree_unflatten(flat, program.out_spec) if program.out_spec is not None else flat
+
+    def state_nbytes(self, *args, **kwargs) -> int:
+        """Bytes of the state carried between chunks (every converted layer); independent of frames."""
+        program = self.program(*args, **kwargs)
+        return sum(site_state_nbytes(site) for site in program.sites)
+
+    # -- export ------------------------------------------------------------------------------------
+    def step_module(self, *args, **kwargs) -> tuple[fx.GraphModule, tuple]:
+        """(step GraphModule, example inputs of the first full chunk: chunk inputs, tables, states)."""
+        plan = self.plan(*args, **kwargs)
+        stop = min(plan.chunk_frames, plan.frames)
+        program = plan.program(stop)
+        device = _device(plan.flat)
+        inputs = _chunk(plan.flat, program.input_dims, 0, stop)
+        tables = _chunk(self._tables(program, plan.flat), program.table_dims, 0, stop, device)
+        states = [t for site in program.sites for t in site.initial(device)]
+        example = tuple(inputs + tables + states)
+        _propagate_meta(program.module, example)
+        return program.module, example
+
+    def signature(self, *args, **kwargs) -> dict:
+        """Names of the step module's inputs and outputs, grouped (for manifests)."""
+        program = self.program(*args, **kwargs)
+        placeholders = [n.name for n in program.module.graph.find_nodes(op="placeholder")]
+        n_in, n_tab = len(program.input_dims), len(program.table_dims)
+        states = [f"{site.name}.{f}" for site in program.sites for f in STATE_FIELDS]
+        return {"inputs": placeholders[:n_in], "tables": placeholders[n_in:n_in + n_tab],
+                "states_in": states, "outputs": [f"output_{i}" for i in range(program.n_outputs)],
+                "states_out": states, "chunk_frames": program.chunk_frames}
+
+
+class FrameCount:
+    """An int input that is the frame count (LTX-Video's ``num_frames``): per_frame * chunk frames."""
+
+    def __init__(self, per_frame: int):
+        self.per_frame = per_frame
+
+    def take(self, value, start: int, stop: int) -> int:
+        return self.per_frame * (stop - start)
+
+    def __repr__(self):
+        return f"FrameCount(per_frame={self.per_frame})"
+
+
+class _Plan:
+    """One call: flat inputs, token frames, the sites' chunk size, and ``program(length)``: the step
+    program for a chunk of that many frames."""
+
+    def __init__(self, flat: list, frames: int, chunk_frames: int, program):
+        self.flat, self.frames, self.chunk_frames, self.program = flat, frames, chunk_frames, program
+
+
+def _flat(in_spec, args, kwargs) -> list:
+    """The model's inputs flattened in the export's order."""
+    if in_spec is None:
+        return list(args)
+    kwargs = reorder_kwargs(dict(kwargs), in_spec) if kwargs else {}
+    return pytree.tree_leaves((tuple(args), kwargs))
+
+
+def _device(flat: list) -> torch.device:
+    """Where the call's tensors live (the states are made there)."""
+    return next((x.device for x in flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
+
+
+def _frames(flat: list, dims: list) -> int:
+    """Token frames of the call, from the first chunked tensor input."""
+    for x, fd in zip(flat, dims):
+        if isinstance(x, torch.Tensor) and isinstance(fd, FrameDim):
+            body = x.shape[fd.dim] - fd.extra
+            if body <= 0 or body % fd.per_frame:
+                raise ShapeError(f"an input of shape {tuple(x.shape)} has {x.shape[fd.dim]} entries in its frame "
+                                 f"dim {fd.dim}, not {fd.per_frame} * frames + {fd.extra}")
+            return body // fd.per_frame
+    raise ConversionError("no input of the model has a frame-dependent dim to chunk")
+
+
+def _chunk(values, dims: list, start: int, stop: int, device=None) -> list:
+    """Each value restricted to token frames [start, stop) per its dim (None: unchanged)."""
+    out = []
+    for x, fd in zip(values, dims):
+        if fd is not None and (isinstance(x, torch.Tensor) or isinstance(fd, FrameCount)):
+            x = fd.take(x, start, stop)
+        if isinstance(x, torch.Tensor) and device is not None:
+            x = x.to(device, non_blocking=True)
+        out.append(x)
+    return out
+
+
+def _static_frame_inputs(flat: list, dims: list, frame_axis) -> bool:
+    """True when an input has the frame input's frame count in the same dim but a fixed size in the
+    export (VACE's control video): the dynamic graph is only valid at that one size."""
+    if frame_axis is None or frame_axis.flat_index is None or frame_axis.flat_index >= len(flat):
+        return False
+    video = flat[frame_axis.flat_index]
+    return any(isinstance(x, torch.Tensor) and fd is None and i != frame_axis.flat_index and x.dim() == video.dim()
+               and x.shape[frame_axis.dim] == video.shape[frame_axis.dim] for i, (x, fd) in enumerate(zip(flat, dims)))
+
+
+def _guess_input_dims(flat: list, frame_axis, video_shape, tokens_per_frame: set, patch: int) -> tuple[list, int]:
+    """(dim per flat input, token frames) for fixed-shape exports, by sizes: the frame input's time
+    dim; the same dim of inputs of its rank with the same size (control videos); a dim of size
+    M * T (pre-patchified tokens, per-token rotary tables); ints equal to the input frame count."""
+    video = None
+    if frame_axis is not None and frame_axis.flat_index is not None and frame_axis.flat_index < len(flat):
+        video = flat[frame_axis.flat_index]
+        frames_in = video.shape[frame_axis.dim]
+    elif video_shape is not None:
+        frames_in = video_shape[0] * patch
+    else:
+        raise ConversionError("stream cannot tell which input holds time: pass video_shape=(frames, h, w) "
+                              "to rc.transform")
+    if frames_in % patch:
+        raise ShapeError(f"the video has {frames_in} frames, not a multiple of the temporal patch {patch}")
+    frames = frames_in // patch
+    token_counts = {m * frames: m for m in tokens_per_frame}
+    dims = []
+    for x in flat:
+        fd = None
+        if isinstance(x, torch.Tensor):
+            if video is not None and x.dim() == video.dim() and x.shape[frame_axis.dim] == frames_in:
+                fd = FrameDim(frame_axis.dim, patch)
+            else:
+                hits = [d for d, size in enumerate(x.shape) if size in token_counts and size > 1]
+                fd = FrameDim(hits[0], token_counts[x.shape[hits[0]]]) if len(hits) == 1 else None
+        elif isinstance(x, int) and not isinstance(x, bool) and x == frames_in and video is None:
+            fd = FrameCount(patch)
+        dims.append(fd)
+    return dims, frames
+
+
+@contextmanager
+def _video_shape_for(hybrid, frames):
+    """Trace with ``video_shape`` (frames, h, w) set to this many frames when the user gave one (static
+    exports read the layout from it)."""
+    shape = getattr(hybrid, "_video_shape", None)
+    if shape is None or frames is None:
+        yield
+        return
+    object.__setattr__(hybrid, "_video_shape", (frames, *shape[1:]))
+    try:
+        yield
+    finally:
+        object.__setattr__(hybrid, "_video_shape", shape)
+
+
+def site_state_nbytes(site) -> int:
+    """Bytes of one site's state, from its shapes (allocates nothing)."""
+    return site.initial(torch.device("meta")).nbytes()
+
+
+def _propagate_meta(module: fx.GraphModule, example: tuple) -> None:
+    """Set every node's ``meta["val"]`` to the fake value for ``example`` (chunk shapes, not the
+    full video's), so later passes and backends see the step graph's real shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example]
+    FakeTensorProp(module, mode).propagate_dont_convert_inputs(*fakes)
+
+
+def stream(hybrid, *, table_device=None) -> StreamRunner:
+    """A :class:`StreamRunner` for a causal ``rc.transform`` result (raises ConversionError otherwise)."""
+    return StreamRunner(hybrid, table_device=table_device)
+
+
+__all__ = ["StreamRunner", "stream"]

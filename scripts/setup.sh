@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up everything rehyat-compile needs on a fresh Debian machine: system packages for the
+# device emulators and cross toolchains, then a virtual environment at ./.venv with the package,
+# its compilers (TVM, torch-mlir, IREE) and the test tools. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -x scripts/install_system_deps.sh ]; then
+  bash scripts/install_system_deps.sh
+fi
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# The CPU build of torch first, so no dependency can pull a CUDA build.
+.venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q -e ".[compile,test]"

@@ -1,0 +1,246 @@
+"""rc.stream / thread_state: the converted DiT runs chunk by chunk with a fixed-size state and gives
+the parallel causal form's output (REHYAT.md "Inside a diffusion step")."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+from torch.export import Dim
+
+import rehyat_compile as rc
+from rehyat_compile.passes.thread_state import STATE_FIELDS, thread_state
+from tests.models import MODELS
+
+SETTINGS = settings(max_examples=8, deadline=None)
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def outputs_close(got, want, tol=1e-4):
+    got, want = torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert rel_err(g, w) < tol, rel_err(g, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# A small video model covering what streaming must keep: temporal patch, a learned frame
+# embedding sliced by the frame count, RoPE-like angles from arange(T), per-frame timesteps,
+# extra (text) tokens before the video.
+# ---------------------------------------------------------------------------------------------
+
+class TinyVideoDiT(nn.Module):
+    def __init__(self, *, patch=1, extra=0, chunk_frames=2, overlap_frames=1, causal=True, channels=3, side=2,
+                 dim=16, heads=2, feature_dim=4, max_frames=32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.config = {"patch_size_t": patch}
+        self.patch, self.extra, self.heads, self.dim = patch, extra, heads, dim
+        self.layout = dict(tokens_per_frame=side * side, chunk_frames=chunk_frames, overlap_frames=overlap_frames,
+                           causal=causal, extra_before=extra)
+        self.proj_in = nn.Linear(channels * patch, dim)
+        self.frame_embedding = nn.Parameter(torch.randn(max_frames, dim) * 0.3)
+        self.time = nn.Linear(1, dim)
+        self.register_buffer("freq", torch.linspace(0.1, 1.0, dim // 2))
+        self.text = nn.Parameter(torch.randn(extra, dim))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.phi_q = rc.FeatureMap(heads, dim // heads, feature_dim)
+        self.phi_k = rc.FeatureMap(heads, dim // heads, feature_dim)
+        self.out = nn.Linear(dim, channels * patch)
+
+    def forward(self, x, t):
+        """x [B, C, F, H, W] latents, t [B, F] per-frame timesteps -> [B, C, F, H, W]."""
+        b, c, f, hh, ww = x.shape
+        p = self.patch
+        frames = f // p
+        tok = x.reshape(b, c, frames, p, hh, ww).permute(0, 2, 4, 5, 1, 3).reshape(b, frames, hh * ww, c * p)
+        h = self.proj_in(tok) + self.frame_embedding[:frames][None, :, None]
+        h = h + self.time(t.reshape(b, frames, p).mean(-1, keepdim=True))[:, :, None]
+        angle = torch.arange(frames, dtype=x.dtype, device=x.device)[:, None] * self.freq  # [T, dim/2]
+        even, odd = h[..., 0::2], h[..., 1::2]
+        cos, sin = angle.cos()[None, :, None], angle.sin()[None, :, None]
+        h = torch.cat([even * cos - odd * sin, even * sin + odd * cos], -1).reshape(b, frames * hh * ww, self.dim)
+        h = torch.cat([self.text.expand(b, -1, -1), h], 1)
+        n = h.shape[1]
+        q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, self.dim // self.heads).permute(2, 0, 3, 1, 4)
+        y = rc.hybrid_attention(q, k, v, self.phi_q(q), self.phi_k(k), **self.layout)
+        y = (y.transpose(1, 2).reshape(b, n, self.dim) + h)[:, self.extra:]
+        out = self.out(y).reshape(b, frames, hh, ww, c, p)
+        return out.permute(0, 4, 1, 5, 2, 3).reshape(b, c, f, hh, ww)
+
+
+class ExportedHybrid:
+    """The part of HybridModel that rc.stream uses, around a model that calls rc.hybrid_attention
+    itself: its graph exported with the frame axis (latents dim 2, timesteps dim 1) symbolic."""
+
+    def __init__(self, model, x, t):
+        self.original = model
+        self.conversion = {"causal": model.layout["causal"]}
+        ep = torch.export.export(model, (x, t), dynamic_shapes=({2: Dim.AUTO}, {1: Dim.AUTO}), strict=False)
+        self.gm = ep.module()
+
+    def graph_module(self, *args, **kwargs):
+        return self.gm
+
+
+def tiny_inputs(model, frames, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    f = frames * model.patch
+    return torch.randn(1, 3, f, 2, 2, generator=gen), torch.rand(1, f, generator=gen)
+
+
+@SETTINGS
+@given(frames=st.integers(1, 7), chunk=st.integers(1, 3), overlap=st.integers(0, 3), patch=st.sampled_from([1, 2]),
+       extra=st.sampled_from([0, 3]))
+def test_streamed_equals_parallel_causal_with_positions_patch_and_extra_tokens(frames, chunk, overlap, patch, extra):
+    overlap = min(overlap, chunk)
+    model = TinyVideoDiT(patch=patch, extra=extra, chunk_frames=chunk, overlap_frames=overlap).eval()
+    hybrid = ExportedHybrid(model, *tiny_inputs(model, 4))
+    runner = rc.stream(hybrid)
+    x, t = tiny_inputs(model, frames, seed=1)
+    with torch.no_grad():
+        outputs_close(runner(x, t), model(x, t))
+
+
+def test_position_tables_become_step_inputs_sliced_per_chunk():
+    model = TinyVideoDiT(patch=2).eval()
+    program = thread_state(ExportedHybrid(model, *tiny_inputs(model, 4)).gm, patch=2)
+    # latents and per-frame timesteps are chunked in input frames (2 per token frame)
+    assert [None if d is None else d.per_frame for d in program.input_dims] == [2, 2]
+    assert program.table_dims and all(d is not None for d in program.table_dims)
+    assert len(program.sites) == 1 and program.chunk_frames == 2
+    n_in = len(program.input_dims) + len(program.table_dims) + len(STATE_FIELDS)
+    assert len(program.module.graph.find_nodes(op="placeholder")) == n_in
+
+
+def test_iter_chunks_yield_each_chunk_in_order():
+    model = TinyVideoDiT(chunk_frames=2, overlap_frames=1).eval()
+    runner = rc.stream(ExportedHybrid(model, *tiny_inputs(model, 4)))
+    x, t = tiny_inputs(model, 5, seed=2)
+    with torch.no_grad():
+        chunks = list(runner.iter_chunks(x, t))
+        whole = runner(x, t)
+    assert [c.shape[2] for c in chunks] == [2, 2, 1]
+    torch.testing.assert_close(torch.cat(chunks, 2), whole)
+
+
+def test_earlier_chunks_do_not_see_later_frames():
+    model = TinyVideoDiT(chunk_frames=2, overlap_frames=1).eval()
+    runner = rc.stream(ExportedHybrid(model, *tiny_inputs(model, 4)))
+    x, t = tiny_inputs(model, 6, seed=3)
+    x2 = x.clone()
+    x2[:, :, 4:] += 1.0
+    with torch.no_grad():
+        first, changed = runner(x, t), runner(x2, t)
+    torch.testing.assert_close(first[:, :, :4], changed[:, :, :4])
+    assert not torch.allclose(first[:, :, 4:], changed[:, :, 4:])
+
+
+def test_non_causal_toy_conversion_is_refused():
+    model = TinyVideoDiT(causal=False).eval()
+    with pytest.raises(rc.ConversionError, match="causal"):
+        rc.stream(ExportedHybrid(model, *tiny_inputs(model, 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers models (tests/models.py), converted with rc.transform
+# ---------------------------------------------------------------------------------------------
+
+def converted(name, chunk_frames, overlap_frames, frames=None, **options):
+    model, args, kwargs = MODELS[name]() if frames is None else MODELS[name](frames)
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=chunk_frames, overlap_frames=overlap_frames, **options)
+    return model, hybrid
+
+
+# (model, Tc, To, frame counts); every case ends on a short last chunk at one of its frame counts.
+# WanVACE (fixed-size control video) and Cosmos (fixed-shape export) take the path that traces a
+# chunk-length graph too (one export per chunk length and video length: fewer frame counts).
+VIDEO_ONLY = [("wan2.1-t2v", 2, 1, (5, 7)), ("wan2.1-t2v", 3, 0, (5, 7)), ("wan2.1-t2v", 3, 3, (5, 7)),
+              ("skyreels-v2", 2, 1, (5, 7)), ("allegro", 3, 1, (5, 7)), ("wan-vace", 2, 1, (5,)),
+              ("cosmos", 3, 2, (5, 7))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,chunk_frames,overlap_frames,frame_counts", VIDEO_ONLY)
+def test_streamed_equals_parallel_causal_converted_model(name, chunk_frames, overlap_frames, frame_counts):
+    _, hybrid = converted(name, chunk_frames, overlap_frames, frames=5)
+    runner = rc.stream(hybrid)
+    for frames in frame_counts:
+        _, args, kwargs = MODELS[name](frames)
+        with torch.no_grad():
+            outputs_close(runner(*args, **kwargs), hybrid(*args, **kwargs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("frames,chunk_frames,overlap_frames", [(5, 2, 1), (7, 3, 2)])
+def test_streamed_equals_parallel_causal_ltx_video(frames, chunk_frames, overlap_frames):
+    """LTX-Video takes pre-patchified tokens and num_frames: a fixed-shape export with video_shape."""
+    _, hybrid = converted("ltx-video", chunk_frames, overlap_frames, frames=frames, video_shape=(frames, 4, 4))
+    _, args, kwargs = MODELS["ltx-video"](frames)
+    runner = rc.stream(hybrid)
+    with torch.no_grad():
+        outputs_close(runner(*args, **kwargs), hybrid(*args, **kwargs))
+    # the token input is chunked in tokens, num_frames becomes the chunk's frame count
+    dims = runner.program(*args, **kwargs).input_dims
+    assert dims[0].per_frame == 16 and "FrameCount" in repr(dims)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hunyuan-video", "mochi", "cogvideox-1.5"])
+def test_joint_model_one_chunk_equals_original_and_chunked_is_finite(name):
+    model, args, kwargs = MODELS[name]()
+    with torch.no_grad():
+        original = model(*args, **kwargs)
+        outputs_close(rc.stream(converted(name, 5, 1)[1])(*args, **kwargs), original)
+        chunked = rc.stream(converted(name, 2, 1)[1])(*args, **kwargs)
+    leaves = torch.utils._pytree.tree_leaves(chunked)
+    assert [x.shape for x in leaves] == [x.shape for x in torch.utils._pytree.tree_leaves(original)]
+    assert all(torch.isfinite(x).all() for x in leaves)
+
+
+def test_state_bytes_do_not_depend_on_frames():
+    _, hybrid = converted("wan2.1-t2v", 2, 1)
+    runner = rc.stream(hybrid)
+    sizes = []
+    for frames in (5, 9):
+        _, args, kwargs = MODELS["wan2.1-t2v"](frames)
+        sizes.append(runner.state_nbytes(*args, **kwargs))
+    # 2 sites x (S 2x64x16 + z 2x64 fp32, overlap K/V 2x16x16 + phi_k 2x16x64 fp32, 16 bools)
+    per_site = (2 * 64 * 16 + 2 * 64) * 4 + (2 * 2 * 16 * 16 + 2 * 16 * 64) * 4 + 16
+    assert sizes == [2 * per_site, 2 * per_site]
+
+
+def test_step_graph_exports_with_states_as_inputs_and_outputs():
+    _, hybrid = converted("wan2.1-t2v", 2, 1)
+    runner = rc.stream(hybrid)
+    _, args, kwargs = MODELS["wan2.1-t2v"](5)
+    module, example = runner.step_module(*args, **kwargs)
+    ep = torch.export.export(module, example, strict=False)
+    signature = runner.signature(*args, **kwargs)
+    n_states = len(signature["states_in"])
+    assert n_states == 2 * len(STATE_FIELDS)
+    user_inputs = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    assert len(user_inputs) == len(example)
+    assert len(ep.graph_signature.user_outputs) == len(signature["outputs"]) + n_states
+    with torch.no_grad():
+        eager, exported = module(*example), ep.module()(*example)
+    for a, b in zip(eager, exported):
+        torch.testing.assert_close(a, b)
+    # the graph's shapes are the chunk's (2 frames), not the export example's
+    out = next(iter(module.graph.find_nodes(op="output"))).args[0][0]
+    assert tuple(out.meta["val"].shape) == (1, 4, 2, 8, 8)
+
+
+def test_non_causal_conversion_is_refused():
+    _, hybrid = converted("wan2.1-t2v", 2, 1, causal=False)
+    with pytest.raises(rc.ConversionError, match="causal=True"):
+        rc.stream(hybrid)
+
+
+def test_unconverted_video_self_attention_is_refused():
+    _, hybrid = converted("wan2.1-t2v", 2, 1, layers=["blocks.0.attn1"])
+    _, args, kwargs = MODELS["wan2.1-t2v"](5)
+    with pytest.raises(rc.ConversionError, match="every frame"):
+        rc.stream(hybrid)(*args, **kwargs)
