@@ -30,3 +30,18 @@ def test_converted_wan21_cpu_build_matches_pytorch_and_records_symbolic_cost(tmp
     names = [s["name"] for s in art.manifest["entries"]["main"]["inputs"]]
     assert names == ["hidden_states", "timestep", "encoder_hidden_states"]
     assert "T" in art.manifest["cost"].get("flops", "")  # symbolic in latent frames
+
+
+@pytest.mark.slow
+def test_converted_wan21_streaming_step_graph_builds_and_matches_the_eager_step(tmp_path):
+    from models import make_wan_t2v
+    model, args, kwargs = make_wan_t2v(frames=5)
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1)
+    art = rc.build(hybrid, args, kwargs, target="cpu", out_dir=tmp_path / "wan-step", streaming=True)
+    step = art.manifest["entries"]["step"]
+    assert sum(s["role"] == "state" for s in step["inputs"]) == sum(s["role"] == "state" for s in step["outputs"]) > 0
+    graph, example = rc.stream(hybrid).step_module(*args, **kwargs)
+    with torch.no_grad():
+        expected = graph(*example)
+    for got, want in zip(art(*example), expected):
+        torch.testing.assert_close(got, want, atol=WAN_TOL, rtol=WAN_TOL)
