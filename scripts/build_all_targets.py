@@ -1,7 +1,9 @@
 """Build the converted tiny Wan2.1 (5 latent frames, Tc=2, To=1) for every target and backend and
 run each artifact's device-free check; prints one line per build with its time.
 
-    python scripts/build_all_targets.py OUT_DIR [--targets cpu,cuda,...]
+    python scripts/build_all_targets.py OUT_DIR [--targets cpu,cuda,...] [--streaming] [--hexagon-versions v75]
+
+--streaming builds the recurrent step graph (rc.stream) instead of the whole graph.
 """
 from __future__ import annotations
 
@@ -24,12 +26,18 @@ BUILDS = [("cpu", "tvm"), ("cpu", "mlir"), ("cuda", "tvm"), ("adreno", "tvm"), (
           ("aarch64", "tvm"), ("hexagon", "tvm")]
 
 
-def check(art, args, kwargs, ref) -> str:
+def check(art, hybrid, args, kwargs, ref) -> str:
     """The device-free check of one artifact, as a short line."""
     if art.runnable:
+        if "step" in art.manifest["entries"]:
+            graph, example = rc.stream(hybrid).step_module(*args, **kwargs)
+            with torch.no_grad():
+                want = graph(*example)
+            err = max((g.double() - w.double()).abs().max().item() for g, w in zip(art(*example), want))
+            return f"runs here, max |error| vs the eager step graph {err:.2e}"
         err = (art(*args, **kwargs)[0] - ref).abs().max().item()
         return f"runs here, max |error| vs PyTorch {err:.2e}"
-    files = art.manifest["entries"]["main"]["files"]
+    (files,) = [entry["files"] for entry in art.manifest["entries"].values()]
     folder = art.out_dir
     if art.target.name == "cuda":
         for arch in art.target.options["archs"]:
@@ -54,6 +62,8 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--targets", default=",".join(sorted(TARGETS)),
                         help="targets or target-backend pairs, comma separated")
+    parser.add_argument("--streaming", action="store_true")
+    parser.add_argument("--hexagon-versions", default="v68,v73,v75")
     opts = parser.parse_args()
     wanted = set(opts.targets.split(","))
     model, args, kwargs = make_wan_t2v(frames=5)
@@ -64,10 +74,12 @@ def main() -> None:
         if target not in wanted and f"{target}-{backend}" not in wanted:
             continue
         started = time.perf_counter()
-        art = rc.build(hybrid, args, kwargs, target=target, backend=backend,
-                       out_dir=Path(opts.out_dir) / f"{target}-{backend}")
+        options = {"versions": tuple(opts.hexagon_versions.split(","))} if target == "hexagon" else None
+        suffix = "-streaming" if opts.streaming else ""
+        art = rc.build(hybrid, args, kwargs, target=target, backend=backend, streaming=opts.streaming,
+                       out_dir=Path(opts.out_dir) / f"{target}-{backend}{suffix}", target_options=options)
         seconds = time.perf_counter() - started
-        print(f"{target:14s} {backend:5s} build {seconds:6.1f} s  {check(art, args, kwargs, ref)}", flush=True)
+        print(f"{target:14s} {backend:5s} {'step' if opts.streaming else 'full'} build {seconds:6.1f} s  {check(art, hybrid, args, kwargs, ref)}", flush=True)
 
 
 if __name__ == "__main__":
