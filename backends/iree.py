@@ -47,7 +47,8 @@ def build_entry(flat: FlatProgram, spec: Target, out_dir: Path, name: str) -> di
            f"--iree-vulkan-target={spec.options['iree_vulkan_target']}", "-o", str(vmfb)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"iree-compile failed:\n{done.stderr[-4000:]}")
+        errors = [line for line in done.stderr.splitlines() if "error:" in line]
+        raise RuntimeError("iree-compile failed:\n" + "\n".join(errors[:5]) + f"\n...\n{done.stderr[-2000:]}")
     return {"linalg_ir": source.name, "vmfb": vmfb.name}
 
 

@@ -25,11 +25,20 @@ def unfold_as_slices(x: torch.Tensor, dimension: int, size: int, step: int) -> t
     return torch.stack(windows, dim=dim).movedim(dim + 1, -1)
 
 
+def empty_permuted_as_empty(size, physical_layout, *, dtype=None, layout=None, device=None, pin_memory=None,
+                            requires_grad=False):
+    """``aten.empty_permuted`` (uninitialised, strides only differ) as a contiguous ``empty``:
+    torch-mlir cannot legalise it and the values are the same (none)."""
+    return torch.empty(size, dtype=dtype, device=device)
+
+
 def portable_decompositions() -> dict:
-    """Core-aten decompositions + the hybrid op as matmul-prefix aten + unfold as slices."""
+    """Core-aten decompositions + the hybrid op as matmul-prefix aten + unfold as slices +
+    empty_permuted as empty."""
     table = torch.export.default_decompositions()
     table.update(decompositions("matmul"))
     table[torch.ops.aten.unfold.default] = unfold_as_slices
+    table[torch.ops.aten.empty_permuted.default] = empty_permuted_as_empty
     return table
 
 
@@ -142,22 +151,47 @@ class FlatProgram:
         return [TensorSpec.of(n, t, "weight") for n, t in self.weights.items()] + self.inputs
 
 
-def tensor_names(args: tuple, kwargs: dict | None = None) -> list[str]:
-    """Readable names of :func:`tensor_leaves`: ``args[0]``, ``timestep``, ``cond['mask']``..."""
+def positional_names(model: torch.nn.Module, count: int) -> list[str]:
+    """Names of ``model.forward``'s first ``count`` positional parameters (``args[i]`` past a
+    ``*args``)."""
+    import inspect
+    names = []
+    for param in inspect.signature(model.forward).parameters.values():
+        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD) or len(names) == count:
+            break
+        names.append(param.name)
+    return names + [f"args[{i}]" for i in range(len(names), count)]
+
+
+def tensor_names(args: tuple, kwargs: dict | None = None, arg_names: list[str] | None = None) -> list[str]:
+    """Readable names of :func:`tensor_leaves`: ``hidden_states`` (from ``arg_names``, else
+    ``args[0]``), ``timestep``, ``cond['mask']``..."""
     paths, _ = torch.utils._pytree.tree_flatten_with_path((tuple(args), dict(kwargs or {})))
     names = []
     for path, leaf in paths:
         if isinstance(leaf, torch.Tensor):
-            key = torch.utils._pytree.keystr(path)          # "[0][1]" or "[1]['timestep']"
-            names.append(f"args{key[3:]}" if key.startswith("[0]") else key[3:].strip("[]'\""))
+            position, rest = path[1].idx if path[0].idx == 0 else None, torch.utils._pytree.keystr(path[2:])
+            if position is None:
+                names.append(torch.utils._pytree.keystr(path[1:]).strip("[]'\"") + rest)
+            else:
+                names.append((arg_names[position] if arg_names else f"args[{position}]") + rest)
     return names
 
 
-def flat_program(program: torch.export.ExportedProgram, args: tuple, n_state_inputs: int = 0,
-                 state_names: tuple[str, ...] = (), kwargs: dict | None = None) -> FlatProgram:
+def _with_state(specs: list, tensors, names: list[str], state_names: list[str]) -> list[TensorSpec]:
+    """Specs of ``tensors``; the last ``len(state_names)`` take those names and the role 'state'."""
+    first_state = len(names) - len(state_names)
+    names = names[:first_state] + state_names
+    return [TensorSpec.of(name, t, "state" if i >= first_state else role)
+            for i, (name, t, role) in enumerate(zip(names, tensors, specs))]
+
+
+def flat_program(program: torch.export.ExportedProgram, args: tuple, kwargs: dict | None = None, *,
+                 state_names: tuple[str, ...] = (), state_inputs: bool = False,
+                 arg_names: list[str] | None = None) -> FlatProgram:
     """Lift parameters, buffers and constants of ``program`` to leading arguments; the inputs are
-    the tensors of ``(args, kwargs)``. The last ``n_state_inputs`` user inputs (and as many last
-    outputs) are recurrent state."""
+    the tensors of ``(args, kwargs)``. With ``state_names`` the last outputs are the next
+    recurrent state (named ``next_<name>``), and with ``state_inputs`` the last inputs the state."""
     from torch.export.graph_signature import InputKind, OutputKind
     lookup = {**program.state_dict, **program.constants}
     weights, user = {}, []
@@ -173,20 +207,12 @@ def flat_program(program: torch.export.ExportedProgram, args: tuple, n_state_inp
     if len(flat_args) != len(user):
         raise ValueError(f"the exported graph takes {len(user)} tensor inputs but args/kwargs hold {len(flat_args)} "
                          "tensors; tensors inside non-pytree containers are not supported")
-    n_user = len(user)
-    input_names = tensor_names(args, kwargs)
-    if state_names:
-        input_names[n_user - n_state_inputs:] = list(state_names)
-    inputs = [TensorSpec.of(name, t, "state" if i >= n_user - n_state_inputs else "input")
-              for i, (name, t) in enumerate(zip(input_names, flat_args))]
+    inputs = _with_state(["input"] * len(flat_args), flat_args, tensor_names(args, kwargs, arg_names),
+                         list(state_names) if state_inputs else [])
     with torch.no_grad():
         results = tuple(program.graph_module(*weights.values(), *flat_args))
         flat = _AllInputs(program.graph_module)
         lifted = torch.export.export(flat, (*weights.values(), *flat_args))
-    n_out = len(results)
-    output_names = [f"output{i}" for i in range(n_out)]
-    if state_names:
-        output_names[n_out - n_state_inputs:] = [f"next_{n}" for n in state_names]
-    outputs = [TensorSpec.of(name, t, "state" if i >= n_out - n_state_inputs else "output")
-               for i, (name, t) in enumerate(zip(output_names, results))]
+    outputs = _with_state(["output"] * len(results), results, [f"output{i}" for i in range(len(results))],
+                          [f"next_{n}" for n in state_names])
     return FlatProgram(lifted, weights, inputs, outputs)

@@ -41,7 +41,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            tvm_device={"kind": "llvm"}),
     Target("cuda", "NVIDIA GPU: CUDA C, PTX via NVRTC, fatbin .so where nvcc is present",
            ("tvm",), mobile=False, tvm_device={"kind": "cuda", "arch": "sm_90"}, tvm_host={"kind": "llvm"},
-           options={"archs": ("sm_80", "sm_90")}),
+           options={"archs": ("sm_80", "sm_90"), "fatbin": True}),
     Target("adreno", "Qualcomm Adreno GPU: OpenCL C kernels, aarch64 Linux/Android host .so",
            ("tvm",), mobile=True, tvm_device="qcom/adreno-opencl", tvm_host=AARCH64_LINUX),
     Target("adreno-vulkan", "Qualcomm Adreno GPU through Vulkan/SPIR-V: IREE .vmfb",

@@ -105,7 +105,7 @@ def _build_cuda(flat, mod, spec: Target, out_dir: Path, name: str) -> dict:
 def _cuda_fatbin_library(flat, spec: Target, out_dir: Path, name: str) -> str | None:
     """Host .so embedding an nvcc fatbin (one cubin per arch); None without nvcc."""
     from .cuda_fatbin import build_fatbin_library
-    if shutil.which("nvcc") is None:
+    if shutil.which("nvcc") is None or not spec.options.get("fatbin", True):
         return None
     build_fatbin_library(flat.program, spec.options["archs"], spec.tvm_host, out_dir / f"{name}.so")
     return f"{name}.so"
@@ -142,7 +142,8 @@ def build_entry(flat: FlatProgram, spec: Target, out_dir: Path, name: str) -> di
 # Loading
 # ---------------------------------------------------------------------------------------------
 
-def _gpu_available() -> bool:
+def cuda_device_available() -> bool:
+    """A CUDA driver and device TVM can use (the stub driver of a GPU-less build is not one)."""
     import ctypes.util
     return ctypes.util.find_library("cuda") is not None and _tvm().cuda(0).exist
 
@@ -153,7 +154,7 @@ def load_entry(out_dir: Path, spec: Target, files: dict):
     from tvm import relax
     if spec.name == "cpu":
         device = tvm.cpu()
-    elif spec.name == "cuda" and "library" in files and _gpu_available():
+    elif spec.name == "cuda" and "library" in files and cuda_device_available():
         device = tvm.cuda(0)
     else:
         raise NotRunnableHere(f"target {spec.name!r} does not run on this machine "

@@ -6,10 +6,12 @@ compiler versions, input/output specs with state tensors, the cost, sha256 of ev
 Every backend compiles the same thing: the exported graph in standard aten ops as a function of
 (weights..., inputs...) (``rehyat_compile.backends.portable``).
 
-Streaming builds take a *step module*: an nn.Module with a ``state_names`` attribute whose
-``forward(*inputs, *state)`` returns ``(*outputs, *next_state)`` and accepts the state left out
-for the first chunk (the recurrent state starts empty, so the first chunk is its own graph).
-``args`` are the inputs of one chunk.
+Streaming builds take either a causal converted model (``rc.transform``), whose recurrent step
+graph comes from ``rc.stream(model).step_module(*args, **kwargs)`` (one entry ``step``: chunk
+inputs, per-chunk tables and per-layer states in, chunk outputs and next states out; ``args`` are
+the whole video's inputs), or a hand-written *step module*: an nn.Module with a ``state_names``
+attribute whose ``forward(*inputs, *state)`` returns ``(*outputs, *next_state)`` and accepts the
+state left out for the first chunk (entries ``first`` and ``step``; ``args`` are one chunk's).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends.portable import FlatProgram, flat_program, portable_program, tensor_leaves
+from .backends.portable import FlatProgram, flat_program, portable_program, positional_names, tensor_leaves
 from .backends.targets import BACKENDS, TARGETS, NotRunnableHere, Target, resolve, with_options
 
 FORMAT = "rehyat-compile-artifact/1"
@@ -50,28 +52,45 @@ def _as_tuple(args) -> tuple:
     return tuple(args) if isinstance(args, (tuple, list)) else (args,)
 
 
-def _entries(model, args: tuple, kwargs: dict, streaming: bool) -> dict[str, FlatProgram]:
-    """{entry name: FlatProgram}: ``main``, or ``first`` + ``step`` for a step module."""
+def _entries(model, args: tuple, kwargs: dict, streaming: bool) -> tuple[dict[str, FlatProgram], tuple]:
+    """({entry name: FlatProgram}, (module, args, kwargs, chunk_frames) whose cost goes in the
+    manifest): ``main``; ``first`` + ``step`` for a step module; ``step`` for a converted model."""
     if not streaming:
-        return {"main": flat_program(portable_program(model, args, kwargs), args, kwargs=kwargs)}
+        main = flat_program(portable_program(model, args, kwargs), args, kwargs,
+                            arg_names=positional_names(model, len(args)))
+        return {"main": main}, (model, args, kwargs, None)
     state_names = getattr(model, "state_names", None)
     if not state_names:
-        raise ValueError("streaming=True needs a step module: an nn.Module with a 'state_names' attribute whose "
-                         "forward(*inputs, *state) returns (*outputs, *next_state); got "
-                         f"{type(model).__name__} without state_names")
+        return _stream_step_entries(model, args, kwargs)
     if kwargs:
         raise ValueError("streaming builds take the chunk inputs as positional args; kwargs must be empty")
     with torch.no_grad():
         first_out = model(*args)
     state = tuple(first_out[len(first_out) - len(state_names):])
-    first = flat_program(portable_program(model, args), args)
-    n_state = len(state_names)
-    first.outputs = [o if i < len(first.outputs) - n_state else
-                     type(o)(f"next_{state_names[i - len(first.outputs) + n_state]}", o.shape, o.dtype, "state")
-                     for i, o in enumerate(first.outputs)]
+    names = positional_names(model, len(args))
+    first = flat_program(portable_program(model, args), args, state_names=tuple(state_names), arg_names=names)
     step_args = (*args, *state)
-    step = flat_program(portable_program(model, step_args), step_args, n_state, tuple(state_names))
-    return {"first": first, "step": step}
+    step = flat_program(portable_program(model, step_args), step_args, state_names=tuple(state_names),
+                        state_inputs=True, arg_names=names + list(state_names))
+    return {"first": first, "step": step}, (model, args, {}, getattr(model, "chunk_frames", None))
+
+
+def _stream_step_entries(model, args: tuple, kwargs: dict) -> tuple[dict[str, FlatProgram], tuple]:
+    """{'step': ...} for a converted model through ``rc.stream``: one chunk's graph of
+    (chunk inputs, per-chunk tables, per-layer states) -> (chunk outputs, next states)."""
+    from .stream import stream
+    try:
+        runner = stream(model)
+        step, example = runner.step_module(*args, **kwargs)
+        names = runner.signature(*args, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError("streaming=True needs a causal converted model (rc.transform(..., causal=True)) or a "
+                         "step module with a 'state_names' attribute whose forward(*inputs, *state) returns "
+                         f"(*outputs, *next_state); {type(model).__name__} is neither: {err}") from err
+    states = tuple(names["states_in"])
+    flat = flat_program(portable_program(step, tuple(example)), tuple(example), state_names=states,
+                        state_inputs=True, arg_names=names["inputs"] + names["tables"] + list(states))
+    return {"step": flat}, (step, tuple(example), {}, names["chunk_frames"])
 
 
 def _output_structure(model, args: tuple, kwargs: dict) -> str:
@@ -81,15 +100,16 @@ def _output_structure(model, args: tuple, kwargs: dict) -> str:
         return _pytree.treespec_dumps(_pytree.tree_structure(model(*args, **kwargs)))
 
 
-def _cost(model, args: tuple, kwargs: dict, streaming: bool) -> dict:
-    """Symbolic cost (rc.cost, symbol T = latent frames) when available, else the FLOP count of
-    the example call; the reason is recorded when the symbolic cost could not be derived."""
+def _cost(model, args: tuple, kwargs: dict, chunk_frames: int | None) -> dict:
+    """Symbolic cost (rc.cost, symbol T = latent frames; a step graph's cost is per call times
+    ceil(T / chunk_frames)) when available, else the FLOP count of the example call; the reason is
+    recorded when the symbolic cost could not be derived."""
     import rehyat_compile as rc
     reason = "rc.cost is not available in this build"
     if hasattr(rc, "cost"):
         try:
-            chunk = getattr(model, "chunk_frames", None) if streaming else None
-            report = rc.cost(model, args, kwargs, chunk_frames=chunk) if chunk else rc.cost(model, args, kwargs)
+            report = (rc.cost(model, args, kwargs, chunk_frames=chunk_frames) if chunk_frames
+                      else rc.cost(model, args, kwargs))
             return {"symbol": "T (latent frames)", **{m: str(getattr(report, m)) for m in
                     ("flops", "flops_elementwise", "bytes", "peak_memory")}}
         except Exception as err:  # the cost model declines some graphs; the build still stands
@@ -176,7 +196,7 @@ def _build_into(out: Path, model, args, kwargs, spec: Target, backend: str, stre
         model = model.eval()
 
     started = time.perf_counter()
-    entries = _entries(model, args, kwargs, streaming)
+    entries, cost_subject = _entries(model, args, kwargs, streaming)
     exported_s = time.perf_counter() - started
     compiler = _backend(backend)
     built = {}
@@ -193,7 +213,7 @@ def _build_into(out: Path, model, args, kwargs, spec: Target, backend: str, stre
         "target_description": spec.description, "target_options": {k: list(v) if isinstance(v, tuple) else v
                                                                       for k, v in spec.options.items()},
         "versions": _versions(backend),
-        "entries": built, "cost": _cost(model, args, kwargs, streaming),
+        "entries": built, "cost": _cost(*cost_subject),
         "output_structure": None if streaming else _output_structure(model, args, kwargs),
         "build_seconds": {"export": round(exported_s, 3), "total": round(time.perf_counter() - started, 3)},
         "files": {p.name: sha256_of(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST},
@@ -260,7 +280,8 @@ class Entry:
 
 class Artifact:
     """A verified build. ``art(*inputs)`` runs ``main`` (or, streaming, ``first`` when called with
-    the chunk inputs only and ``step`` when the state follows them). ``art.runnable`` says whether
+    the chunk inputs only and ``step`` when the state follows them; a converted model's step graph
+    takes chunk inputs, tables and states, see ``manifest["entries"]["step"]["inputs"]``). ``art.runnable`` says whether
     the target runs here; ``art.reason`` says why not."""
 
     def __init__(self, out_dir, manifest: dict):
@@ -305,8 +326,8 @@ class Artifact:
             from torch.utils import _pytree
             outs = self.entries["main"](*inputs)
             return _pytree.tree_unflatten(list(outs), _pytree.treespec_loads(self.manifest["output_structure"]))
-        first = self.entries["first"]
-        return first(*inputs) if len(inputs) == len(first.inputs) else self.entries["step"](*inputs)
+        first = self.entries.get("first")
+        return first(*inputs) if first and len(inputs) == len(first.inputs) else self.entries["step"](*inputs)
 
 
 def load(out_dir) -> Artifact:

@@ -75,3 +75,16 @@ def steady_state(block: HybridBlock, x):
     q, k, v, fq, fk = block.project(x[:, : tc * m])
     _, state = rc.hybrid_attention_step(q, k, v, fq, fk, None, **block.layout)
     return tuple(state)
+
+
+class HybridAttentionOnly(nn.Module):
+    """Just the hybrid op on projected inputs (few kernels: for slow code generators)."""
+
+    def __init__(self, dim=16, heads=2, feature_dim=8, tokens_per_frame=4, chunk_frames=2, overlap_frames=1):
+        super().__init__()
+        self.block = HybridBlock(dim, heads, feature_dim, tokens_per_frame, chunk_frames, overlap_frames)
+
+    def forward(self, x):
+        b = self.block
+        q, k, v = (b.heads_of(f(x)) for f in (b.to_q, b.to_k, b.to_v))
+        return rc.hybrid_attention(q, k, v, torch.relu(q), torch.relu(k), **b.layout)

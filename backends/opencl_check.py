@@ -1,0 +1,176 @@
+"""Run the Adreno build's OpenCL kernels on PoCL (CPU OpenCL) and compare each with the same
+kernel's unscheduled TIR compiled for x86 (BACKENDS.md: the TVM wheel has no OpenCL runtime, so
+the OpenCL C runs under pyopencl with the launch grid read from the lowered host code).
+
+Per TIR function: the Adreno Relax pipeline is split before its dlight schedules, so the
+function exists twice with one name: unscheduled (reference, built for ``llvm``) and scheduled for
+the GPU (built for the Adreno OpenCL target like ``tvm.compile`` does, default TIR pipeline). The
+host side of the GPU build calls ``T.call_ffi_kernel(name, buffers..., grid..., block...)``; the
+kernels run in that order on buffers filled with the same random inputs, and every parameter
+buffer is compared. Functions whose kernels take host-allocated scratch buffers are reported as
+skipped, not checked.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+ADRENO = "qcom/adreno-opencl"
+CALL = re.compile(r'T\.call_ffi_kernel\("([^"]+)", (.*?), launch_params=\[(.*?)\]')
+
+
+@dataclass
+class KernelCheck:
+    """One TIR function: 'ok' (max_abs_error set), or 'skipped' with the reason."""
+
+    function: str
+    status: str
+    max_abs_error: float = float("nan")
+    kernels: int = 0
+    reason: str = ""
+
+
+def scheduled_and_reference(mod):
+    """(reference IRModule, device IRModule). Device: the Adreno Relax legalisation passes (with
+    their dlight GPU schedules). Reference: the same passes up to the schedules, run with an x86
+    ``llvm`` target current (under a GPU target some legalisations already emit thread-bound
+    TIR); fused functions get the same names when fusion made the same groups."""
+    import tvm
+    from tvm.relax.backend.adreno import pipeline as adreno
+    device = tvm.target.Target(ADRENO, host="llvm")
+    cpu = tvm.target.Target("llvm")
+    with device:
+        scheduled = tvm.transform.Sequential(adreno.legalize_passes(device))(mod)
+    with cpu:
+        passes = adreno.legalize_passes(device)
+        unscheduled = [p for p in passes if p.info.name != "ApplyDefaultSchedule"]
+        reference = tvm.transform.Sequential(unscheduled)(mod)
+    return reference, scheduled
+
+
+def _prim_funcs(mod) -> dict:
+    import tvm
+    return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def _params(func) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(str(p), tuple(int(d) for d in p.shape), str(p.dtype)) for p in func.params]
+
+
+def _random_inputs(params, rng) -> dict[str, np.ndarray]:
+    arrays = {}
+    for name, shape, dtype in params:
+        if dtype.startswith("float"):
+            arrays[name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == "bool":
+            arrays[name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            arrays[name] = rng.integers(0, 4, shape).astype(dtype)
+    return arrays
+
+
+def _reference_module(funcs: dict):
+    """All reference functions built for x86 in one go: name -> callable."""
+    import tvm
+    cpu = tvm.target.Target("llvm")
+    mod = tvm.IRModule({n: f.with_attr("global_symbol", n).with_attr("target", cpu) for n, f in funcs.items()})
+    return tvm.tirx.build(mod, target=cpu)
+
+
+def _device_programs(funcs: dict):
+    """(OpenCL C source of every kernel, {function: [(kernel, [arguments], grid, block)]}) of the
+    GPU-scheduled functions, lowered together like ``tvm.compile`` does (default TIR pipeline)."""
+    import importlib
+
+    import tvm
+    tir_build = importlib.import_module("tvm.tirx.build")  # the module; tvm.tirx.build is its function
+    target = tvm.target.Target(ADRENO, host="llvm")
+    mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
+    pipeline, _, finalize_device = tvm.tirx.get_tir_pipeline("default")
+    host, devices = tir_build.split_host_device_mods(pipeline(tvm.tirx.transform.BindTarget(target)(mod)))
+    source = "\n".join(tir_build.codegen_build(finalize_device()(d), t).inspect_source() for t, d in devices.items())
+    launches = {}
+    for gv, func in host.functions.items():
+        calls = []
+        for kernel, args, params in CALL.findall(func.script()):
+            dims = [p.strip().strip('"') for p in params.split(",")]
+            values = [a.strip() for a in args.split(",")]
+            extents = [int(re.sub(r"^T\.int(32|64)\((\d+)\)$", r"\2", v)) for v in values[len(values) - len(dims):]]
+            grid, block = [1, 1, 1], [1, 1, 1]
+            for dim, extent in zip(dims, extents):
+                (grid if dim.startswith("blockIdx") else block)["xyz".index(dim[-1])] = extent
+            calls.append((kernel, values[: len(values) - len(dims)], grid, block))
+        launches[gv.name_hint] = calls
+    return source, launches
+
+
+def _param_of(argument: str, names: set[str]) -> str | None:
+    """'lv128_1.data' -> 'lv128' when that is a parameter of the function."""
+    base = argument.removesuffix(".data")
+    for candidate in (base, re.sub(r"_\d+$", "", base)):
+        if candidate in names:
+            return candidate
+    return None
+
+
+def opencl_context():
+    """A pyopencl context on PoCL (or the first OpenCL platform); RuntimeError when none."""
+    import pyopencl as cl
+    platforms = cl.get_platforms()
+    if not platforms:
+        raise RuntimeError("no OpenCL platform (apt-get install pocl-opencl-icd)")
+    chosen = next((p for p in platforms if "Portable" in p.name), platforms[0])
+    return cl.Context(chosen.get_devices())
+
+
+def check_kernels(mod, seed: int = 0) -> list[KernelCheck]:
+    """Run every TIR function of Relax ``mod`` compiled for Adreno OpenCL on PoCL, each compared
+    with its x86 reference on the same random inputs (floats N(0, 1), masks 0/1)."""
+    import pyopencl as cl
+    reference, scheduled = scheduled_and_reference(mod)
+    reference_funcs, device_funcs = _prim_funcs(reference), _prim_funcs(scheduled)
+    names = sorted(n for n in device_funcs if n in reference_funcs and _params(reference_funcs[n]) ==
+                   _params(device_funcs[n]))
+    results = [KernelCheck(n, "skipped", reason="the x86 reference fused this function differently")
+               for n in sorted(device_funcs) if n not in names]
+    expected_fns = _reference_module({n: reference_funcs[n] for n in names})
+    source, launches = _device_programs({n: device_funcs[n] for n in names})
+    context = opencl_context()
+    queue = cl.CommandQueue(context)
+    program = cl.Program(context, source).build()
+    rng = np.random.default_rng(seed)
+    for name in names:
+        results.append(_check_one(name, _params(reference_funcs[name]), launches.get(name, []), expected_fns[name],
+                                  program, context, queue, rng))
+    return results
+
+
+def _check_one(name, params, launches, reference_fn, program, context, queue, rng) -> KernelCheck:
+    import pyopencl as cl
+    import tvm
+    names = {n for n, _, _ in params}
+    mapped = [[_param_of(a, names) for a in buffers] for _, buffers, _, _ in launches]
+    if not launches or any(None in m for m in mapped):
+        return KernelCheck(name, "skipped", kernels=len(launches),
+                           reason="kernel arguments include host-allocated scratch buffers or scalars")
+    arrays = _random_inputs(params, rng)
+    tensors = [tvm.runtime.tensor(a.copy()) for a in arrays.values()]
+    reference_fn(*tensors)
+    flags = cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR
+    device = {n: cl.Buffer(context, flags, hostbuf=np.ascontiguousarray(a)) for n, a in arrays.items()}
+    for (kernel, _, grid, block), args in zip(launches, mapped):
+        getattr(program, kernel)(queue, tuple(g * b for g, b in zip(grid, block)), tuple(block),
+                                 *[device[a] for a in args])
+    worst = 0.0
+    for (pname, shape, dtype), want in zip(params, (t.numpy() for t in tensors)):
+        got = np.empty(shape, dtype)
+        cl.enqueue_copy(queue, got, device[pname])
+        if dtype.startswith("float"):
+            worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want))) if got.size else 0.0)
+        elif not np.array_equal(got, want):
+            worst = float("inf")
+    queue.finish()
+    return KernelCheck(name, "ok", worst, len(launches))
+
