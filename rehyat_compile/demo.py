@@ -125,12 +125,14 @@ def run_demo(out_dir: Path, console=None) -> dict:
     steps.run("symbolic cost + linearity", cost_step)
 
     builds = {}
-    for target in DEMO_TARGETS:
-        def build_step(target=target):
+    for target, verify in (("cpu", _verify_cpu), ("adreno", _verify_adreno), ("hexagon", None)):
+        def build_step(target=target, verify=verify):
+            if target == "hexagon":
+                return _hexagon_site(rc, hybrid, args, kwargs, out_dir / "build-hexagon", builds)
             art = rc.build(hybrid, args, kwargs, target=target, out_dir=out_dir / f"build-{target}")
-            builds[target] = getattr(art, "verification", None)
-            return art, f"{target}: {builds[target] or 'built'}"
-        steps.run(f"build {target}", build_step)
+            builds[target] = verify(art, hybrid, args, kwargs)
+            return art, f"{target}: {builds[target]}"
+        steps.run(f"build + verify {target}", build_step)
     summary["builds"] = builds
     summary["steps"] = steps.rows
     summary["total_seconds"] = round(time.perf_counter() - steps.start, 1)
@@ -138,6 +140,68 @@ def run_demo(out_dir: Path, console=None) -> dict:
     if console:
         console.print(f"\n[bold]demo finished in {summary['total_seconds']} s[/]; outputs in {out_dir}/")
     return summary
+
+
+def _verify_cpu(art, hybrid, args, kwargs) -> str:
+    """The x86 library runs here: compare with PyTorch (fp32, tolerance 1e-4 relative)."""
+    with torch.no_grad():
+        err = _rel(art(*args, **kwargs), hybrid(*args, **kwargs))
+    if err > 1e-4:
+        raise AssertionError(f"cpu build differs from PyTorch: rel error {err:.2e}")
+    return f"runs here, rel error vs PyTorch {err:.1e}"
+
+
+def _verify_adreno(art, hybrid, args, kwargs) -> str:
+    """Every OpenCL kernel of the Adreno build runs on PoCL and is compared with the same kernel
+    compiled for x86 (tolerance 1e-4 absolute on N(0,1) inputs)."""
+    from .backends import opencl_check
+    from .backends.portable import flat_program, portable_program
+    from .backends.tvm import relax_module
+    try:
+        opencl_check.opencl_context()
+    except Exception as err:  # no OpenCL platform (PoCL not installed)
+        return f"built; kernels not run: no OpenCL platform ({err})"
+    results = opencl_check.check_kernels(relax_module(flat_program(portable_program(hybrid, args, kwargs), args,
+                                                                   kwargs)))
+    ran = [r for r in results if r.status == "ok"]
+    matching = [r for r in ran if r.max_abs_error <= 1e-4]
+    line = f"{len(matching)}/{len(results)} OpenCL kernels run on PoCL and match x86 within 1e-4"
+    differing = [f"{r.function} ({r.max_abs_error:.1e})" for r in ran if r.max_abs_error > 1e-4]
+    return line + (f"; DIFFER: {', '.join(differing)}" if differing else "")
+
+
+class _SiteAttention(torch.nn.Module):
+    """One converted site alone (its phi maps and the hybrid op): few kernels, so the Hexagon
+    code generator (seconds per kernel) stays inside the demo's time."""
+
+    def __init__(self, maps, site):
+        super().__init__()
+        self.maps, self.layout = maps, dict(tokens_per_frame=site.video[2], chunk_frames=site.chunk_frames,
+                                            overlap_frames=site.overlap_frames, scale=site.scale)
+
+    def forward(self, q, k, v):
+        import rehyat_compile as rc
+        return rc.hybrid_attention(q, k, v, self.maps.phi_q(q), self.maps.phi_k(k), **self.layout)
+
+
+def _hexagon_site(rc, hybrid, args, kwargs, out_dir, builds):
+    """Hexagon v75 build of the first converted site; its object must disassemble to HVX code."""
+    from .backends import verify
+    site = hybrid.sites[0]
+    maps = next(iter(hybrid.feature_maps.values()))
+    frames, tokens = site.video[1], site.video[2]
+    q, k, v = (torch.randn(1, site.heads, frames * tokens, site.head_dim) for _ in range(3))
+    art = rc.build(_SiteAttention(maps, site).eval(), (q, k, v), target="hexagon", out_dir=out_dir,
+                   target_options={"versions": ("v75",)})
+    files = art.manifest["entries"]["main"]["files"]
+    try:
+        text = verify.hexagon_disassembly(out_dir / files["object_v75"], "v75")
+        hvx = text.count("vmem(")
+        builds["hexagon"] = f"site {site.name}: v75 .so (ELF {verify.elf_machine(out_dir / files['library_v75'])}), " \
+                            f"{hvx} HVX vector loads/stores in the disassembly"
+    except verify.ToolMissing as missing:
+        builds["hexagon"] = f"site {site.name}: v75 built; not disassembled ({missing})"
+    return art, f"hexagon: {builds['hexagon']}"
 
 
 def _transform(rc, model, args, kwargs, reference, summary):
