@@ -36,7 +36,6 @@ from typing import Any
 import sympy
 import torch
 from torch.fx import Interpreter, Node
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch._decomp import decomposition_table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -9,19 +9,11 @@ import torch
 import rehyat_compile as rc
 from rehyat_compile.backends.targets import BACKENDS, TARGETS
 
-from blocks import HybridBlockStep, block_and_input
+from blocks import HybridBlockStep
 
 pytest.importorskip("tvm")
 
 CPU_TOL = 1e-5  # fp32 through LLVM vs PyTorch eager: reassociation only
-
-
-@pytest.fixture(scope="module")
-def block_x():
-    block, x = block_and_input()
-    with torch.no_grad():
-        ref = block(x)
-    return block, x, ref
 
 
 @pytest.fixture(scope="module")

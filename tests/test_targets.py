@@ -11,19 +11,11 @@ import torch
 import rehyat_compile as rc
 from rehyat_compile.backends import verify
 
-from blocks import HybridAttentionOnly, HybridBlockStep, block_and_input
+from blocks import HybridAttentionOnly, HybridBlockStep
 
 pytest.importorskip("tvm")
 
 VULKAN_TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def block_x():
-    block, x = block_and_input()
-    with torch.no_grad():
-        ref = block(x)
-    return block, x, ref
 
 
 def _needs(check, *args):
