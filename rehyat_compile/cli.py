@@ -209,7 +209,7 @@ def _relative_error(model, hybrid, args, kwargs) -> float:
 
 def cmd_demo(opts):
     from .demo import run_demo
-    summary = run_demo(Path(opts.out), console=None if opts.json else CONSOLE)
+    summary = run_demo(Path(opts.out), console=None if opts.json else CONSOLE, hexagon=opts.hexagon)
     return summary, lambda: None
 
 
@@ -288,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded tiny Wan2.1 model (< 3 min)")
     p.add_argument("--out", default="rehyat-demo", help="output folder (default ./rehyat-demo)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--hexagon", action="store_true", help="also build and disassemble a Hexagon v75 site (slow)")
     p.set_defaults(func=cmd_demo)
     return parser
 
