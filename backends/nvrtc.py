@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 
@@ -15,12 +17,24 @@ def _package_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
 
 
+def _cuda_home() -> Path | None:
+    """The CUDA toolkit folder: $CUDA_HOME, else the one holding the nvcc on PATH."""
+    if os.environ.get("CUDA_HOME"):
+        return Path(os.environ["CUDA_HOME"])
+    nvcc = shutil.which("nvcc")
+    return Path(nvcc).resolve().parent.parent if nvcc else None
+
+
 def nvrtc_library() -> ctypes.CDLL:
-    """The NVRTC library from the nvidia-cuda-nvrtc-cu12 wheel; RuntimeError when absent."""
-    root = _package_dir("nvidia.cuda_nvrtc")
-    if root is None or not (root / "lib" / "libnvrtc.so.12").exists():
-        raise RuntimeError("NVRTC not found: pip install nvidia-cuda-nvrtc-cu12")
-    return ctypes.CDLL(str(root / "lib" / "libnvrtc.so.12"))
+    """NVRTC from the nvidia-cuda-nvrtc-cu12 wheel, else from the CUDA toolkit; RuntimeError when
+    neither is present."""
+    root, home = _package_dir("nvidia.cuda_nvrtc"), _cuda_home()
+    candidates = [root / "lib" / "libnvrtc.so.12"] if root else []
+    candidates += sorted((home / "lib64").glob("libnvrtc.so.*")) if home else []
+    for path in candidates:
+        if path.exists():
+            return ctypes.CDLL(str(path))
+    raise RuntimeError("NVRTC not found: pip install nvidia-cuda-nvrtc-cu12 (or set CUDA_HOME to a CUDA toolkit)")
 
 
 def nvrtc_version() -> str:
@@ -36,6 +50,9 @@ def _include_dirs() -> list[str]:
         root = _package_dir(pkg)
         if root is not None and (root / "include").is_dir():
             dirs.append(str(root / "include"))
+    home = _cuda_home()
+    if not dirs and home is not None:  # the toolkit's own headers (CCCL under include/cccl since CUDA 13)
+        dirs += [str(d) for d in (home / "include" / "cccl", home / "include") if d.is_dir()]
     return dirs
 
 
