@@ -150,6 +150,8 @@ def cuda_device_available() -> bool:
 
 def load_entry(out_dir: Path, spec: Target, files: dict):
     """Callable ``(list of numpy arrays: weights then inputs) -> list of numpy arrays``."""
+    if spec.name == "aarch64":
+        return _emulated_aarch64_entry(out_dir / files["library"])
     tvm = _tvm()
     from tvm import relax
     if spec.name == "cpu":
@@ -166,4 +168,24 @@ def load_entry(out_dir: Path, spec: Target, files: dict):
     def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
         result = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays])
         return [r.numpy() for r in result]
+    return run
+
+
+def _emulated_aarch64_entry(library: Path):
+    """The ``load_entry`` callable of an aarch64 build, run under qemu-aarch64 (its ``emulator``
+    attribute says so); NotRunnableHere naming what is missing for the emulation."""
+    from . import aarch64_qemu
+    from .verify import ToolMissing
+    if library.suffix != ".so":
+        raise NotRunnableHere(f"{library.name} holds aarch64 objects, not a shared object (built without "
+                              f"{aarch64_qemu.CROSS_GXX}): rebuild with the cross toolchain to run it under qemu-aarch64")
+    try:
+        aarch64_qemu.require_emulation()
+    except ToolMissing as missing:
+        raise NotRunnableHere(f"target 'aarch64' runs here only under qemu-aarch64 emulation, which is not "
+                              f"available: {missing}") from None
+
+    def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return aarch64_qemu.run_entry(library, "main", arrays)
+    run.emulator = "qemu-aarch64"
     return run

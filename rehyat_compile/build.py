@@ -282,7 +282,7 @@ class Artifact:
     """A verified build. ``art(*inputs)`` runs ``main`` (or, streaming, ``first`` when called with
     the chunk inputs only and ``step`` when the state follows them; a converted model's step graph
     takes chunk inputs, tables and states, see ``manifest["entries"]["step"]["inputs"]``). ``art.runnable`` says whether
-    the target runs here; ``art.reason`` says why not."""
+    the target runs here; ``art.reason`` says why not; ``art.emulated`` names the emulator it runs under, if any."""
 
     def __init__(self, out_dir, manifest: dict):
         self.out_dir, self.manifest = Path(out_dir), manifest
@@ -309,12 +309,19 @@ class Artifact:
         return bool(self.entries)
 
     @property
+    def emulated(self) -> str | None:
+        """The emulator the entries run under (``"qemu-aarch64"`` for an aarch64 build on
+        another ISA), None when they run natively or not at all."""
+        return next((getattr(e.runner, "emulator", None) for e in self.entries.values()), None)
+
+    @property
     def files(self) -> list[Path]:
         return [self.out_dir / n for n in self.manifest["files"]]
 
     def __repr__(self) -> str:
         return (f"Artifact({str(self.out_dir)!r}, target={self.target.name!r}, backend={self.backend!r}, "
-                f"entries={list(self.manifest['entries'])}, runnable={self.runnable})")
+                f"entries={list(self.manifest['entries'])}, runnable={self.runnable}"
+                + (f", emulated={self.emulated!r})" if self.emulated else ")"))
 
     def __call__(self, *args, **kwargs):
         """Same call as the model: (args, kwargs) -> the model's output structure; tensors only are
