@@ -30,19 +30,46 @@ def emulation():
         pytest.skip(str(missing))
 
 
+@pytest.fixture(scope="module")
+def block_artifact(block_x, tmp_path_factory):
+    """The hybrid block built for aarch64 (once per module: a build takes ~10 s on 2 cores)."""
+    block, x, _ = block_x
+    art = rc.build(block, (x,), target="aarch64", out_dir=tmp_path_factory.mktemp("arm") / "block")
+    if art.manifest["entries"]["main"]["files"]["library"].endswith(".tar"):
+        pytest.skip(f"{aarch64_qemu.CROSS_GXX} missing: host code exported as a .tar of objects")
+    return art
+
+
+@pytest.fixture(scope="module")
+def step_artifact(block_x, tmp_path_factory, emulation):
+    """The block's streaming step (entries first + step) built for aarch64, and the step module."""
+    block, x, _ = block_x
+    stepper = HybridBlockStep(block)
+    chunk = block.layout["chunk_frames"] * block.layout["tokens_per_frame"]
+    art = rc.build(stepper, (x[:, :chunk],), target="aarch64", out_dir=tmp_path_factory.mktemp("arm") / "step",
+                   streaming=True)
+    return art, stepper, chunk
+
+
+def test_aarch64_build_is_an_aarch64_shared_object(block_artifact):
+    library = block_artifact.out_dir / block_artifact.manifest["entries"]["main"]["files"]["library"]
+    assert verify.elf_machine(library) == "aarch64"
+
+
 def test_missing_runtime_is_reported_with_the_command_that_fetches_it(tmp_path, monkeypatch):
     monkeypatch.setenv(aarch64_qemu.RUNTIME_ENV, str(tmp_path / "empty"))
     with pytest.raises(verify.ToolMissing, match="python -m rehyat_compile.backends.aarch64_qemu"):
         aarch64_qemu.require_runtime()
 
 
-def test_aarch64_artifact_without_the_runtime_is_not_runnable_and_says_what_is_missing(block_x, tmp_path,
+def test_aarch64_artifact_without_the_runtime_is_not_runnable_and_says_what_is_missing(block_artifact, tmp_path,
                                                                                       monkeypatch):
-    block, x, _ = block_x
     monkeypatch.setenv(aarch64_qemu.RUNTIME_ENV, str(tmp_path / "empty"))
-    art = rc.build(block, (x,), target="aarch64", out_dir=tmp_path / "arm")
+    art = rc.load(block_artifact.out_dir)
     assert not art.runnable and art.emulated is None
     assert "qemu-aarch64" in art.reason and "aarch64 TVM runtime" in art.reason
+    with pytest.raises(RuntimeError, match="aarch64 TVM runtime"):
+        art(torch.zeros(1))
 
 
 def test_runtime_is_extracted_from_wheels_by_library_name(tmp_path, monkeypatch):
@@ -61,21 +88,17 @@ def test_runtime_is_extracted_from_wheels_by_library_name(tmp_path, monkeypatch)
     assert (folder / "libtvm_ffi.so").read_bytes() == b"libtvm_ffi.so"
 
 
-def test_hybrid_block_aarch64_build_runs_under_qemu_and_matches_pytorch(block_x, tmp_path, emulation):
-    block, x, ref = block_x
-    art = rc.build(block, (x,), target="aarch64", out_dir=tmp_path / "arm")
-    library = tmp_path / "arm" / art.manifest["entries"]["main"]["files"]["library"]
-    assert verify.elf_machine(library) == "aarch64"
+def test_hybrid_block_aarch64_build_runs_under_qemu_and_matches_pytorch(block_x, block_artifact, emulation):
+    _, x, ref = block_x
+    art = rc.load(block_artifact.out_dir)
     assert art.runnable and art.emulated == "qemu-aarch64", art.reason
     assert "emulated='qemu-aarch64'" in repr(art)
     torch.testing.assert_close(art(x), ref, atol=TOL, rtol=TOL)
 
 
-def test_hybrid_block_streaming_aarch64_build_runs_first_and_step_under_qemu(block_x, tmp_path, emulation):
-    block, x, _ = block_x
-    chunk = block.layout["chunk_frames"] * block.layout["tokens_per_frame"]
-    stepper = HybridBlockStep(block)
-    art = rc.build(stepper, (x[:, :chunk],), target="aarch64", out_dir=tmp_path / "arm", streaming=True)
+def test_hybrid_block_streaming_aarch64_build_runs_first_and_step_under_qemu(block_x, step_artifact):
+    _, x, _ = block_x
+    art, stepper, chunk = step_artifact
     assert art.emulated == "qemu-aarch64", art.reason
     with torch.no_grad():
         want_first = stepper(x[:, :chunk])
@@ -86,14 +109,12 @@ def test_hybrid_block_streaming_aarch64_build_runs_first_and_step_under_qemu(blo
         torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
 
 
-def test_run_entry_returns_every_output_of_a_tuple_result(block_x, tmp_path, emulation):
-    # The step entry returns (output, *state) with a bool tensor among them: dtypes and shapes survive.
-    block, x, _ = block_x
-    chunk = block.layout["chunk_frames"] * block.layout["tokens_per_frame"]
-    art = rc.build(HybridBlockStep(block), (x[:, :chunk],), target="aarch64", out_dir=tmp_path / "arm",
-                   streaming=True)
+def test_run_entry_returns_every_output_of_a_tuple_result(block_x, step_artifact):
+    # The first entry returns (output, *state) with a bool tensor among them: dtypes and shapes survive.
+    _, x, _ = block_x
+    art, _, chunk = step_artifact
     first = art.entries["first"]
-    outputs = aarch64_qemu.run_entry(tmp_path / "arm" / art.manifest["entries"]["first"]["files"]["library"],
+    outputs = aarch64_qemu.run_entry(art.out_dir / art.manifest["entries"]["first"]["files"]["library"],
                                      "main", first.weights + [x[:, :chunk].numpy()])
     assert [(str(o.dtype), list(o.shape)) for o in outputs] == [(s["dtype"], s["shape"]) for s in first.outputs]
     assert any(o.dtype == np.bool_ for o in outputs)
