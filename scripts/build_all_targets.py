@@ -29,14 +29,20 @@ BUILDS = [("cpu", "tvm"), ("cpu", "mlir"), ("cuda", "tvm"), ("adreno", "tvm"), (
 def check(art, hybrid, args, kwargs, ref) -> str:
     """The device-free check of one artifact, as a short line."""
     if art.runnable:
+        where = f"runs under {art.emulated}" if art.emulated else "runs here"
         if "step" in art.manifest["entries"]:
             graph, example = rc.stream(hybrid).step_module(*args, **kwargs)
             with torch.no_grad():
                 want = graph(*example)
-            err = max((g.double() - w.double()).abs().max().item() for g, w in zip(art(*example), want))
-            return f"runs here, max |error| vs the eager step graph {err:.2e}"
-        err = (art(*args, **kwargs)[0] - ref).abs().max().item()
-        return f"runs here, max |error| vs PyTorch {err:.2e}"
+            started = time.perf_counter()
+            got = art(*example)
+            seconds = time.perf_counter() - started
+            err = max((g.double() - w.double()).abs().max().item() for g, w in zip(got, want))
+            return f"{where} ({seconds:.2f} s per step), max |error| vs the eager step graph {err:.2e}"
+        started = time.perf_counter()
+        got = art(*args, **kwargs)[0]
+        seconds = time.perf_counter() - started
+        return f"{where} ({seconds:.2f} s per call), max |error| vs PyTorch {(got - ref).abs().max().item():.2e}"
     (files,) = [entry["files"] for entry in art.manifest["entries"].values()]
     folder = art.out_dir
     if art.target.name == "cuda":
@@ -46,8 +52,8 @@ def check(art, hybrid, args, kwargs, ref) -> str:
     if art.target.name == "adreno":
         verify.opencl_syntax(folder / files["opencl_source"])
         return f"OpenCL C compiles (clang -x cl); host {verify.elf_machine(folder / files['library'])}"
-    if art.target.name == "aarch64":
-        return f"host library ELF {verify.elf_machine(folder / files['library'])}"
+    if art.target.name == "aarch64":  # not runnable: qemu-aarch64, the cross g++ or the runtime is missing
+        return f"{art.reason}; host library ELF {verify.elf_machine(folder / files['library'])}"
     if art.target.name == "hexagon":
         out = []
         for version in art.target.options["versions"]:

@@ -12,3 +12,6 @@ python3 -m venv .venv
 # The CPU build of torch first, so no dependency can pull a CUDA build.
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".[compile,test]"
+# The aarch64 TVM runtime (libtvm_runtime.so, libtvm_ffi.so from PyPI's aarch64 wheels of the same
+# versions) and the driver that runs aarch64 builds under qemu-aarch64; cached, so a re-run is quick.
+.venv/bin/python -m rehyat_compile.backends.aarch64_qemu
