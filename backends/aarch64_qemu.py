@@ -153,20 +153,26 @@ def driver_path() -> Path:
     return driver
 
 
-def emulator_command() -> list[str]:
-    """``qemu-aarch64`` with the aarch64 sysroot and the runtime folder on the library path."""
-    qemu = tool("qemu-aarch64")
+def sysroot() -> Path:
+    """The aarch64 libc/libstdc++ that qemu-aarch64 loads the driver with."""
     if not (SYSROOT / "lib" / "ld-linux-aarch64.so.1").is_file():
         raise ToolMissing(f"no aarch64 sysroot at {SYSROOT} (Debian g++-aarch64-linux-gnu; "
                           "scripts/install_system_deps.sh)")
-    return [qemu, "-L", str(SYSROOT), "-E", f"LD_LIBRARY_PATH={require_runtime()}"]
+    return SYSROOT
 
 
 def require_emulation() -> list[str]:
-    """Everything :func:`run_entry` needs, prepared (the driver compiled); the command prefix
-    that runs the driver. ToolMissing names the first missing piece and how to get it."""
-    command = emulator_command()
-    return [*command, str(driver_path())]
+    """The command prefix that runs the driver under qemu-aarch64 (the driver compiled on first
+    use); ToolMissing naming every missing piece and what provides it."""
+    found, missing = {}, []
+    for name, check in (("qemu", lambda: tool("qemu-aarch64")), ("sysroot", sysroot), ("runtime", require_runtime)):
+        try:
+            found[name] = check()
+        except ToolMissing as err:
+            missing.append(str(err))
+    if missing:
+        raise ToolMissing("; ".join(missing))
+    return [found["qemu"], "-L", str(found["sysroot"]), "-E", f"LD_LIBRARY_PATH={found['runtime']}", str(driver_path())]
 
 
 # ---------------------------------------------------------------------------------------------
