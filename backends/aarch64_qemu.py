@@ -57,14 +57,14 @@ def runtime_dir() -> Path:
     return Path.home() / ".cache" / "rehyat-compile" / "aarch64-runtime" / runtime_versions()["apache-tvm"]
 
 
-def _library_names() -> list[str]:
+def runtime_library_names() -> list[str]:
     return [name for names in RUNTIME_LIBRARIES.values() for name in names]
 
 
 def require_runtime() -> Path:
     """:func:`runtime_dir` when every runtime library is in it; ToolMissing otherwise."""
     folder = runtime_dir()
-    missing = [name for name in _library_names() if not (folder / name).is_file()]
+    missing = [name for name in runtime_library_names() if not (folder / name).is_file()]
     if missing:
         raise ToolMissing(f"the aarch64 TVM runtime ({', '.join(missing)}) is not in {folder}; "
                           f"fetch it with: {FETCH_COMMAND}")
@@ -85,7 +85,7 @@ def download_wheels(dest: Path) -> list[Path]:
 
 def extract_runtime(wheels: list[Path], dest: Path) -> Path:
     """Copy the runtime libraries (by file name, wherever they sit in the wheels) into ``dest``."""
-    wanted = set(_library_names())
+    wanted = set(runtime_library_names())
     staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=_ensure_parent(dest)))
     try:
         for wheel in wheels:

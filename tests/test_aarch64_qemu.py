@@ -84,7 +84,7 @@ def test_runtime_is_extracted_from_wheels_by_library_name(tmp_path, monkeypatch)
         wheels.append(wheel)
     monkeypatch.setenv(aarch64_qemu.RUNTIME_ENV, str(tmp_path / "rt"))
     folder = aarch64_qemu.fetch_runtime(tmp_path)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(aarch64_qemu._library_names())
+    assert sorted(p.name for p in folder.iterdir()) == sorted(aarch64_qemu.runtime_library_names())
     assert (folder / "libtvm_ffi.so").read_bytes() == b"libtvm_ffi.so"
 
 
