@@ -12,9 +12,20 @@ Wan2.1 came out 0.27 off, a lone ``bmm`` [6,32,64] x [6,64,1] 20 off. By default
 subgroup operations from IREE's target description, so reductions are split over threads and
 shared memory and are correct at any subgroup size; ``subgroup_ops=True`` keeps IREE's tuned
 kernels, which run only where the device offers 64-wide subgroups.
+
+Booleans. A bool tensor that IREE keeps in memory (a function argument or result, the output of
+a ``cat``) is an i8 buffer; IREE's adreno description has no 8-bit storage (some Adreno drivers
+lack ``storageBuffer8BitAccess``), so those loads and stores are emulated on 32-bit words, and the
+vectorised ones (``vector<4xi8>``) fail to lower: "functions in 'spirv.module' can only contain
+spirv.* ops" (``x > 0`` returned from a function is enough). The build therefore compiles the graph
+with bools in memory as int32 0/1 (:func:`bools_in_memory_as_int32`); the artifact's inputs and
+outputs stay bool (``name.abi.json`` says which, and the runner converts).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import re
 import shutil
 import subprocess
@@ -22,9 +33,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import fx
 
 from .mlir import linalg_module
-from .portable import FlatProgram
+from .portable import FlatProgram, _AllInputs
 from .targets import NotRunnableHere, Target
 
 
@@ -86,9 +99,66 @@ def with_device_target(linalg_text: str, device_target: str) -> str:
         return str(module)
 
 
+# Ops that write a new bool tensor to memory from bool inputs (views and elementwise ops fuse).
+_BOOL_COPIES = {torch.ops.aten.cat.default, torch.ops.aten.stack.default, torch.ops.aten.clone.default,
+                torch.ops.aten.constant_pad_nd.default, torch.ops.aten.slice_scatter.default}
+
+
+def _is_bool(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dtype == torch.bool
+
+
+def bools_in_memory_as_int32(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[int], list[int]]:
+    """Rewrite ``gm`` in place so no bool tensor crosses memory: bool inputs arrive as int32 and
+    are compared with 0 at once, bool outputs leave as int32, and the ops in ``_BOOL_COPIES`` run on
+    int32 copies of their bool operands. Returns (gm, positions of bool inputs, of bool outputs)."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    bool_inputs = [i for i, n in enumerate(placeholders) if _is_bool(n)]
+    with graph.inserting_after(placeholders[-1]):
+        for i in bool_inputs:
+            node = placeholders[i]
+            as_bool = graph.call_function(torch.ops.aten.ne.Scalar, (node, 0))
+            node.replace_all_uses_with(as_bool, delete_user_cb=lambda user: user is not as_bool)
+    for node in [n for n in graph.nodes if n.target in _BOOL_COPIES and _is_bool(n)]:
+        with graph.inserting_before(node):
+            node.args = fx.node.map_arg(node.args, lambda a: graph.call_function(
+                torch.ops.aten._to_copy.default, (a,), {"dtype": torch.int32}) if _is_bool(a) else a)
+        with graph.inserting_after(node):
+            as_bool = graph.call_function(torch.ops.aten.ne.Scalar, (node, 0))
+        node.replace_all_uses_with(as_bool, delete_user_cb=lambda user: user is not as_bool)
+    output = next(n for n in graph.nodes if n.op == "output")
+    results = list(output.args[0])
+    bool_outputs = [i for i, r in enumerate(results) if _is_bool(r)]
+    with graph.inserting_before(output):
+        for i in bool_outputs:
+            results[i] = graph.call_function(torch.ops.aten._to_copy.default, (results[i],), {"dtype": torch.int32})
+    output.args = (tuple(results),)
+    gm.recompile()
+    return gm, bool_inputs, bool_outputs
+
+
+def _without_bools_in_memory(flat: FlatProgram) -> tuple[FlatProgram, dict]:
+    """``flat`` re-exported after :func:`bools_in_memory_as_int32`, and its ABI note
+    ``{"bool_inputs": [...], "bool_outputs": [...]}`` (positions among weights + inputs / outputs)."""
+    gm, bool_inputs, bool_outputs = bools_in_memory_as_int32(copy.deepcopy(flat.program.graph_module))
+    abi = {"bool_inputs": bool_inputs, "bool_outputs": bool_outputs}
+    if not bool_inputs and not bool_outputs and gm.code == flat.program.graph_module.code:
+        return flat, abi
+    examples = [torch.zeros(s.shape, dtype=torch.int32 if s.dtype == "bool" else getattr(torch, s.dtype))
+                for s in flat.arguments]
+    with torch.no_grad():
+        program = torch.export.export(_AllInputs(gm), tuple(examples))
+    return dataclasses.replace(flat, program=program), abi
+
+
 def build_entry(flat: FlatProgram, spec: Target, out_dir: Path, name: str) -> dict:
-    """Write ``name.linalg.mlir`` (torch-mlir output) and ``name.vmfb`` (Vulkan SPIR-V for the
-    target GPU; subgroup operations per the module docstring)."""
+    """Write ``name.linalg.mlir`` (the torch-mlir module iree-compile takes: the graph with bools
+    in memory as int32), ``name.abi.json`` (which inputs and outputs are bool) and ``name.vmfb``
+    (Vulkan SPIR-V for the target GPU; subgroup operations per the module docstring)."""
+    flat, abi = _without_bools_in_memory(flat)
+    (out_dir / f"{name}.abi.json").write_text(json.dumps(abi))
     source = out_dir / f"{name}.linalg.mlir"
     linalg = str(linalg_module(flat))
     source.write_text(linalg)
@@ -98,7 +168,7 @@ def build_entry(flat: FlatProgram, spec: Target, out_dir: Path, name: str) -> di
         targeted = Path(tmp) / "targeted.mlir"
         targeted.write_text(with_device_target(linalg, target))
         _iree_compile([str(targeted), "-o", str(vmfb)])
-    return {"linalg_ir": source.name, "vmfb": vmfb.name}
+    return {"linalg_ir": source.name, "vmfb": vmfb.name, "abi": f"{name}.abi.json"}
 
 
 def vulkan_available() -> bool:
@@ -140,20 +210,22 @@ def load_entry(out_dir: Path, spec: Target, files: dict):
             raise NotRunnableHere(f"built with subgroup_ops=True for {SUBGROUP_OPS_SIZE}-wide subgroups; this Vulkan "
                                   f"device offers {'unknown sizes (no vulkaninfo)' if sizes is None else '%d..%d' % sizes}")
     vmfb = out_dir / files["vmfb"]
+    bool_outputs = set(json.loads((out_dir / files["abi"]).read_text())["bool_outputs"]) if "abi" in files else set()
+    n_out = _count_results(out_dir / files["linalg_ir"])
 
     def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             cmd = [iree_tool("iree-run-module"), "--device=vulkan", f"--module={vmfb}", "--function=main"]
             for i, a in enumerate(arrays):
-                np.save(folder / f"in{i}.npy", np.ascontiguousarray(a))
+                np.save(folder / f"in{i}.npy", np.ascontiguousarray(a.astype(np.int32) if a.dtype == np.bool_ else a))
                 cmd.append(f"--input=@{folder / f'in{i}.npy'}")
-            n_out = _count_results(out_dir / files["linalg_ir"])
             cmd += [f"--output=@{folder / f'out{i}.npy'}" for i in range(n_out)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"iree-run-module failed:\n{done.stderr[-4000:]}")
-            return [np.load(folder / f"out{i}.npy") for i in range(n_out)]
+            outs = [np.load(folder / f"out{i}.npy") for i in range(n_out)]
+            return [o != 0 if i in bool_outputs else o for i, o in enumerate(outs)]
     return run
 
 
