@@ -28,11 +28,18 @@ def unfold_as_slices(x: torch.Tensor, dimension: int, size: int, step: int) -> t
     return torch.stack(windows, dim=dim).movedim(dim + 1, -1)
 
 
-def empty_permuted_as_empty(size, physical_layout, *, dtype=None, layout=None, device=None, pin_memory=None,
+def empty_as_zeros(size, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    """``aten.empty`` (uninitialised) as ``zeros``, a valid choice of its values: once strided
+    writes become slices and ``cat`` (:func:`slice_scatter_as_cat`) the unwritten slots are read,
+    and IREE fails to bufferize reads of an uninitialised tensor."""
+    return torch.zeros(size, dtype=dtype, device=device)
+
+
+def empty_permuted_as_zeros(size, physical_layout, *, dtype=None, layout=None, device=None, pin_memory=None,
                             requires_grad=False):
-    """``aten.empty_permuted`` (uninitialised, strides only differ) as a contiguous ``empty``:
-    torch-mlir cannot legalise it and the values are the same (none)."""
-    return torch.empty(size, dtype=dtype, device=device)
+    """``aten.empty_permuted`` (uninitialised, strides only differ) as contiguous ``zeros``:
+    torch-mlir cannot legalise it (and see :func:`empty_as_zeros`)."""
+    return torch.zeros(size, dtype=dtype, device=device)
 
 
 def slice_scatter_as_cat(input: torch.Tensor, src: torch.Tensor, dim: int = 0, start=None, end=None,
@@ -59,11 +66,12 @@ def slice_scatter_as_cat(input: torch.Tensor, src: torch.Tensor, dim: int = 0, s
 
 def portable_decompositions() -> dict:
     """Core-aten decompositions + the hybrid op as matmul-prefix aten + unfold as slices +
-    empty_permuted as empty + strided slice_scatter as slices and cat."""
+    uninitialised tensors as zeros + strided slice_scatter as slices and cat."""
     table = torch.export.default_decompositions()
     table.update(decompositions("matmul"))
     table[torch.ops.aten.unfold.default] = unfold_as_slices
-    table[torch.ops.aten.empty_permuted.default] = empty_permuted_as_empty
+    table[torch.ops.aten.empty.memory_format] = empty_as_zeros
+    table[torch.ops.aten.empty_permuted.default] = empty_permuted_as_zeros
     table[torch.ops.aten.slice_scatter.default] = slice_scatter_as_cat
     return table
 
