@@ -106,6 +106,17 @@ def _device_programs(funcs: dict):
     return source, launches
 
 
+def short_kernel_names(source: str, launches: dict) -> tuple[str, dict]:
+    """(source, launches) with every kernel renamed ``k0``, ``k1``, ...: TVM names a fused kernel
+    after all its ops, and PoCL aborts ("Final linking of kernel ... failed") on names that do not
+    fit in a file name (it caches each kernel under a folder of that name)."""
+    kernels = sorted({kernel for calls in launches.values() for kernel, *_ in calls}, key=len, reverse=True)
+    renamed = {kernel: f"k{i}" for i, kernel in enumerate(kernels)}
+    for kernel, short in renamed.items():
+        source = re.sub(rf"\b{re.escape(kernel)}\b", short, source)
+    return source, {fn: [(renamed[kernel], *rest) for kernel, *rest in calls] for fn, calls in launches.items()}
+
+
 def _param_of(argument: str, names: set[str]) -> str | None:
     """'lv128_1.data' -> 'lv128' when that is a parameter of the function."""
     base = argument.removesuffix(".data")
@@ -136,7 +147,7 @@ def check_kernels(mod, seed: int = 0) -> list[KernelCheck]:
     results = [KernelCheck(n, "skipped", reason="the x86 reference fused this function differently")
                for n in sorted(device_funcs) if n not in names]
     expected_fns = _reference_module({n: reference_funcs[n] for n in names})
-    source, launches = _device_programs({n: device_funcs[n] for n in names})
+    source, launches = short_kernel_names(*_device_programs({n: device_funcs[n] for n in names}))
     context = opencl_context()
     queue = cl.CommandQueue(context)
     program = cl.Program(context, source).build()

@@ -5,7 +5,10 @@ sums over chunks as a lower-triangular matmul, because TVM's VM cannot lower cum
 PyTorch's core-aten table (composite ops such as ``reshape`` must be decomposed in the same pass,
 or the op's decomposition is traced with views on non-contiguous fake tensors). Two further
 rewrites keep the graph inside what TVM's Relax frontend takes: ``unfold`` becomes slices + stack,
-and empty tensors (the zero extra tokens of a video-only layout) are dropped from ``cat``.
+and empty tensors (the zero extra tokens of a video-only layout) are dropped from ``cat``. A strided
+``slice_scatter`` (``out[..., 0::2] = a``, how diffusers' Wan applies rotary embeddings) becomes
+slices, reshapes and ``cat``: TVM 0.27 lowers the strided form for Adreno OpenCL with a wrong
+index (each even channel read one row early; the x86 build of the same TIR is right).
 """
 from __future__ import annotations
 
@@ -25,20 +28,51 @@ def unfold_as_slices(x: torch.Tensor, dimension: int, size: int, step: int) -> t
     return torch.stack(windows, dim=dim).movedim(dim + 1, -1)
 
 
-def empty_permuted_as_empty(size, physical_layout, *, dtype=None, layout=None, device=None, pin_memory=None,
+def empty_as_zeros(size, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    """``aten.empty`` (uninitialised) as ``zeros``, a valid choice of its values: once strided
+    writes become slices and ``cat`` (:func:`slice_scatter_as_cat`) the unwritten slots are read,
+    and IREE fails to bufferize reads of an uninitialised tensor."""
+    return torch.zeros(size, dtype=dtype, device=device)
+
+
+def empty_permuted_as_zeros(size, physical_layout, *, dtype=None, layout=None, device=None, pin_memory=None,
                             requires_grad=False):
-    """``aten.empty_permuted`` (uninitialised, strides only differ) as a contiguous ``empty``:
-    torch-mlir cannot legalise it and the values are the same (none)."""
-    return torch.empty(size, dtype=dtype, device=device)
+    """``aten.empty_permuted`` (uninitialised, strides only differ) as contiguous ``zeros``:
+    torch-mlir cannot legalise it (and see :func:`empty_as_zeros`)."""
+    return torch.zeros(size, dtype=dtype, device=device)
+
+
+def slice_scatter_as_cat(input: torch.Tensor, src: torch.Tensor, dim: int = 0, start=None, end=None,
+                         step: int = 1):
+    """``aten.slice_scatter`` with ``step > 1`` as static slices, a reshape to (n, step) groups
+    along ``dim`` (src fills slot 0 of each group) and ``cat``; NotImplemented (keep the op) for
+    ``step == 1``."""
+    if step == 1:
+        return NotImplemented
+    dim = dim % input.dim()
+    size, count = input.shape[dim], src.shape[dim]
+    if count == 0:
+        return input.clone()
+    start = 0 if start is None else min(max(start + size if start < 0 else start, 0), size)
+    span = (count - 1) * step + 1  # from the first written position to the last
+    segment = input.narrow(dim, start, span)
+    padding = [0, 0] * (input.dim() - 1 - dim) + [0, count * step - span]
+    grouped = torch.constant_pad_nd(segment, padding).unflatten(dim, (count, step))
+    filled = torch.cat([src.unsqueeze(dim + 1), grouped.narrow(dim + 1, 1, step - 1)], dim=dim + 1)
+    pieces = [input.narrow(dim, 0, start), filled.flatten(dim, dim + 1).narrow(dim, 0, span),
+              input.narrow(dim, start + span, size - start - span)]
+    return torch.cat([p for p in pieces if p.shape[dim] > 0], dim=dim)
 
 
 def portable_decompositions() -> dict:
     """Core-aten decompositions + the hybrid op as matmul-prefix aten + unfold as slices +
-    empty_permuted as empty."""
+    uninitialised tensors as zeros + strided slice_scatter as slices and cat."""
     table = torch.export.default_decompositions()
     table.update(decompositions("matmul"))
     table[torch.ops.aten.unfold.default] = unfold_as_slices
-    table[torch.ops.aten.empty_permuted.default] = empty_permuted_as_empty
+    table[torch.ops.aten.empty.memory_format] = empty_as_zeros
+    table[torch.ops.aten.empty_permuted.default] = empty_permuted_as_zeros
+    table[torch.ops.aten.slice_scatter.default] = slice_scatter_as_cat
     return table
 
 

@@ -45,7 +45,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("adreno", "Qualcomm Adreno GPU: OpenCL C kernels, aarch64 Linux/Android host .so",
            ("tvm",), mobile=True, tvm_device="qcom/adreno-opencl", tvm_host=AARCH64_LINUX),
     Target("adreno-vulkan", "Qualcomm Adreno GPU through Vulkan/SPIR-V: IREE .vmfb",
-           ("iree",), mobile=True, options={"iree_vulkan_target": "adreno"}),
+           ("iree",), mobile=True, options={"iree_vulkan_target": "adreno", "subgroup_ops": False}),
     Target("hexagon", "Qualcomm Hexagon DSP with HVX: assembly, .o, .so per version",
            ("tvm",), mobile=True, tvm_device="qcom/hexagon-v75",
            options={"versions": ("v68", "v73", "v75")}),
