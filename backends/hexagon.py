@@ -18,6 +18,11 @@ from pathlib import Path
 # Float intrinsics without a Hexagon LLVM lowering -> C math library (fp32 names; fp64 drop the f).
 LIBM = {"tirx.exp": "expf", "tirx.log": "logf", "tirx.tanh": "tanhf", "tirx.erf": "erff", "tirx.sqrt": "sqrtf",
         "tirx.pow": "powf", "tirx.log1p": "log1pf", "tirx.exp2": "exp2f", "tirx.sin": "sinf", "tirx.cos": "cosf"}
+# LLVM's loop unroller fully unrolls TIR's static loop nests after HVX vectorisation: 2-4x the
+# code (DSP I-cache) and 5x the build time (tiny Wan, v75: measured in the README). The
+# hexagon codegen parses these once per process (the first Hexagon build's options win) and they
+# stay set for LLVM builds that follow in the process (results unchanged, unrolling only).
+LLVM_OPTIONS = ("-unroll-threshold=0",)
 _registered = False
 
 
@@ -63,7 +68,8 @@ class _Linker:
 def kernel_module(mod, version: str):
     """TIR IRModule of ``mod``'s kernels, lowered for ``qcom/hexagon-<version>`` as its own host."""
     import tvm
-    target = tvm.target.Target(f"qcom/hexagon-{version}", host=f"qcom/hexagon-{version}")
+    spec = {"tag": f"qcom/hexagon-{version}", "llvm-options": list(LLVM_OPTIONS)}
+    target = tvm.target.Target(spec, host=spec)
     return lower_own_host(relax_kernels(mod, target), target), target
 
 

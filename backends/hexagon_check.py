@@ -25,12 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernel_check import KernelCheck, max_abs_error, params, random_inputs, reference_module, run_reference
+from .hexagon import LLVM_OPTIONS
+from .kernel_check import KernelCheck, compare, params, random_inputs, reference_module, run_reference
 
 # Hexagon v66 with 128-byte HVX: the newest version qemu 7.2 runs. Linux triple: the executable
 # is a musl Linux program. One core: no parallel launches; no VTCM (TCM scratchpad) under qemu.
 V66 = {"kind": "hexagon", "mcpu": "hexagonv66", "mtriple": "hexagon-unknown-linux-musl",
-       "mattr": ["+hvxv66", "+hvx-length128b"], "num-cores": 1, "vtcm-capacity": 0}
+       "mattr": ["+hvxv66", "+hvx-length128b"], "num-cores": 1, "vtcm-capacity": 0,
+       "llvm-options": list(LLVM_OPTIONS)}
 TOLERANCE = 1e-5
 DRIVER = Path(__file__).with_name("hexagon_driver.c")
 # DLPack type codes of the numpy kinds the kernels take.
@@ -161,22 +163,47 @@ def check_functions(funcs: dict, seed: int = 0, work_dir: Path | None = None,
         if codes.get(i) != 0:
             results.append(KernelCheck(name, "failed", kernels=1, reason=f"kernel returned {codes.get(i)}: {stderr[-500:]}"))
         else:
-            results.append(KernelCheck(name, "ok", max_abs_error(got[i], expected[i]), kernels=1))
+            error, scale = compare(got[i], expected[i])
+            results.append(KernelCheck(name, "ok", error, kernels=1, max_abs_value=scale))
     return sorted(results, key=lambda r: r.function)
 
 
-def check_on_qemu(mod, seed: int = 0, work_dir: Path | None = None) -> list[KernelCheck]:
-    """Every TIR kernel of Relax ``mod`` (as ``backends.tvm.relax_module`` gives) built for
-    Hexagon v66, run under qemu-hexagon and compared with the same kernel on x86."""
+def distinct_kernels(kernel_sets: list[dict]) -> dict:
+    """One {name: PrimFunc} of several modules' kernels, each distinct kernel once (a parallel
+    graph and its streaming step share most of theirs); a name taken by a different kernel gets
+    the module's index appended."""
+    from tvm_ffi.structural import structural_equal, structural_hash
+    kept, by_hash = {}, {}
+    for index, funcs in enumerate(kernel_sets):
+        for name, func in funcs.items():
+            bare = func.without_attr("global_symbol")
+            same = by_hash.setdefault(structural_hash(bare), [])
+            if any(structural_equal(bare, other) for other in same):
+                continue
+            same.append(bare)
+            kept[name if name not in kept else f"{name}_m{index}"] = func
+    return kept
+
+
+def check_on_qemu(mod, *more_mods, seed: int = 0, work_dir: Path | None = None) -> list[KernelCheck]:
+    """Every TIR kernel of Relax ``mod`` (as ``backends.tvm.relax_module`` gives) and of
+    ``more_mods`` (each distinct kernel once) built for Hexagon v66, run under qemu-hexagon and
+    compared with the same kernel built for x86 and run here."""
     from .hexagon import relax_kernels
-    return check_functions(relax_kernels(mod, v66_target()), seed, work_dir)
+    target = v66_target()
+    return check_functions(distinct_kernels([relax_kernels(m, target) for m in (mod, *more_mods)]), seed, work_dir)
+
+
+def matches(result: KernelCheck, tolerance: float = TOLERANCE) -> bool:
+    """The kernel ran and its relative error (:attr:`KernelCheck.relative_error`) is in tolerance."""
+    return result.status == "ok" and result.relative_error <= tolerance
 
 
 def summary(results: list[KernelCheck], tolerance: float = TOLERANCE) -> str:
-    """'N/M kernels match x86 on qemu-hexagon v66, worst err E' (+ the ones that do not)."""
+    """'N/M kernels match x86 on qemu-hexagon v66 ..., worst err E' (+ the ones that do not)."""
     ran = [r for r in results if r.status == "ok"]
-    matching = [r for r in ran if r.max_abs_error <= tolerance]
-    worst = max((r.max_abs_error for r in ran), default=float("nan"))
-    line = f"{len(matching)}/{len(results)} kernels match x86 on qemu-hexagon v66 (tolerance {tolerance:g}), worst err {worst:.1e}"
-    others = [f"{r.function} ({r.status}: {r.reason or f'{r.max_abs_error:.1e}'})" for r in results if r not in matching]
+    worst = max((r.relative_error for r in ran), default=float("nan"))
+    line = (f"{sum(matches(r, tolerance) for r in results)}/{len(results)} kernels match x86 on qemu-hexagon v66 "
+            f"(relative tolerance {tolerance:g}), worst err {worst:.1e}")
+    others = [f"{r.function} ({r.reason or f'error {r.relative_error:.1e}'})" for r in results if not matches(r, tolerance)]
     return line + (f"; NOT MATCHING: {'; '.join(others)}" if others else "")

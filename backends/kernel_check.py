@@ -11,13 +11,20 @@ import numpy as np
 
 @dataclass
 class KernelCheck:
-    """One TIR function: 'ok' (max_abs_error set), 'skipped' or 'failed' with the reason."""
+    """One TIR function: 'ok' (errors set), 'skipped' or 'failed' with the reason.
+    ``max_abs_value``: the largest |value| of the reference's float buffers (error scale)."""
 
     function: str
     status: str
     max_abs_error: float = float("nan")
     kernels: int = 0
     reason: str = ""
+    max_abs_value: float = float("nan")
+
+    @property
+    def relative_error(self) -> float:
+        """max_abs_error / max(1, max_abs_value): fp32 rounding grows with the values' size."""
+        return self.max_abs_error / max(1.0, self.max_abs_value)
 
 
 def prim_funcs(mod) -> dict:
@@ -56,18 +63,20 @@ def reference_module(funcs: dict):
 def run_reference(fn, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Every parameter buffer after calling the x86 build ``fn`` on copies of ``arrays``."""
     import tvm
-    tensors = [tvm.runtime.tensor(np.ascontiguousarray(a).copy()) for a in arrays.values()]
+    tensors = [tvm.runtime.tensor(np.array(a, order="C")) for a in arrays.values()]  # keeps 0-d arrays 0-d
     fn(*tensors)
     return [t.numpy() for t in tensors]
 
 
-def max_abs_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
-    """Largest |got - want| over float buffers; inf when an integer or bool buffer differs."""
-    worst = 0.0
+def compare(got: list[np.ndarray], want: list[np.ndarray]) -> tuple[float, float]:
+    """(largest |got - want| over float buffers, inf when an integer or bool buffer differs;
+    largest |want| over float buffers)."""
+    worst, scale = 0.0, 0.0
     for g, w in zip(got, want):
         if w.dtype.kind == "f":
             if w.size:
                 worst = max(worst, float(np.max(np.abs(g.astype(np.float64) - w))))
+                scale = max(scale, float(np.max(np.abs(w))))
         elif not np.array_equal(g, w):
             worst = float("inf")
-    return worst
+    return worst, scale

@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from .kernel_check import KernelCheck, max_abs_error, params, prim_funcs, random_inputs, reference_module, run_reference
+from .kernel_check import KernelCheck, compare, params, prim_funcs, random_inputs, reference_module, run_reference
 
 ADRENO = "qcom/adreno-opencl"
 CALL = re.compile(r'T\.call_ffi_kernel\("([^"]+)", (.*?), launch_params=\[(.*?)\]')
@@ -126,4 +126,5 @@ def _check_one(name, specs, launches, reference_fn, program, context, queue, rng
     for (pname, _, _), buffer in zip(specs, got):
         cl.enqueue_copy(queue, buffer, device[pname])
     queue.finish()
-    return KernelCheck(name, "ok", max_abs_error(got, want), len(launches))
+    error, scale = compare(got, want)
+    return KernelCheck(name, "ok", error, len(launches), max_abs_value=scale)
