@@ -8,6 +8,8 @@ finalisation, then ``target.build.hexagon``. Two gaps are filled: float intrinsi
 SDK's ``tvm.contrib.hexagon.link_shared``, replaced by ``ld.lld`` (LLVM 22, TVM's LLVM major).
 Output per version: HVX assembly ``.s``, object ``.o``, shared object ``.so`` (ELF, QDSP6).
 The Relax VM that sequences the kernels runs on the phone's Arm CPU (see the aarch64 target).
+LLVM's loop unroller is turned off (:data:`LLVM_OPTIONS`): code size and build time. The kernels
+are checked by running them as v66 code under qemu-hexagon (``hexagon_check``).
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Hexagon kernels built for v66 run under qemu-hexagon and match the same kernels on x86.
 
-Tolerance: ``hexagon_check.TOLERANCE`` = 1e-5 absolute on N(0, 1) inputs (fp32; musl libm vs
-LLVM/glibc on x86 and the summation order of vectorised reductions; measured worst 2.9e-6 on
-the hybrid block, README "Targets"). Every kernel must run: no skips.
+Tolerance: ``hexagon_check.TOLERANCE`` = 1e-5 of max(1, largest |x86 value|) on N(0, 1) inputs
+(fp32; musl libm vs LLVM/glibc on x86, summation order of vectorised reductions). Every kernel
+must run: no skips.
 """
 from __future__ import annotations
 
@@ -30,13 +30,6 @@ def _exp_kernel(factor: float):
     return te.create_prim_func([a, b])
 
 
-def _all_match(results):
-    assert results and all(r.status == "ok" for r in results), [r for r in results if r.status != "ok"]
-    worst = max(results, key=lambda r: r.max_abs_error)
-    assert worst.max_abs_error <= hexagon_check.TOLERANCE, worst
-    return worst
-
-
 def _relax(model, args, kwargs=None):
     from rehyat_compile.backends.portable import flat_program, portable_program
     from rehyat_compile.backends.tvm import relax_module
@@ -50,7 +43,7 @@ def test_a_kernel_that_differs_from_its_x86_build_is_reported(monkeypatch):
     monkeypatch.setattr(hexagon_check, "reference_module",
                         lambda funcs: kernel_check.reference_module({n: _exp_kernel(3.0) for n in funcs}))
     (result,) = hexagon_check.check_functions({"exp_times": _exp_kernel(2.0)})
-    assert result.status == "ok" and result.max_abs_error > 0.1
+    assert result.status == "ok" and result.max_abs_error > 0.1 and not hexagon_check.matches(result)
     assert hexagon_check.summary([result]).startswith("0/1 kernels match")
 
 
@@ -65,19 +58,13 @@ def test_symbolic_shapes_are_skipped_with_a_reason():
 
 
 @pytest.mark.slow
-def test_attention_kernels_run_on_qemu_hexagon_v66_and_match_x86(block_x):
-    _toolchain_or_skip()
-    _, x, _ = block_x
-    results = hexagon_check.check_on_qemu(_relax(HybridAttentionOnly().eval(), (x,)))
-    _all_match(results)
-    assert len(results) >= 40  # projections, phi maps, chunked softmax and linear parts
-
-
-@pytest.mark.slow
-def test_hybrid_block_kernels_run_on_qemu_hexagon_v66_and_match_x86(block_x):
+def test_attention_and_hybrid_block_kernels_run_on_qemu_hexagon_v66_and_match_x86(block_x):
+    # Both modules in one check (their shared kernels once): one Hexagon build, one qemu run.
     _toolchain_or_skip()
     block, x, _ = block_x
-    results = hexagon_check.check_on_qemu(_relax(block, (x,)))
-    _all_match(results)
-    assert any("layer_norm" in r.function for r in results)
+    attention, whole = _relax(HybridAttentionOnly().eval(), (x,)), _relax(block, (x,))
+    results = hexagon_check.check_on_qemu(attention, whole)
+    assert all(hexagon_check.matches(r) for r in results), hexagon_check.summary(results)
+    assert len(results) >= 60  # projections, phi maps, chunked softmax and linear parts, norms, FFN
+    assert any("layer_norm" in r.function for r in results) and any("softmax" in r.function for r in results)
     assert hexagon_check.summary(results).startswith(f"{len(results)}/{len(results)} kernels match")
