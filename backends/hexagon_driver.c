@@ -10,7 +10,8 @@
  *                "type_code bits lanes ndim dim0 dim1 ..." (DLPack dtype and shape)
  *   INPUTS:      every argument's bytes, call after call, argument after argument
  *   OUTPUTS:     the same buffers after the calls, same layout
- * stdout: one line "call INDEX rc RC" per call (RC != 0: the kernel raised, message on stderr).
+ * stdout: one line "call INDEX rc RC" per call once its buffers are written (RC != 0: the kernel
+ *         raised, message on stderr).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -150,12 +151,14 @@ int main(int argc, char **argv) {
     }
     TVMFFIAny result = {.type_index = kTVMFFINone};
     int rc = kernels[kernel](NULL, args, nargs, &result);
-    printf("call %d rc %d\n", c, rc);
     for (int a = 0; a < nargs; ++a) {
       transfer(&tensors[a], out, 1);
       free(tensors[a].data);
       free(tensors[a].shape);
     }
+    fflush(out);  /* a later kernel that crashes the program leaves this call's results readable */
+    printf("call %d rc %d\n", c, rc);
+    fflush(stdout);
     free(tensors);
     free(args);
   }

@@ -47,6 +47,14 @@ def test_a_kernel_that_differs_from_its_x86_build_is_reported(monkeypatch):
     assert hexagon_check.summary([result]).startswith("0/1 kernels match")
 
 
+def test_a_kernel_that_raises_on_hexagon_is_reported_failed_with_its_message(monkeypatch):
+    _toolchain_or_skip()
+    # Float buffers announced as unsigned ints: the kernel's own argument check must refuse them.
+    monkeypatch.setitem(hexagon_check.DL_CODES, "f", 1)
+    (result,) = hexagon_check.check_functions({"exp_times": _exp_kernel(2.0)})
+    assert result.status == "failed" and "dtype" in result.reason and not hexagon_check.matches(result)
+
+
 def test_symbolic_shapes_are_skipped_with_a_reason():
     from tvm import te
     n = te.var("n", "int64")
