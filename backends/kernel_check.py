@@ -34,8 +34,14 @@ def prim_funcs(mod) -> dict:
 
 
 def params(func) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, static shape, dtype) of each buffer parameter; ValueError for a symbolic dimension."""
-    return [(str(p), tuple(int(d) for d in p.shape), str(p.dtype)) for p in func.params]
+    """(name, static shape, dtype) of each buffer parameter, names made unique (they key the
+    input arrays); TypeError for a symbolic dimension."""
+    specs, seen = [], set()
+    for p in func.params:
+        name = str(p) if str(p) not in seen else f"{p}#{len(specs)}"
+        seen.add(name)
+        specs.append((name, tuple(int(d) for d in p.shape), str(p.dtype)))
+    return specs
 
 
 def random_inputs(params, rng) -> dict[str, np.ndarray]:
