@@ -20,11 +20,13 @@ from pathlib import Path
 # Float intrinsics without a Hexagon LLVM lowering -> C math library (fp32 names; fp64 drop the f).
 LIBM = {"tirx.exp": "expf", "tirx.log": "logf", "tirx.tanh": "tanhf", "tirx.erf": "erff", "tirx.sqrt": "sqrtf",
         "tirx.pow": "powf", "tirx.log1p": "log1pf", "tirx.exp2": "exp2f", "tirx.sin": "sinf", "tirx.cos": "cosf"}
-# LLVM's loop unroller fully unrolls TIR's static loop nests after HVX vectorisation: 2-4x the
-# code (DSP I-cache) and 5x the build time (tiny Wan, v75: measured in the README). The
-# hexagon codegen parses these once per process (the first Hexagon build's options win) and they
-# stay set for LLVM builds that follow in the process (results unchanged, unrolling only).
-LLVM_OPTIONS = ("-unroll-threshold=0",)
+# Build time of the tiny Wan for v75 (109 kernels, README "Targets"): LLVM's loop unroller fully
+# unrolls TIR's static loop nests after HVX vectorisation (2-4x the code for a DSP's small I-cache,
+# 2x the time), and Hexagon's software pipeliner spends ~30 s on each masked-softmax kernel (4x).
+# Both off: 4x faster builds; the pipeliner's effect on device speed is unmeasured (no device).
+# The hexagon codegen parses these once per process (the first Hexagon build's options win) and
+# they stay set for LLVM builds that follow in the process (results unchanged: scheduling only).
+LLVM_OPTIONS = ("-unroll-threshold=0", "-enable-pipeliner=false")
 _registered = False
 
 

@@ -22,6 +22,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=8, help="how many of the slowest kernels to list")
     p.add_argument("--llvm-options", default=None, help="comma-separated; default: hexagon.LLVM_OPTIONS")
     p.add_argument("--whole", default="", help="comma-separated versions to time as one whole build each")
+    p.add_argument("--only", default="", help="per-kernel timing of the kernels whose name contains this")
     opts = p.parse_args()
 
     import rehyat_compile as rc
@@ -43,6 +44,8 @@ def main() -> None:
         funcs = hexagon.relax_kernels(mod, target)
         times = []
         for name, func in funcs.items():
+            if opts.only not in name:
+                continue
             start = time.perf_counter()
             module, obj, shared = hexagon.compile_kernels(hexagon.lower_own_host({name: func}, target), target)
             times.append((time.perf_counter() - start, len(module.inspect_source("s")), name))
