@@ -95,6 +95,18 @@ def compile_object(funcs: dict, out_dir: Path) -> Path:
     return out_dir / "kernels.o"
 
 
+ZIG_TARGET = ["-target", "hexagon-linux-musl", "-mcpu=hexagonv66", "-O2", "-static"]
+
+
+def warm_toolchain() -> None:
+    """Link a trivial program with the driver's flags, so zig builds (once, ~1.5 min on 2 cores)
+    and caches musl and compiler-rt for hexagon before any check needs them (scripts/setup.sh)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        source = Path(scratch) / "main.c"
+        source.write_text("#include <stdio.h>\nint main(void) { puts(\"ok\"); return 0; }\n")
+        subprocess.run([*zig_cc(), *ZIG_TARGET, str(source), "-o", str(Path(scratch) / "main")], check=True)
+
+
 def link_program(obj: Path, names: list[str], out_dir: Path) -> Path:
     """One static hexagon-linux-musl executable: the driver plus every kernel of ``obj``;
     ``names[i]`` is kernel index i of the plan."""
@@ -102,8 +114,7 @@ def link_program(obj: Path, names: list[str], out_dir: Path) -> Path:
     (out_dir / "kernels.h").write_text("".join(f"KERNEL({ENTRY_PREFIX}{n})\n" for n in names))
     exe = out_dir / "kernels.hexagon"
     include = Path(tvm_ffi.__file__).parent / "include"
-    cmd = [*zig_cc(), "-target", "hexagon-linux-musl", "-mcpu=hexagonv66", "-O2", "-static",
-           f"-I{include}", f"-I{out_dir}", str(DRIVER), str(obj), "-o", str(exe)]
+    cmd = [*zig_cc(), *ZIG_TARGET, f"-I{include}", f"-I{out_dir}", str(DRIVER), str(obj), "-o", str(exe)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"zig cc failed to link the Hexagon program:\n{done.stderr[-3000:]}")
@@ -220,3 +231,7 @@ def summary(results: list[KernelCheck], tolerance: float = TOLERANCE) -> str:
             f"(relative tolerance {tolerance:g}), worst err {worst:.1e}")
     others = [f"{r.function} ({r.reason or f'error {r.relative_error:.1e}'})" for r in results if not matches(r, tolerance)]
     return line + (f"; NOT MATCHING: {'; '.join(others)}" if others else "")
+
+
+if __name__ == "__main__":
+    warm_toolchain()

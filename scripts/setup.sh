@@ -12,3 +12,6 @@ python3 -m venv .venv
 # The CPU build of torch first, so no dependency can pull a CUDA build.
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".[compile,test]"
+# zig (PyPI ziglang) builds musl and compiler-rt for hexagon once (~1.5 min on 2 cores) into its
+# cache; the qemu-hexagon kernel checks then link in a second.
+.venv/bin/python -m rehyat_compile.backends.hexagon_check
