@@ -137,7 +137,8 @@ def write_plan(calls: list[tuple[int, dict[str, np.ndarray]]], out_dir: Path) ->
 def read_outputs(calls: list[tuple[int, dict[str, np.ndarray]]], out_dir: Path) -> list[list[np.ndarray]]:
     """The driver's ``outputs`` cut into arrays shaped like each call's inputs (the calls whose
     buffers were all written: every call unless the program crashed)."""
-    raw, offset, results = (out_dir / "outputs").read_bytes(), 0, []
+    path = out_dir / "outputs"
+    raw, offset, results = path.read_bytes() if path.exists() else b"", 0, []
     for _, arrays in calls:
         if offset + sum(a.nbytes for a in arrays.values()) > len(raw):
             break
