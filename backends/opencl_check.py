@@ -13,23 +13,13 @@ skipped, not checked.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import numpy as np
 
+from .kernel_check import KernelCheck, compare, params, prim_funcs, random_inputs, reference_module, run_reference
+
 ADRENO = "qcom/adreno-opencl"
 CALL = re.compile(r'T\.call_ffi_kernel\("([^"]+)", (.*?), launch_params=\[(.*?)\]')
-
-
-@dataclass
-class KernelCheck:
-    """One TIR function: 'ok' (max_abs_error set), or 'skipped' with the reason."""
-
-    function: str
-    status: str
-    max_abs_error: float = float("nan")
-    kernels: int = 0
-    reason: str = ""
 
 
 def scheduled_and_reference(mod):
@@ -50,35 +40,6 @@ def scheduled_and_reference(mod):
     return reference, scheduled
 
 
-def _prim_funcs(mod) -> dict:
-    import tvm
-    return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
-
-
-def _params(func) -> list[tuple[str, tuple[int, ...], str]]:
-    return [(str(p), tuple(int(d) for d in p.shape), str(p.dtype)) for p in func.params]
-
-
-def _random_inputs(params, rng) -> dict[str, np.ndarray]:
-    arrays = {}
-    for name, shape, dtype in params:
-        if dtype.startswith("float"):
-            arrays[name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == "bool":
-            arrays[name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            arrays[name] = rng.integers(0, 4, shape).astype(dtype)
-    return arrays
-
-
-def _reference_module(funcs: dict):
-    """All reference functions built for x86 in one go: name -> callable."""
-    import tvm
-    cpu = tvm.target.Target("llvm")
-    mod = tvm.IRModule({n: f.with_attr("global_symbol", n).with_attr("target", cpu) for n, f in funcs.items()})
-    return tvm.tirx.build(mod, target=cpu)
-
-
 def _device_programs(funcs: dict):
     """(OpenCL C source of every kernel, {function: [(kernel, [arguments], grid, block)]}) of the
     GPU-scheduled functions, lowered together like ``tvm.compile`` does (default TIR pipeline)."""
@@ -94,7 +55,7 @@ def _device_programs(funcs: dict):
     launches = {}
     for gv, func in host.functions.items():
         calls = []
-        for kernel, args, params in CALL.findall(func.script()):
+        for kernel, args, launch_params in CALL.findall(func.script()):
             dims = [p.strip().strip('"') for p in params.split(",")]
             values = [a.strip() for a in args.split(",")]
             extents = [int(re.sub(r"^T\.int(32|64)\((\d+)\)$", r"\2", v)) for v in values[len(values) - len(dims):]]
@@ -141,47 +102,40 @@ def check_kernels(mod, seed: int = 0) -> list[KernelCheck]:
     with its x86 reference on the same random inputs (floats N(0, 1), masks 0/1)."""
     import pyopencl as cl
     reference, scheduled = scheduled_and_reference(mod)
-    reference_funcs, device_funcs = _prim_funcs(reference), _prim_funcs(scheduled)
-    names = sorted(n for n in device_funcs if n in reference_funcs and _params(reference_funcs[n]) ==
-                   _params(device_funcs[n]))
+    reference_funcs, device_funcs = prim_funcs(reference), prim_funcs(scheduled)
+    names = sorted(n for n in device_funcs if n in reference_funcs and params(reference_funcs[n]) ==
+                   params(device_funcs[n]))
     results = [KernelCheck(n, "skipped", reason="the x86 reference fused this function differently")
                for n in sorted(device_funcs) if n not in names]
-    expected_fns = _reference_module({n: reference_funcs[n] for n in names})
+    expected_fns = reference_module({n: reference_funcs[n] for n in names})
     source, launches = short_kernel_names(*_device_programs({n: device_funcs[n] for n in names}))
     context = opencl_context()
     queue = cl.CommandQueue(context)
     program = cl.Program(context, source).build()
     rng = np.random.default_rng(seed)
     for name in names:
-        results.append(_check_one(name, _params(reference_funcs[name]), launches.get(name, []), expected_fns[name],
+        results.append(_check_one(name, params(reference_funcs[name]), launches.get(name, []), expected_fns[name],
                                   program, context, queue, rng))
     return results
 
 
-def _check_one(name, params, launches, reference_fn, program, context, queue, rng) -> KernelCheck:
+def _check_one(name, specs, launches, reference_fn, program, context, queue, rng) -> KernelCheck:
     import pyopencl as cl
-    import tvm
-    names = {n for n, _, _ in params}
+    names = {n for n, _, _ in specs}
     mapped = [[_param_of(a, names) for a in buffers] for _, buffers, _, _ in launches]
     if not launches or any(None in m for m in mapped):
         return KernelCheck(name, "skipped", kernels=len(launches),
                            reason="kernel arguments include host-allocated scratch buffers or scalars")
-    arrays = _random_inputs(params, rng)
-    tensors = [tvm.runtime.tensor(a.copy()) for a in arrays.values()]
-    reference_fn(*tensors)
+    arrays = random_inputs(specs, rng)
+    want = run_reference(reference_fn, arrays)
     flags = cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR
     device = {n: cl.Buffer(context, flags, hostbuf=np.ascontiguousarray(a)) for n, a in arrays.items()}
     for (kernel, _, grid, block), args in zip(launches, mapped):
         getattr(program, kernel)(queue, tuple(g * b for g, b in zip(grid, block)), tuple(block),
                                  *[device[a] for a in args])
-    worst = 0.0
-    for (pname, shape, dtype), want in zip(params, (t.numpy() for t in tensors)):
-        got = np.empty(shape, dtype)
-        cl.enqueue_copy(queue, got, device[pname])
-        if dtype.startswith("float"):
-            worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want))) if got.size else 0.0)
-        elif not np.array_equal(got, want):
-            worst = float("inf")
+    got = [np.empty(shape, dtype) for _, shape, dtype in specs]
+    for (pname, _, _), buffer in zip(specs, got):
+        cl.enqueue_copy(queue, buffer, device[pname])
     queue.finish()
-    return KernelCheck(name, "ok", worst, len(launches))
-
+    error, scale = compare(got, want)
+    return KernelCheck(name, "ok", error, len(launches), max_abs_value=scale)

@@ -15,3 +15,6 @@ python3 -m venv .venv
 # The aarch64 TVM runtime (libtvm_runtime.so, libtvm_ffi.so from PyPI's aarch64 wheels of the same
 # versions) and the driver that runs aarch64 builds under qemu-aarch64; cached, so a re-run is quick.
 .venv/bin/python -m rehyat_compile.backends.aarch64_qemu
+# zig (PyPI ziglang) builds musl and compiler-rt for hexagon once (~1.5 min on 2 cores) into its
+# cache; the qemu-hexagon kernel checks then link in a second.
+.venv/bin/python -m rehyat_compile.backends.hexagon_check

@@ -92,3 +92,22 @@ def test_converted_wan21_adreno_vulkan_step_graph_carries_its_state_across_two_c
             torch.testing.assert_close(g, w, atol=WAN_TOL, rtol=WAN_TOL)
         got_state, want_state = got[len(got) - len(states):], want[len(want) - len(states):]
     assert bool(want_state[[s["dtype"] for s in states].index("bool")].any())  # the overlap is valid after a chunk
+
+
+@pytest.mark.slow
+def test_converted_wan21_kernels_run_on_qemu_hexagon_v66_and_match_x86():
+    # The parallel graph and the streaming step graph (rc.build's entries), each distinct kernel
+    # once: one Hexagon build, one link, one qemu-hexagon run. Tolerance: hexagon_check.TOLERANCE.
+    from rehyat_compile.backends import hexagon_check
+    from rehyat_compile.backends.tvm import relax_module
+    from rehyat_compile.build import _entries
+    try:
+        hexagon_check.zig_cc(), hexagon_check.qemu_hexagon()
+    except hexagon_check.ToolchainMissing as missing:
+        pytest.skip(str(missing))
+    from models import make_wan_t2v
+    model, args, kwargs = make_wan_t2v(frames=5)
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1)
+    flats = [f for streaming in (False, True) for f in _entries(hybrid, args, kwargs, streaming)[0].values()]
+    results = hexagon_check.check_on_qemu(*[relax_module(f) for f in flats])
+    assert len(results) > 100 and all(hexagon_check.matches(r) for r in results), hexagon_check.summary(results)
