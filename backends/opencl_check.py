@@ -56,7 +56,7 @@ def _device_programs(funcs: dict):
     for gv, func in host.functions.items():
         calls = []
         for kernel, args, launch_params in CALL.findall(func.script()):
-            dims = [p.strip().strip('"') for p in params.split(",")]
+            dims = [p.strip().strip('"') for p in launch_params.split(",")]
             values = [a.strip() for a in args.split(",")]
             extents = [int(re.sub(r"^T\.int(32|64)\((\d+)\)$", r"\2", v)) for v in values[len(values) - len(dims):]]
             grid, block = [1, 1, 1], [1, 1, 1]

@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded tiny Wan2.1 model (< 3 min)")
     p.add_argument("--out", default="rehyat-demo", help="output folder (default ./rehyat-demo)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--hexagon", action="store_true", help="also build and disassemble a Hexagon v75 site (slow)")
+    p.add_argument("--no-hexagon", dest="hexagon", action="store_false",
+                   help="leave out the Hexagon site build (v75, disassembled) and its v66 run under qemu-hexagon")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -84,3 +84,18 @@ def test_diffusers_class_from_config(capsys, tmp_path):
     config.write_text(json.dumps(dict(make_wan_t2v()[0].config)))
     code, report = run_json(capsys, "inspect", "diffusers:WanTransformer3DModel", "--config", str(config))
     assert code == 0 and sum(s["rewritable"] for s in report["sites"]) == 2
+
+
+@pytest.mark.slow
+def test_demo_json_runs_every_stage_and_writes_its_plot(capsys, tmp_path):
+    # The main job end to end (about 2.5 min on 2 cores): every number in the summary is measured.
+    code, summary = run_json(capsys, "demo", "--out", str(tmp_path / "demo"))
+    assert code == 0
+    assert summary["exact_rel_error"] <= 1e-4 and summary["stream_rel_error"] <= 1e-4
+    assert summary["distilled_rel_error"] < summary["converted_rel_error"]
+    assert (summary["cost_degree_original"], summary["cost_degree_converted"]) == (2, 1)
+    assert (tmp_path / "demo" / "cost.png").read_bytes()[:4] == b"\x89PNG"
+    builds = summary["builds"]
+    assert "runs here" in builds["cpu"] and "DIFFER" not in builds["adreno"]
+    assert "match x86 on qemu-hexagon v66" in builds["hexagon"] or "not run" in builds["hexagon"]
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["builds"] == builds

@@ -7,7 +7,6 @@ must run: no skips.
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("tvm")
 
