@@ -1,8 +1,9 @@
 """The converted tiny diffusers Wan2.1 (5 latent frames, Tc=2, To=1) through rc.build.
 
 Every target is built by ``scripts/build_all_targets.py`` (minutes on 2 cores); the suite keeps
-the builds that run here: CPU (LLVM) and adreno-vulkan (IREE on lavapipe), each checked against the
-converted model in PyTorch.
+what runs here: CPU (LLVM) and adreno-vulkan (IREE on lavapipe) builds against the converted model
+in PyTorch, every Adreno OpenCL kernel on PoCL and every kernel as Hexagon v66 code under
+qemu-hexagon against x86 (parallel and step graphs); aarch64 under qemu is tests/test_aarch64_qemu.py.
 """
 from __future__ import annotations
 
@@ -111,3 +112,24 @@ def test_converted_wan21_kernels_run_on_qemu_hexagon_v66_and_match_x86():
     flats = [f for streaming in (False, True) for f in _entries(hybrid, args, kwargs, streaming)[0].values()]
     results = hexagon_check.check_on_qemu(*[relax_module(f) for f in flats])
     assert len(results) > 100 and all(hexagon_check.matches(r) for r in results), hexagon_check.summary(results)
+
+
+@pytest.mark.slow
+def test_converted_wan21_adreno_opencl_kernels_parallel_and_step_run_on_pocl_and_match_x86():
+    # Every OpenCL kernel of the Adreno build of both graphs (parallel and streaming step) on PoCL
+    # against the same kernel on x86; tolerance 1e-4 absolute on N(0, 1) inputs (test_targets.py).
+    pytest.importorskip("pyopencl")
+    from rehyat_compile.backends import opencl_check
+    from rehyat_compile.backends.tvm import relax_module
+    from rehyat_compile.build import _entries
+    from test_targets import _assert_every_kernel_matches
+    try:
+        opencl_check.opencl_context()
+    except Exception as err:  # no ICD loader or no platform
+        pytest.skip(f"no OpenCL platform: {err}")
+    from models import make_wan_t2v
+    model, args, kwargs = make_wan_t2v(frames=5)
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1)
+    for streaming in (False, True):
+        (flat,) = _entries(hybrid, args, kwargs, streaming)[0].values()
+        _assert_every_kernel_matches(opencl_check.check_kernels(relax_module(flat)))
