@@ -31,6 +31,7 @@ import numpy as np
 
 from .hexagon import LLVM_OPTIONS
 from .kernel_check import KernelCheck, compare, params, random_inputs, reference_module, run_reference
+from .verify import ToolMissing, tool
 
 # Hexagon v66 with 128-byte HVX: the newest version qemu 7.2 runs. Linux triple: the executable
 # is a musl Linux program. One core: no parallel launches; no VTCM (TCM scratchpad) under qemu.
@@ -44,25 +45,17 @@ DL_CODES = {"i": 0, "u": 1, "f": 2, "b": 6}
 ENTRY_PREFIX = "__tvm_ffi_"  # host finalisation's packed entry of function NAME
 
 
-class ToolchainMissing(RuntimeError):
-    """zig (PyPI ``ziglang``) or qemu-hexagon is not installed."""
-
-
 def zig_cc() -> list[str]:
     """``zig cc`` from the ziglang wheel (ships musl and compiler-rt for hexagon)."""
     try:
         import ziglang  # noqa: F401
     except ImportError as missing:
-        raise ToolchainMissing("pip install ziglang (zig cc links the Hexagon test program)") from missing
+        raise ToolMissing("pip install ziglang (zig cc links the Hexagon test program)") from missing
     return [sys.executable, "-m", "ziglang", "cc"]
 
 
 def qemu_hexagon() -> str:
-    import shutil
-    found = shutil.which("qemu-hexagon")
-    if found is None:
-        raise ToolchainMissing("qemu-hexagon not found: apt-get install qemu-user")
-    return found
+    return tool("qemu-hexagon")
 
 
 def v66_target():

@@ -242,7 +242,7 @@ def hexagon_site(attention, inputs, site_name: str, out_dir: Path) -> str:
         parts.append(f"not disassembled ({missing})")
     try:
         results = hexagon_check.check_on_qemu(relax_module(flat_program(portable_program(attention, inputs), inputs)))
-    except hexagon_check.ToolchainMissing as missing:
+    except verify.ToolMissing as missing:
         parts.append(f"v66 kernels not run ({missing})")
     else:
         parts.append(hexagon_check.summary(results))

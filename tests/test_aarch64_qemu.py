@@ -122,9 +122,8 @@ def test_run_entry_returns_every_output_of_a_tuple_result(block_x, step_artifact
 
 def _tiny_wan():
     pytest.importorskip("diffusers")
-    from models import make_wan_t2v
-    model, args, kwargs = make_wan_t2v(frames=5)
-    return rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1), args, kwargs
+    from models import converted_wan_t2v
+    return converted_wan_t2v()
 
 
 @pytest.mark.slow

@@ -15,14 +15,14 @@ import rehyat_compile as rc
 pytest.importorskip("tvm")
 pytest.importorskip("diffusers")
 
+from models import converted_wan_t2v  # noqa: E402
+
 WAN_TOL = 1e-4  # fp32, output magnitude ~2: LLVM vs eager reassociation
 
 
 @pytest.mark.slow
 def test_converted_wan21_cpu_build_matches_pytorch_and_records_symbolic_cost(tmp_path):
-    from models import make_wan_t2v
-    model, args, kwargs = make_wan_t2v(frames=5)
-    hybrid = rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1)
+    hybrid, args, kwargs = converted_wan_t2v()
     with torch.no_grad():
         ref = hybrid(*args, **kwargs)
     art = rc.build(hybrid, args, kwargs, target="cpu", out_dir=tmp_path / "wan")
@@ -36,9 +36,7 @@ def test_converted_wan21_cpu_build_matches_pytorch_and_records_symbolic_cost(tmp
 
 @pytest.mark.slow
 def test_converted_wan21_streaming_step_graph_builds_and_matches_the_eager_step(tmp_path):
-    from models import make_wan_t2v
-    model, args, kwargs = make_wan_t2v(frames=5)
-    hybrid = rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1)
+    hybrid, args, kwargs = converted_wan_t2v()
     art = rc.build(hybrid, args, kwargs, target="cpu", out_dir=tmp_path / "wan-step", streaming=True)
     step = art.manifest["entries"]["step"]
     assert sum(s["role"] == "state" for s in step["inputs"]) == sum(s["role"] == "state" for s in step["outputs"]) > 0
@@ -47,12 +45,6 @@ def test_converted_wan21_streaming_step_graph_builds_and_matches_the_eager_step(
         expected = graph(*example)
     for got, want in zip(art(*example), expected):
         torch.testing.assert_close(got, want, atol=WAN_TOL, rtol=WAN_TOL)
-
-
-def _converted_wan():
-    from models import make_wan_t2v
-    model, args, kwargs = make_wan_t2v(frames=5)
-    return rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1), args, kwargs
 
 
 def _vulkan_build(hybrid, args, kwargs, out_dir, **build):
@@ -66,7 +58,7 @@ def _vulkan_build(hybrid, args, kwargs, out_dir, **build):
 @pytest.mark.slow
 def test_converted_wan21_adreno_vulkan_build_matches_pytorch_on_lavapipe(tmp_path):
     # Was 0.27 off: IREE's 64-wide subgroup reductions on lavapipe's 8-wide subgroups (backends/iree.py).
-    hybrid, args, kwargs = _converted_wan()
+    hybrid, args, kwargs = converted_wan_t2v()
     with torch.no_grad():
         ref = hybrid(*args, **kwargs)
     art = _vulkan_build(hybrid, args, kwargs, tmp_path / "wan-vk")
@@ -76,7 +68,7 @@ def test_converted_wan21_adreno_vulkan_build_matches_pytorch_on_lavapipe(tmp_pat
 @pytest.mark.slow
 def test_converted_wan21_adreno_vulkan_step_graph_carries_its_state_across_two_chunks(tmp_path):
     # Did not compile: the bool overlap_valid state became i8 buffers IREE's adreno target cannot lower.
-    hybrid, args, kwargs = _converted_wan()
+    hybrid, args, kwargs = converted_wan_t2v()
     art = _vulkan_build(hybrid, args, kwargs, tmp_path / "wan-vk-step", streaming=True)
     step = art.manifest["entries"]["step"]
     states = [s for s in step["inputs"] if s["role"] == "state"]
@@ -99,16 +91,14 @@ def test_converted_wan21_adreno_vulkan_step_graph_carries_its_state_across_two_c
 def test_converted_wan21_kernels_run_on_qemu_hexagon_v66_and_match_x86():
     # The parallel graph and the streaming step graph (rc.build's entries), each distinct kernel
     # once: one Hexagon build, one link, one qemu-hexagon run. Tolerance: hexagon_check.TOLERANCE.
-    from rehyat_compile.backends import hexagon_check
+    from rehyat_compile.backends import hexagon_check, verify
     from rehyat_compile.backends.tvm import relax_module
     from rehyat_compile.build import _entries
     try:
         hexagon_check.zig_cc(), hexagon_check.qemu_hexagon()
-    except hexagon_check.ToolchainMissing as missing:
+    except verify.ToolMissing as missing:
         pytest.skip(str(missing))
-    from models import make_wan_t2v
-    model, args, kwargs = make_wan_t2v(frames=5)
-    hybrid = rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1)
+    hybrid, args, kwargs = converted_wan_t2v()
     flats = [f for streaming in (False, True) for f in _entries(hybrid, args, kwargs, streaming)[0].values()]
     results = hexagon_check.check_on_qemu(*[relax_module(f) for f in flats])
     assert len(results) > 100 and all(hexagon_check.matches(r) for r in results), hexagon_check.summary(results)
@@ -127,9 +117,7 @@ def test_converted_wan21_adreno_opencl_kernels_parallel_and_step_run_on_pocl_and
         opencl_check.opencl_context()
     except Exception as err:  # no ICD loader or no platform
         pytest.skip(f"no OpenCL platform: {err}")
-    from models import make_wan_t2v
-    model, args, kwargs = make_wan_t2v(frames=5)
-    hybrid = rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1)
+    hybrid, args, kwargs = converted_wan_t2v()
     for streaming in (False, True):
         (flat,) = _entries(hybrid, args, kwargs, streaming)[0].values()
         _assert_every_kernel_matches(opencl_check.check_kernels(relax_module(flat)))

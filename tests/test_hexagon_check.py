@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("tvm")
 
-from rehyat_compile.backends import hexagon_check  # noqa: E402
+from rehyat_compile.backends import hexagon_check, verify  # noqa: E402
 
 from blocks import HybridAttentionOnly  # noqa: E402
 
@@ -18,7 +18,7 @@ from blocks import HybridAttentionOnly  # noqa: E402
 def _toolchain_or_skip():
     try:
         hexagon_check.zig_cc(), hexagon_check.qemu_hexagon()
-    except hexagon_check.ToolchainMissing as missing:
+    except verify.ToolMissing as missing:
         pytest.skip(str(missing))
 
 
