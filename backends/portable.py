@@ -125,8 +125,16 @@ def portable_program(model: torch.nn.Module, args: tuple, kwargs: dict | None = 
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(args, tuple):
         raise TypeError(f"args must be a tuple of example inputs, got {type(args).__name__}")
+    from rehyat_compile.passes import pipeline  # its "portable" pass is decompose_for_backends
     with torch.no_grad():
         program = torch.export.export(_TensorsOnly(model, args, kwargs or {}), tuple(tensor_leaves(args, kwargs)))
+        return pipeline.run(pipeline.PORTABLE, pipeline.PassResult(program)).graph
+
+
+def decompose_for_backends(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The pipeline's "portable" pass: :func:`portable_decompositions`, then zero-size ``cat`` inputs
+    dropped."""
+    with torch.no_grad():
         program = program.run_decompositions(portable_decompositions())
     drop_empty_concat_inputs(program.graph_module.graph)
     program.graph_module.recompile()

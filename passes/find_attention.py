@@ -26,20 +26,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from ..attention_spellings import SdpaCall, bound_arguments, spelling_of
+from ..declines import Decline
+from ..site import Site, site_key
 from .canonicalize import CASTS
 
 aten = torch.ops.aten
 
-SDPA = {aten.scaled_dot_product_attention.default: "sdpa"}
-FUSED_SDPA = {
-    getattr(aten, name).default: form
-    for name, form in (("_scaled_dot_product_flash_attention_for_cpu", "sdpa-flash-cpu"),
-                       ("_scaled_dot_product_flash_attention", "sdpa-flash"),
-                       ("_scaled_dot_product_efficient_attention", "sdpa-efficient"),
-                       ("_scaled_dot_product_cudnn_attention", "sdpa-cudnn"))
-    if hasattr(aten, name)
-}
-SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
 SCALE_OPS = {aten.mul.Tensor, aten.mul.Scalar, operator.mul}
 TRANSPOSE_OPS = {aten.transpose.int, aten.permute.default, aten.t.default}
 
@@ -51,7 +44,8 @@ class AttentionMatch:
     ``output``: node whose value the attention result is (replaced by the rewrite); ``q``: [.., Nq, D];
     ``k``: [.., Nk, D] or None when only ``k_t`` ([.., D, Nk]) exists; ``v``: [.., Nk, Dv];
     ``scale``: multiplier of q.k (None: the SDPA default 1/sqrt(D)); ``mask``/``mask_kind``:
-    "additive" (added to the scores), "keep" (bool, True = attend), "drop" (bool, True = masked).
+    "additive" (added to the scores), "keep" (bool, True = attend), "drop" (bool, True = masked);
+    ``decline``: why this is not a convertible attention (None when it is).
     """
 
     anchor: fx.Node
@@ -67,11 +61,15 @@ class AttentionMatch:
     is_causal: bool = False
     gqa: bool = False
     interior: list = field(default_factory=list)
-    reason: str = ""
+    decline: Decline | None = None
 
     @property
     def found(self) -> bool:
-        return not self.reason
+        return self.decline is None
+
+    def declined(self, code: str, detail: str) -> "AttentionMatch":
+        self.decline = Decline(code, detail)
+        return self
 
 
 def _val(node):
@@ -134,30 +132,15 @@ def _swaps_last_two(node: fx.Node) -> bool:
 
 
 def _match_sdpa(node: fx.Node, form: str) -> AttentionMatch:
-    q, k, v = node.args[:3]
-    fused = form != "sdpa"
-    if fused:
-        output = next((u for u in node.users if u.target == operator.getitem and u.args[1] == 0), None)
-        mask = node.kwargs.get("attn_mask")
-        if form == "sdpa-efficient":
-            mask = _arg(node, 3, "attn_bias")
-        dropout = _arg(node, 3 if form != "sdpa-efficient" else 5, "dropout_p", 0.0)
-        causal = _arg(node, 4 if form != "sdpa-efficient" else 6, "is_causal", False)
-        gqa = False
-    else:
-        output = node
-        mask = _arg(node, 3, "attn_mask")
-        dropout = _arg(node, 4, "dropout_p", 0.0)
-        causal = _arg(node, 5, "is_causal", False)
-        gqa = bool(node.kwargs.get("enable_gqa", False))
-    scale = node.kwargs.get("scale", _arg(node, 6, "scale") if not fused else None)
-    match = AttentionMatch(node, form, output, q, k, None, v, scale, mask, None, bool(causal), gqa, [node])
-    if output is None:
-        match.reason = "fused attention output 0 is never read"
-    elif dropout:
-        match.reason = f"attention dropout p={dropout} (only p=0 / eval can be converted)"
-    if mask is not None:
-        mask_val = _val(mask)
+    call = SdpaCall.from_node(node)
+    match = AttentionMatch(node, form, call.output, call.q, call.k, None, call.v, call.scale, call.mask, None,
+                           call.is_causal, call.enable_gqa, [node])
+    if call.output is None:
+        match.declined("not-attention", "fused attention output 0 is never read")
+    elif call.dropout_p:
+        match.declined("attention-dropout", f"attention dropout p={call.dropout_p} (only p=0 / eval can be converted)")
+    if call.mask is not None:
+        mask_val = _val(call.mask)
         match.mask_kind = "keep" if isinstance(mask_val, torch.Tensor) and mask_val.dtype == torch.bool else "additive"
     return match
 
@@ -166,32 +149,30 @@ def _match_manual(softmax: fx.Node) -> AttentionMatch:
     """Walk out from a softmax; fill ``reason`` at the first part that does not fit."""
     match = AttentionMatch(softmax, "matmul-softmax", interior=[softmax])
     rank = _rank(softmax)
-    dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")
+    dim = bound_arguments(softmax).get("dim")
     if rank is None or dim is None or dim % rank != rank - 1:
-        match.reason = f"softmax over dim {dim} of a rank-{rank} tensor, not the key (last) axis"
-        return match
+        return match.declined("not-attention", f"softmax over dim {dim} of a rank-{rank} tensor, not the key (last) axis")
     # downward: p -> (casts) -> matmul(p, v), p used nowhere else
     user, node = None, softmax
     while True:
         users = list(node.users)
         if len(users) != 1:
-            match.reason = f"softmax output is used by {len(users)} nodes (reused elsewhere), not only by p @ v"
-            return match
+            return match.declined("not-attention", f"softmax output is used by {len(users)} nodes (reused elsewhere), "
+                                  "not only by p @ v")
         user = users[0]
         if user.op == "call_function" and (user.target in CASTS or user.target == aten.dropout.default):
             if user.target == aten.dropout.default:
                 p = _arg(user, 1, "p", 0.5)
                 train = _arg(user, 2, "train", True)
                 if p and train:
-                    match.reason = f"attention dropout p={p} in training mode"
-                    return match
+                    return match.declined("attention-dropout", f"attention dropout p={p} in training mode")
             match.interior.append(user)
             node = user
             continue
         break
     if user.op != "call_function" or user.target != aten.matmul.default or user.args[0] is not node:
-        match.reason = f"softmax output feeds {getattr(user.target, '__name__', user.target)}, not p @ v"
-        return match
+        return match.declined("not-attention",
+                              f"softmax output feeds {getattr(user.target, '__name__', user.target)}, not p @ v")
     match.output, match.v = user, user.args[1]
     match.interior.append(user)
     # upward: scores -> (casts) -> (mask) -> (scale) -> matmul(q, kT)
@@ -216,8 +197,8 @@ def _match_manual(softmax: fx.Node) -> AttentionMatch:
         node, scale = _peel_scale(node, scale)
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten.matmul.default):
         target = getattr(node, "target", node)
-        match.reason = f"softmax input is {getattr(target, '__name__', target)}, not a matmul of q and k"
-        return match
+        return match.declined("not-attention",
+                              f"softmax input is {getattr(target, '__name__', target)}, not a matmul of q and k")
     match.interior.append(node)
     match.form = f"{node.meta.get('rehyat_spelling', 'matmul')}-softmax"
     q, scale = _peel_scale(node.args[0], scale)
@@ -228,11 +209,11 @@ def _match_manual(softmax: fx.Node) -> AttentionMatch:
     match.q, match.k_t, match.scale = q, k_t, scale
     q_val, v_val, out_val = _val(q), _val(match.v), _val(match.output)
     if not all(isinstance(t, torch.Tensor) for t in (q_val, v_val, out_val)):
-        match.reason = "q, v or output has no tensor metadata"
+        match.declined("unsupported-rank", "q, v or output has no tensor metadata")
     elif q_val.dim() not in (3, 4):
-        match.reason = f"q has rank {q_val.dim()}; only [B, H, N, D] or [B*H, N, D] are converted"
+        match.declined("unsupported-rank", f"q has rank {q_val.dim()}; only [B, H, N, D] or [B*H, N, D] are converted")
     elif q_val.dim() != v_val.dim() or q_val.shape[:-2] != v_val.shape[:-2]:
-        match.reason = f"q {tuple(q_val.shape)} and v {tuple(v_val.shape)} do not share batch/head dims"
+        match.declined("unsupported-rank", f"q {tuple(q_val.shape)} and v {tuple(v_val.shape)} do not share batch/head dims")
     return match
 
 
@@ -257,25 +238,90 @@ def _is_large_negative(node: fx.Node) -> bool:
 
 
 def _match_flex(node: fx.Node) -> AttentionMatch:
-    return AttentionMatch(node, "flex_attention", reason="flex_attention: its score_mod / block_mask cannot be "
-                          "expressed in the hybrid op")
+    return AttentionMatch(node, "flex_attention").declined(
+        "flex-attention", "flex_attention: its score_mod / block_mask cannot be expressed in the hybrid op")
 
 
 def find_attention(gm: fx.GraphModule) -> list[AttentionMatch]:
-    """Every SDPA node, every softmax (matched or with a decline reason) and every flex_attention."""
+    """Every SDPA node, every softmax (matched or with a decline reason) and every flex_attention,
+    as the spelling table (:mod:`rehyat_compile.attention_spellings`) names them. Graph order."""
     matches = []
     for node in gm.graph.nodes:
-        if node.op != "call_function":
+        spelling = spelling_of(node)
+        if spelling is None or spelling.family == "hybrid":
             continue
-        if node.target in SDPA:
-            matches.append(_match_sdpa(node, SDPA[node.target]))
-        elif node.target in FUSED_SDPA:
-            matches.append(_match_sdpa(node, FUSED_SDPA[node.target]))
-        elif node.target in SOFTMAX:
+        if spelling.family in ("sdpa", "fused-sdpa"):
+            matches.append(_match_sdpa(node, spelling.form))
+        elif spelling.family == "softmax":
             matches.append(_match_manual(node))
-        elif "flex_attention" in str(node.target):
+        else:
             matches.append(_match_flex(node))
     for match in matches:
         if match.found and match.scale is None:
             match.scale = 1.0 / math.sqrt(_val(match.q).shape[-1])
     return matches
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline's "find" pass: one Site per match (and per linear-attention module)
+# ---------------------------------------------------------------------------------------------
+
+def _int_or_none(x):
+    if isinstance(x, torch.SymInt):
+        expr = x.node.expr
+        return int(expr) if expr.is_Integer else None
+    return int(x)
+
+
+def module_path(node: fx.Node) -> str:
+    """Qualified name of the innermost module that produced ``node`` ("" at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    # export names nested modules like "L['self'].blocks[0]" in some modes; keep the plain dotted path
+    return path.replace("L['self'].", "").replace("[", ".").replace("]", "")
+
+
+def site_of_match(match: AttentionMatch, name: str) -> Site:
+    """The site a match is: its module, form, heads and head dims from q/k's ``meta["val"]``."""
+    site = Site(name, module_path(match.anchor), "self", match.form, key=site_key(name), match=match,
+                decline=match.decline, scale=match.scale)
+    q = match.q.meta.get("val") if match.q is not None else None
+    if not isinstance(q, torch.Tensor):
+        return site
+    k = match.k if match.k is not None else match.k_t
+    kval = k.meta.get("val") if k is not None else None
+    from dataclasses import replace
+    return replace(site, head_dim=_int_or_none(q.shape[-1]), heads=_int_or_none(q.shape[1]) if q.dim() == 4 else None,
+                   kv_heads=_int_or_none(kval.shape[1]) if isinstance(kval, torch.Tensor) and kval.dim() == 4 else None)
+
+
+def linear_attention_sites(model: torch.nn.Module | None, gm: fx.GraphModule, taken: set) -> list[Site]:
+    """Attention modules whose processor is a linear attention (no softmax anywhere in them): declined."""
+    if model is None:
+        return []
+    used = {module_path(n) for n in gm.graph.nodes if n.op == "call_function"}
+    sites = []
+    for name, module in model.named_modules():
+        processor = getattr(module, "processor", None)
+        kind = type(processor).__name__ if processor is not None else ""
+        if "Linear" in kind and name in used and name not in taken:
+            sites.append(Site(name, name, "self", "linear-attention", heads=getattr(module, "heads", None),
+                              key=site_key(name), decline=Decline("linear-attention", f"linear attention ({kind}): "
+                              "no softmax to convert, already linear in the number of tokens")))
+    return sites
+
+
+def find_sites(gm: fx.GraphModule, model: torch.nn.Module | None = None) -> list[Site]:
+    """Every attention of ``gm`` as a Site named after its module ("<module>:<i>" for the i-th
+    after the first in one module), then the linear-attention modules of ``model``. Graph order."""
+    counts: dict[str, int] = {}
+    sites = []
+    for match in find_attention(gm):
+        module = module_path(match.anchor)
+        index = counts.get(module, 0)
+        counts[module] = index + 1
+        name = module if index == 0 else f"{module}:{index}"
+        sites.append(site_of_match(match, name or "<root>"))
+    return sites + linear_attention_sites(model, gm, {s.module for s in sites})

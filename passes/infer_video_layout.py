@@ -7,18 +7,21 @@ Static export: T and M come from the user's ``video_shape=(frames, h, w)``, else
 and M from the concatenation below. The video offset (extra_before) is read off the ``aten.cat`` that
 builds the sequence: walking up from q, the nearest cat whose output is N long on its cat dim and
 has one piece of T*M tokens; the pieces before it are extra_before. The layout is declined with a
-reason when any of this does not hold (never guessed).
+reason when any of this does not hold (never guessed). :func:`layout_site` is the pipeline's
+"layout" pass on one site: the layout, then the frame-major check.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import sympy
 import torch
 from torch import fx
 
+from ..declines import Decline, describe_size
+from ..site import Site
 from .classify_attention import as_expr
 
 aten = torch.ops.aten
@@ -114,22 +117,29 @@ def _find_video_offset(q: fx.Node, n, is_video, norm=lambda e: e, limit: int = 4
     return None
 
 
-def _offset(q: fx.Node, n, video_tokens, extra, norm=lambda e: e) -> tuple[int | None, str]:
-    """extra_before, or (None, reason)."""
+def _words(size) -> str:
+    """A size in token frames ``T`` (or a number) in words."""
+    return describe_size(size, (T,))
+
+
+def _offset(q: fx.Node, n, video_tokens, extra, norm=lambda e: e) -> tuple[int | None, Decline | None]:
+    """(extra_before, None), or (None, decline)."""
     if extra == 0:
-        return 0, ""
+        return 0, None
 
     def is_video(size):
         return _same(size, video_tokens)
 
     before = _find_video_offset(q, n, is_video, norm)
     if before is None:
-        return None, (f"cannot locate the {video_tokens} video tokens among the {n} tokens: no concatenation "
-                      f"builds the sequence (pass video_shape=(frames, h, w) or check the model)")
+        return None, Decline("layout-unknown", f"cannot locate the {_words(video_tokens)} of video among the "
+                             f"{_words(n)}: no concatenation builds the sequence (pass video_shape=(frames, h, w) "
+                             "or check the model)")
     before = sympy.simplify(before)
     if not before.is_Integer:
-        return None, f"the tokens before the video ({before}) vary with the input; only a fixed offset is supported"
-    return int(before), ""
+        return None, Decline("layout-unknown", f"the tokens before the video ({_words(before)}) vary with the input; "
+                             "only a fixed offset is supported")
+    return int(before), None
 
 
 def _symbolic_layout(q: fx.Node, n, symbol, patch: int, frames: int, video_shape):
@@ -137,19 +147,20 @@ def _symbolic_layout(q: fx.Node, n, symbol, patch: int, frames: int, video_shape
     values = [sympy.simplify(n.subs(symbol, patch * k)) for k in (2, 3, 4)]
     m = sympy.simplify(values[1] - values[0])
     if not m.is_Integer or sympy.simplify(values[2] - values[1] - m) != 0 or m <= 0:
-        return None, f"sequence length {n} is not M * frames + extra in the frames"
+        return None, Decline("layout-unknown", f"sequence length {describe_size(n, symbol, patch)} is not "
+                             "M * frames + extra in the frames")
     m = int(m)
     extra = sympy.simplify(values[0] - 2 * m)
     if video_shape is not None and (video_shape[0] != frames or video_shape[1] * video_shape[2] != m):
-        return None, (f"video_shape={tuple(video_shape)} disagrees with the exported graph: {frames} frames of "
-                      f"{m} tokens (sequence {n})")
+        return None, Decline("layout-unknown", f"video_shape={tuple(video_shape)} disagrees with the exported "
+                             f"graph: {frames} frames of {m} tokens (sequence {describe_size(n, symbol, patch)})")
     before, reason = _offset(q, norm(n), m * t, extra, norm)
     if reason:
         return None, reason
     after = sympy.simplify(extra - before)
     if after.is_Integer and after < 0:
-        return None, f"video offset {before} exceeds the {extra} extra tokens"
-    return VideoLayout(m, frames, before, int(after) if after.is_Integer else None), ""
+        return None, Decline("layout-unknown", f"video offset {before} exceeds the {_words(extra)} of extras")
+    return VideoLayout(m, frames, before, int(after) if after.is_Integer else None), None
 
 
 def _static_layout(q: fx.Node, n, frames: int | None, video_shape):
@@ -158,20 +169,20 @@ def _static_layout(q: fx.Node, n, frames: int | None, video_shape):
         frames, m = video_shape[0], video_shape[1] * video_shape[2]
         video = frames * m
         if n.is_Integer and video > n:
-            return None, (f"not over video tokens: {n} tokens, fewer than the {video} of "
-                          f"video_shape={tuple(video_shape)}")
+            return None, Decline("not-over-video", f"not over video tokens: {n} tokens, fewer than the {video} of "
+                                 f"video_shape={tuple(video_shape)}")
         before, reason = _offset(q, n, sympy.Integer(video), sympy.simplify(n - video))
         if reason:
             return None, reason
-        return VideoLayout(m, frames, before, _int_or_none(n - video - before)), ""
+        return VideoLayout(m, frames, before, _int_or_none(n - video - before)), None
     if frames is None:
-        return None, "static export without a frame axis: pass video_shape=(frames, h, w)"
+        return None, Decline("layout-unknown", "static export without a frame axis: pass video_shape=(frames, h, w)")
     batch = q.meta["val"].shape[0]
     if n.is_Integer and int(n) % frames and isinstance(batch, int) and batch % frames == 0:
-        return None, (f"factorised spatial-only attention: the sequence ({n} tokens) has no time axis, "
-                      f"frames sit in the batch ({batch})")
+        return None, Decline("factorised", f"factorised spatial-only attention: the sequence ({n} tokens) has no "
+                             f"time axis, frames sit in the batch ({batch})")
     if n.is_Integer and int(n) < frames:
-        return None, f"not over video tokens: {n} tokens, fewer than the {frames} frames"
+        return None, Decline("not-over-video", f"not over video tokens: {n} tokens, fewer than the {frames} frames")
     # no video_shape: the video is all of N, or the concatenated piece divisible by the frame count
 
     def divisible(size):
@@ -182,12 +193,12 @@ def _static_layout(q: fx.Node, n, frames: int | None, video_shape):
     else:
         video = _largest_divisible_piece(q, n, divisible)
         if video is None:
-            return None, (f"static export: cannot split the {n} tokens into {frames} frames; "
-                          f"pass video_shape=(frames, h, w)")
+            return None, Decline("layout-unknown", f"static export: cannot split the {_words(n)} into {frames} "
+                                 "frames; pass video_shape=(frames, h, w)")
     before, reason = _offset(q, n, sympy.Integer(video), sympy.simplify(n - video))
     if reason:
         return None, reason
-    return VideoLayout(video // frames, frames, before, _int_or_none(n - video - before)), ""
+    return VideoLayout(video // frames, frames, before, _int_or_none(n - video - before)), None
 
 
 def _largest_divisible_piece(q: fx.Node, n, divisible, depth: int = 6):
@@ -215,7 +226,7 @@ def _int_or_none(expr):
 
 
 def infer_video_layout(q: fx.Node, symbol, patch: int, frames: int | None, video_shape=None):
-    """(VideoLayout, "") or (None, reason) for the attention whose queries are ``q`` ([.., N, D])."""
+    """(VideoLayout, None) or (None, Decline) for the attention whose queries are ``q`` ([.., N, D])."""
     n = as_expr(q.meta["val"].shape[-2])
     if symbol is not None:
         return _symbolic_layout(q, n, symbol, patch, frames, video_shape)
@@ -271,3 +282,19 @@ def frame_major(q: fx.Node, layout: VideoLayout, symbol, patch: int, limit: int 
         if any(_same(a, frames) for a in axes[1:]):
             return False
     return None
+
+
+def layout_site(site: Site, symbol, patch: int, frames: int | None, video_shape=None) -> Site:
+    """The site with its :class:`VideoLayout` (kind "joint" when it has extra tokens) and whether its
+    tokens are frame-major, or declined with the reason."""
+    layout, decline = infer_video_layout(site.match.q, symbol, patch, frames, video_shape)
+    if decline is not None:
+        return replace(site, decline=decline)
+    kind = "joint" if (layout.extra_before or layout.extra_after != 0) else "self"
+    major = frame_major(site.match.q, layout, symbol, patch)
+    site = replace(site, layout=layout, kind=kind, frame_major=major)
+    if major is False:
+        return site.declined(
+            "not-frame-major", "video tokens are not frame-major (time is not the slowest axis of the merge that "
+            "builds them): chunks of the token axis would not be frames")
+    return site

@@ -26,14 +26,17 @@ import torch.nn.functional as F
 from torch import fx
 from torch._guards import detect_fake_mode
 
-from .find_attention import FUSED_SDPA
-from .manager import Site
+from ..attention_spellings import spelling_of
+from ..op import HYBRID_OP, HybridCall
+from ..site import Site
 
 MASK_BIAS = -1.0e4  # finite "minus infinity": exp underflows to 0 and fp16 cannot overflow (|bias/scale| < 65504)
 
 
 @dataclass(frozen=True)
-class ChunkOptions:
+class ConversionOptions:
+    """How sites are converted: chunk size and overlap in latent frames, causal or not, feature dim F."""
+
     chunk_frames: int
     overlap_frames: int
     causal: bool
@@ -129,7 +132,7 @@ def _frame_input(gm: fx.GraphModule, frame_axis) -> fx.Node | None:
     return placeholders[index] if index is not None and index < len(placeholders) else None
 
 
-def rewrite_site(gm: fx.GraphModule, site: Site, options: ChunkOptions | None, frame_axis=None) -> fx.Node:
+def rewrite_site(gm: fx.GraphModule, site: Site, options: ConversionOptions | None, frame_axis=None) -> fx.Node:
     """Rewrite one accepted site; ``options=None`` makes the teacher form (softmax attention)."""
     graph, match, layout = gm.graph, site.match, site.layout
     anchor = match.output
@@ -165,10 +168,10 @@ def rewrite_site(gm: fx.GraphModule, site: Site, options: ChunkOptions | None, f
                 extra_after = _call(graph, extra_after_in_graph,
                                     [q_in, frames, frame_axis.dim, frame_axis.patch, layout.extra_before,
                                      layout.tokens_per_frame], anchor)
-            args = [q_in, k_in, v_in, fq, fk, layout.tokens_per_frame, options.chunk_frames, options.overlap_frames,
-                    options.causal, layout.extra_before, extra_after, float(site.scale)]
-            out = _call(graph, torch.ops.rehyat.hybrid_attention.default, args, anchor,
-                        meta_fn=lambda q_, *rest: torch.empty_like(q_))
+            call = HybridCall(q_in, k_in, v_in, fq, fk, layout.tokens_per_frame, options.chunk_frames,
+                              options.overlap_frames, options.causal, layout.extra_before, extra_after,
+                              float(site.scale))
+            out = _call(graph, HYBRID_OP, call.to_args(), anchor, meta_fn=lambda q_, *rest: torch.empty_like(q_))
         out.meta["rehyat_site"] = site.name
         result = out
         if match.mask is not None:
@@ -187,7 +190,8 @@ def _erase_dead(graph: fx.Graph, nodes) -> None:
     """Erase the site's old nodes once nothing reads them (fused SDPA: its unused getitems first)."""
     pending = list(dict.fromkeys(nodes))
     for node in list(pending):
-        if node.target in FUSED_SDPA:
+        spelling = spelling_of(node)
+        if spelling is not None and spelling.family == "fused-sdpa":
             pending += [u for u in node.users if not u.users]
     changed = True
     while changed:
@@ -198,7 +202,7 @@ def _erase_dead(graph: fx.Graph, nodes) -> None:
                 changed = True
 
 
-def rewrite_attention(gm: fx.GraphModule, sites: list[Site], options: ChunkOptions | None,
+def rewrite_attention(gm: fx.GraphModule, sites: list[Site], options: ConversionOptions | None,
                       frame_axis=None) -> fx.GraphModule:
     """Rewrite every site in ``sites`` (all must be rewritable) and recompile ``gm``."""
     for site in sites:

@@ -32,9 +32,10 @@ import torch
 from torch import fx
 
 from ..attention import HybridState, hybrid_attention_step, initial_state
+from ..attention_spellings import mixed_axis
 from ..errors import ConversionError
+from ..op import HybridCall, is_hybrid_node
 
-HYBRID_OP = torch.ops.rehyat.hybrid_attention.default
 STATE_FIELDS = HybridState._fields
 
 # Ops that read only the shape (and dtype/device) of their tensor argument, never its values.
@@ -48,9 +49,6 @@ _SHAPE_READERS = {
 # Checks the export inserted for the example shapes; a chunk has other shapes, so they are dropped.
 _DROPPED = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
             torch.ops.aten.sym_constrain_range_for_size.default, torch.ops.aten.sym_constrain_range.default}
-# Ops that mix every key token into every query: unconverted, they need the whole video at once.
-_GLOBAL_MIXERS = {torch.ops.aten.scaled_dot_product_attention.default,
-                  torch.ops.aten._softmax.default, torch.ops.aten.softmax.int}
 
 
 @dataclass(frozen=True)
@@ -235,18 +233,24 @@ def symbol_dependent(graph: fx.Graph, symbols: frozenset) -> set[fx.Node]:
     return dep
 
 
+def _refuse_global_mixer(node: fx.Node) -> None:
+    raise ConversionError(
+        f"stream cannot run node {node.name} ({node.target}) chunk by chunk: it attends over every "
+        f"frame (an unconverted attention site); convert it with rc.transform(..., layers=None)")
+
+
 def _check_streamable(graph: fx.Graph, data: set, symbol, patch: int) -> None:
-    """Refuse what cannot run chunk by chunk (see :func:`_check_sites`; frame-wide attention)."""
+    """Refuse what cannot run chunk by chunk (see :func:`_check_sites`): any attention spelling of
+    :mod:`rehyat_compile.attention_spellings` left unconverted over frame-dependent keys."""
     _check_sites(graph)
     for node in graph.nodes:
-        if node in data and node.target in _GLOBAL_MIXERS:
-            mixed = node.args[1] if node.target is torch.ops.aten.scaled_dot_product_attention.default else node
-            val = mixed.meta.get("val")
-            dim = -2 if node.target is torch.ops.aten.scaled_dot_product_attention.default else node.args[1]
-            if isinstance(val, torch.Tensor) and frame_dim_of(val.shape[dim], 0, symbol, patch) is not None:
-                raise ConversionError(
-                    f"stream cannot run node {node.name} ({node.target}) chunk by chunk: it attends over every "
-                    f"frame (an unconverted attention site); convert it with rc.transform(..., layers=None)")
+        mixed = mixed_axis(node) if node in data else None
+        if mixed is None:
+            continue
+        keys, dim = mixed
+        val = keys.meta.get("val") if isinstance(keys, fx.Node) else None
+        if isinstance(val, torch.Tensor) and frame_dim_of(val.shape[dim], 0, symbol, patch) is not None:
+            _refuse_global_mixer(node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,15 +268,15 @@ def hybrid_step(q, k, v, fq, fk, s, z, k_overlap, v_overlap, fk_overlap, overlap
 
 
 def _site_state(node: fx.Node) -> SiteState:
-    q, fk = node.args[0].meta["val"], node.args[4].meta["val"]
-    tpf, tc, to, _, eb, ea, _ = node.args[5:12]
+    call = HybridCall.from_node(node)
+    q, fk = call.q.meta["val"], call.fk.meta["val"]
     bsz, heads, d = q.shape[0], q.shape[1], q.shape[3]
     if not all(isinstance(x, int) for x in (bsz, heads, d, fk.shape[3])):
         raise ConversionError(f"site {node.meta.get('rehyat_site', node.name)}: batch, heads and head dims must be "
                               f"static to carry a fixed-size state, got q {tuple(q.shape)}")
-    eb, ea = (None if isinstance(x, fx.Node) else x for x in (eb, ea))
-    return SiteState(node.meta.get("rehyat_site", node.name), tpf, tc, to, eb, ea, bsz, heads, d, fk.shape[3],
-                     q.dtype, fk.dtype)
+    eb, ea = (None if isinstance(x, fx.Node) else x for x in (call.extra_before, call.extra_after))
+    return SiteState(node.meta.get("rehyat_site", node.name), call.tokens_per_frame, call.chunk_frames,
+                     call.overlap_frames, eb, ea, bsz, heads, d, fk.shape[3], q.dtype, fk.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +402,7 @@ def _step_graph(gm: fx.GraphModule, data: set, tables: list[fx.Node], skip) -> t
     call; ``skip(node)`` says which other nodes stay out (table internals)."""
     graph = gm.graph
     placeholders = list(graph.find_nodes(op="placeholder"))
-    site_nodes = [n for n in graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
+    site_nodes = [n for n in graph.nodes if is_hybrid_node(n)]
     step = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in placeholders:
@@ -422,11 +426,11 @@ def _step_graph(gm: fx.GraphModule, data: set, tables: list[fx.Node], skip) -> t
             continue  # guards of the example shapes
         if skip(node):
             continue
-        if node.target is HYBRID_OP:
+        if is_hybrid_node(node):
             # extra token counts can be graph values (Mochi keeps only the unmasked text tokens)
-            q, k, v, fq, fk, tpf, tc, to, _, eb, ea, scale = (
-                env[a] if isinstance(a, fx.Node) else a for a in node.args[:12])
-            call = step.call_function(hybrid_step, (q, k, v, fq, fk, *state_in[node], tpf, tc, to, eb, ea, scale))
+            c = HybridCall.from_node(node).map(lambda a: env[a] if isinstance(a, fx.Node) else a)
+            call = step.call_function(hybrid_step, (*c.tensors, *state_in[node], c.tokens_per_frame, c.chunk_frames,
+                                                    c.overlap_frames, c.extra_before, c.extra_after, c.scale))
             call.meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")}
             outs = [step.call_function(operator.getitem, (call, i)) for i in range(1 + len(STATE_FIELDS))]
             outs[0].meta = dict(node.meta)
@@ -525,36 +529,32 @@ def frame_dim_between(chunk_shape, full_shape, chunk_frames: int, frames: int) -
 
 def _check_sites(graph: fx.Graph) -> None:
     """Refuse graphs without hybrid nodes, non-causal sites, and sites with different chunk sizes."""
-    sites = [n for n in graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
-    if not sites:
+    calls = {node: HybridCall.from_node(node) for node in graph.nodes if is_hybrid_node(node)}
+    if not calls:
         raise ConversionError("stream needs a converted model: the graph has no rehyat::hybrid_attention node")
-    for node in sites:
-        if not node.args[8]:
+    for node, call in calls.items():
+        if not call.causal:
             raise ConversionError(
                 f"stream needs a causal conversion: site {node.meta.get('rehyat_site', node.name)} was converted "
                 "with causal=False (its linear part reads future frames); transform with causal=True")
-    if len({node.args[6] for node in sites}) > 1:
-        raise ConversionError(f"stream needs one chunk size for every site, got chunk_frames "
-                              f"{sorted({node.args[6] for node in sites})}")
+    chunk_sizes = sorted({call.chunk_frames for call in calls.values()})
+    if len(chunk_sizes) > 1:
+        raise ConversionError(f"stream needs one chunk size for every site, got chunk_frames {chunk_sizes}")
 
 
 def _check_no_global_mixer(chunk_graph: fx.Graph, data: set, full_nodes: dict) -> None:
     """Refuse attention/softmax whose key count differs between the chunk and the whole video."""
     for node in chunk_graph.nodes:
-        if node not in data or node.target not in _GLOBAL_MIXERS:
-            continue
-        is_sdpa = node.target is torch.ops.aten.scaled_dot_product_attention.default
+        mixed = mixed_axis(node) if node in data else None
         full = full_nodes.get(node.name)
-        mixed, dim = (node.args[1], -2) if is_sdpa else (node, node.args[1])
-        full_mixed = (full.args[1] if is_sdpa else full) if full is not None else None
-        if full_mixed is None or not isinstance(full_mixed, fx.Node):
+        full_mixed = mixed_axis(full) if mixed is not None and full is not None else None
+        if full_mixed is None or not all(isinstance(m, fx.Node) for m in (mixed[0], full_mixed[0])):
             continue
-        a, b = mixed.meta.get("val"), full_mixed.meta.get("val")
+        (keys, dim), (full_keys, _) = mixed, full_mixed
+        a, b = keys.meta.get("val"), full_keys.meta.get("val")
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
                 _concrete(a.shape)[dim] != _concrete(b.shape)[dim]:
-            raise ConversionError(
-                f"stream cannot run node {node.name} ({node.target}) chunk by chunk: it attends over every "
-                f"frame (an unconverted attention site); convert it with rc.transform(..., layers=None)")
+            _refuse_global_mixer(node)
 
 
 def thread_state_matched(chunk_gm: fx.GraphModule, full_gm: fx.GraphModule, chunk_inputs: list,

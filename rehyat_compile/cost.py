@@ -46,13 +46,13 @@ from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_
 from . import symbolic
 from .errors import ComplexityError, ConversionError
 from .export import export_video_model, find_frame_input
-from .op import decompositions, hybrid_attention_flops
+from .attention_spellings import SdpaCall, spelling_of
+from .op import HYBRID_OP, HybridCall, decompositions, hybrid_attention_flops
 from .passes.liveness import activation_liveness, storage_key
 from .transform import HybridModel
 
 aten = torch.ops.aten
 METRICS = ("flops", "flops_elementwise", "bytes", "peak_memory")
-HYBRID_OP = torch.ops.rehyat.hybrid_attention.default
 SDPA_OP = aten.scaled_dot_product_attention.default
 
 # PyTorch counts SDPA on CUDA (flash / efficient / cudnn kernels) but has no formula for the CPU
@@ -257,20 +257,19 @@ def _registered_flops(func, args, kwargs, out, sym: _Symbols):
         return sym(formula(*args, **kwargs, out_val=out))
 
 
-def _hybrid_scores(q: torch.Tensor, layout_args, sym: _Symbols):
+def _hybrid_scores(call: HybridCall, sym: _Symbols):
     """Number of (query, key) softmax scores the hybrid op computes: its FLOP formula with
     head_dim 1 and no features counts 4 per score."""
-    bsz, heads, n, _ = sym.shape(q)
-    tpf, tc, to, causal, eb, ea = layout_args[:6]
-    flops = hybrid_attention_flops(bsz, heads, n, 1, 0, tokens_per_frame=tpf, chunk_frames=tc,
-                                   overlap_frames=to, causal=causal, extra_before=eb, extra_after=ea)
-    return flops / 4
+    bsz, heads, n, _ = sym.shape(call.q)
+    layout = {k: v for k, v in call.layout.items() if k != "scale"}
+    return hybrid_attention_flops(bsz, heads, n, 1, 0, **layout) / 4
 
 
 def _elementwise(func, args, inputs, outputs, sym: _Symbols):
     if func == HYBRID_OP:
         # softmax over the window scores + combining o with the linear numerator and denominator
-        return _hybrid_scores(args[0], args[5:], sym) + 2 * sym.numel(args[0])
+        call = HybridCall.from_args(args)
+        return _hybrid_scores(call, sym) + 2 * sym.numel(call.q)
     if torch.Tag.pointwise in func.tags:
         return sum(sym.numel(t) for t in outputs)
     if (torch.Tag.reduction in func.tags or func._overloadpacket in _NORMALISATIONS) and inputs:
@@ -325,9 +324,9 @@ class _OpCounter(TorchDispatchMode):
 def _fused_attention_cost(node: Node, env: dict, out, sym: _Symbols) -> _OpCost:
     """scaled_dot_product_attention as one fused kernel: the FLOPs of its registered formula, one
     elementwise FLOP per score (the softmax), reads q, k, v (and a mask), writes the output."""
-    q, k, v = (env[a] for a in node.args[:3])
-    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-    inputs = [q, k, v] + ([env[mask]] if isinstance(mask, Node) else [])
+    call = SdpaCall.from_node(node)
+    q, k, v = (env[a] for a in (call.q, call.k, call.v))
+    inputs = [q, k, v] + ([env[call.mask]] if isinstance(call.mask, Node) else [])
     flops = sympy.expand(sdpa_flop.__wrapped__(sym.shape(q), sym.shape(k), sym.shape(v)))
     scores = sympy.prod(sym.shape(q)[:-1]) * sym.shape(k)[-2]
     moved = sum(sym.nbytes(t) for t in inputs) + sym.nbytes(out)
@@ -463,15 +462,10 @@ def _module_path(node: Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
-# softmax-attention kernels as they appear in exported graphs, before and after decomposition
-_ATTENTION_TARGETS = {SDPA_OP, HYBRID_OP, aten._scaled_dot_product_flash_attention_for_cpu.default,
-                      aten._scaled_dot_product_flash_attention.default,
-                      aten._scaled_dot_product_efficient_attention.default,
-                      aten._scaled_dot_product_cudnn_attention.default}
-
-
 def _is_attention(node: Node) -> bool:
-    return node.target in _ATTENTION_TARGETS or "rehyat_site" in node.meta
+    """An attention node of the spelling table (kernels, and the softmax of manual attention), or a
+    node the rewrite tagged with its site."""
+    return spelling_of(node) is not None or "rehyat_site" in node.meta
 
 
 def _sites(nodes: list[Node]) -> dict[str, tuple[str, str]]:

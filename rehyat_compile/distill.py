@@ -38,9 +38,7 @@ from torch.utils import _pytree as pytree
 from .attention import HybridLayout, make_layout, resolve_scale
 from .errors import ConversionError
 from .feature_map import FeatureMap
-from .op import hybrid_attention
-
-HYBRID_OP = torch.ops.rehyat.hybrid_attention.default
+from .op import HybridCall, hybrid_attention, is_hybrid_node
 SITE_META = "rehyat_site"
 LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}
 
@@ -64,11 +62,10 @@ class SiteSpec:
                     extra_before=self.layout.extra_before, extra_after=self.layout.extra_after, scale=self.scale)
 
     @classmethod
-    def from_op_args(cls, name: str, layout_args) -> SiteSpec:
-        """From the op's trailing arguments (tokens_per_frame, chunk_frames, overlap_frames, causal,
-        extra_before, extra_after, scale)."""
-        tpf, tc, to, causal, eb, ea, scale = layout_args
-        return cls(name, make_layout(tpf, tc, to, causal, eb, ea), float(scale))
+    def from_call(cls, name: str, call: HybridCall) -> SiteSpec:
+        """From the op's call at the site (its layout and scale)."""
+        layout = {k: v for k, v in call.layout.items() if k != "scale"}
+        return cls(name, make_layout(**layout), float(call.scale))
 
 
 @dataclass
@@ -137,13 +134,15 @@ class _SoftmaxTap(nn.Module):
         super().__init__()
         self.name, self.record, self.sink, self.offload = name, record, sink, offload
 
-    def forward(self, q, k, v, q_phi, k_phi, *layout_args):
-        out = teacher_attention(q, k, v, layout_args[-1])
+    def forward(self, *args):
+        call = HybridCall.from_args(args)
+        q, k, v, q_phi, k_phi = call.tensors
+        out = teacher_attention(q, k, v, call.scale)
         if self.record:
             q_phi, k_phi = (None if x is None or x is y else x.detach() for x, y in ((q_phi, q), (k_phi, k)))
             sample = SiteSample(q.detach(), k.detach(), v.detach(), out.detach(), q_phi, k_phi)
             self.sink.setdefault(self.name, []).append(sample if self.offload is None else sample.to(self.offload))
-            self.sink.setdefault("__specs__", {})[self.name] = SiteSpec.from_op_args(self.name, layout_args)
+            self.sink.setdefault("__specs__", {})[self.name] = SiteSpec.from_call(self.name, call)
         return out
 
 
@@ -151,7 +150,7 @@ def site_nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
     """The hybrid-op nodes of a rewritten graph, by site name (``node.meta['rehyat_site']``)."""
     nodes = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is HYBRID_OP:
+        if is_hybrid_node(node):
             name = node.meta.get(SITE_META)
             if name is None:
                 raise ConversionError(f"hybrid-attention node {node.name} has no meta[{SITE_META!r}] site name")
@@ -171,7 +170,8 @@ def site_feature_maps(gm: torch.fx.GraphModule) -> dict[str, tuple[FeatureMap, F
     maps = {}
     for name, node in site_nodes(gm).items():
         pair = []
-        for arg, which in ((node.args[3], "fq"), (node.args[4], "fk")):
+        call = HybridCall.from_node(node)
+        for arg, which in ((call.fq, "fq"), (call.fk, "fk")):
             if not (isinstance(arg, torch.fx.Node) and arg.op == "call_module"):
                 raise ConversionError(f"site {name}: {which} is not computed by a feature-map module call")
             module = gm.get_submodule(arg.target)
@@ -199,9 +199,9 @@ def softmax_forced(gm: torch.fx.GraphModule, record=None, offload=None) -> tuple
     for i, (name, node) in enumerate(site_nodes(gm).items()):
         new, tap = val_map[node], f"_rehyat_softmax_tap_{i}"
         forced.add_module(tap, _SoftmaxTap(name, record is None or name in record, sink, offload))
-        q, k, v, fq, fk = new.args[:5]
+        call = HybridCall.from_node(new)
         new.op, new.target, new.kwargs = "call_module", tap, {}
-        new.args = (q, k, v, _feature_map_input(fq), _feature_map_input(fk), *new.args[5:])
+        new.args = call.replace(fq=_feature_map_input(call.fq), fk=_feature_map_input(call.fk)).to_args()
     # the feature maps now feed nothing; their dtype assertions alone must not keep them alive
     forced.graph.eliminate_dead_code(
         is_impure_node=lambda n: n.target is not torch.ops.aten._assert_tensor_metadata.default and n.is_impure())
@@ -213,7 +213,10 @@ def capture_sites(gm: torch.fx.GraphModule, batches, *, record=None, offload=Non
     """Run the softmax-forced graph on ``batches`` ((args, kwargs) pairs). Returns
     ``(samples, specs, outputs)``: ``samples[name]`` one :class:`SiteSample` per batch for the recorded
     sites, ``specs[name]`` their :class:`SiteSpec`, ``outputs`` the graph's output per batch."""
-    forced, sink = softmax_forced(gm, record, offload)
+    from .passes import pipeline  # the pipeline's force_softmax pass is softmax_forced
+    result = pipeline.run(pipeline.FORCE_SOFTMAX, pipeline.PassResult(gm),
+                          pipeline.PassContext(settings={"record": record, "offload": offload}))
+    forced, sink = result.graph, result.artifacts["capture"]
     outputs = []
     with torch.no_grad():
         for args, kwargs in batches:

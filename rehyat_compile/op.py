@@ -7,8 +7,13 @@ decomposition into standard aten ops for backends that cannot take custom ops.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
 import sympy
 import torch
+from torch import fx
 from torch.utils.flop_counter import register_flop_formula
 
 from .attention import hybrid_attention_chunked, make_layout, resolve_scale, validate_inputs
@@ -35,27 +40,116 @@ def _(q, k, v, fq, fk, tokens_per_frame, chunk_frames, overlap_frames, causal, e
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5])
-    ctx.layout_args = inputs[5:]
+    call = HybridCall.from_args(inputs)
+    ctx.save_for_backward(*call.tensors)
+    ctx.layout = call.layout
 
 
 def _backward(ctx, grad):
     tensors = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:5]
+    needs = ctx.needs_input_grad[:len(HybridCall.TENSORS)]
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(n) for t, n in zip(tensors, needs)]
-        tpf, tc, to, causal, eb, ea, scale = ctx.layout_args
-        out = hybrid_attention_chunked(*leaves, tokens_per_frame=tpf, chunk_frames=tc, overlap_frames=to,
-                                       causal=causal, extra_before=eb, extra_after=ea, scale=scale,
-                                       validate=False)
+        out = hybrid_attention_chunked(*leaves, **ctx.layout, validate=False)
         wanted = [t for t in leaves if t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad)) if wanted else iter(())
-    return tuple(next(grads) if n else None for n in needs) + (None,) * 7
+    return tuple(next(grads) if n else None for n in needs) + (None,) * len(HybridCall.LAYOUT)
 
 
 _hybrid_attention_op.register_autograd(_backward, setup_context=_setup_context)
 # CUDA: the fused Triton kernel where it applies, else this PyTorch form (kernels/__init__.py).
 _hybrid_attention_op.register_kernel("cuda")(hybrid_attention_cuda)
+
+
+# ---------------------------------------------------------------------------------------------
+# The op's call, by name: the one place that knows the argument order
+# ---------------------------------------------------------------------------------------------
+
+HYBRID_OP = torch.ops.rehyat.hybrid_attention.default
+
+
+@dataclass(frozen=True)
+class HybridCall:
+    """The arguments of one ``rehyat::hybrid_attention`` call, by name.
+
+    Tensors ``q, k, v`` ([B, H, N, D]) and ``fq, fk`` ([B, H, N, F]) -- or the ``fx.Node`` s that
+    compute them in a graph -- and the layout (docs/hybrid_attention.md): ``extra_after`` may be a
+    node when the extra-token count is computed in the graph. Passes, the step program, the cost
+    model and distillation read and write the op's arguments only through this view::
+
+        call = HybridCall.from_node(node)           # node.target is HYBRID_OP
+        node.args = call.replace(q=new_q).to_args()
+    """
+
+    q: Any
+    k: Any
+    v: Any
+    fq: Any
+    fk: Any
+    tokens_per_frame: int
+    chunk_frames: int
+    overlap_frames: int
+    causal: bool
+    extra_before: Any
+    extra_after: Any
+    scale: float
+
+    TENSORS = ("q", "k", "v", "fq", "fk")
+    LAYOUT = ("tokens_per_frame", "chunk_frames", "overlap_frames", "causal", "extra_before", "extra_after",
+              "scale")
+
+    @classmethod
+    def from_args(cls, args, kwargs=None) -> "HybridCall":
+        """Bind positional ``args`` (and ``kwargs``) of the op in its schema's order."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = dict(zip(names, args))
+        values.update(kwargs or {})
+        missing = [n for n in names if n not in values]
+        if len(args) > len(names) or missing:
+            raise TypeError(f"{OP_NAME} takes {names}; got {len(args)} positional arguments, missing {missing}")
+        return cls(**values)
+
+    @classmethod
+    def from_node(cls, node: fx.Node) -> "HybridCall":
+        if not is_hybrid_node(node):
+            raise TypeError(f"node {node.name} calls {node.target}, not {OP_NAME}")
+        return cls.from_args(node.args, node.kwargs)
+
+    def to_args(self) -> tuple:
+        """Positional arguments for ``torch.ops.rehyat.hybrid_attention.default``."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def replace(self, **changes) -> "HybridCall":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def tensors(self) -> tuple:
+        """(q, k, v, fq, fk)."""
+        return tuple(getattr(self, n) for n in self.TENSORS)
+
+    @property
+    def layout(self) -> dict:
+        """The layout and scale as keyword arguments of ``rc.hybrid_attention`` and its forms."""
+        return {n: getattr(self, n) for n in self.LAYOUT}
+
+    def map(self, fn) -> "HybridCall":
+        """Every argument through ``fn`` (graph copies: old node -> new node)."""
+        return HybridCall(*(fn(a) for a in self.to_args()))
+
+
+def is_hybrid_node(node) -> bool:
+    """True for a graph node that calls the hybrid op."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is HYBRID_OP
+
+
+def _check_view_matches_schema() -> None:
+    schema = [a.name for a in HYBRID_OP._schema.arguments]
+    view = [f.name for f in dataclasses.fields(HybridCall)]
+    if schema != view:  # a new op argument must be added to the view too
+        raise RuntimeError(f"HybridCall fields {view} do not match the schema of {OP_NAME}: {schema}")
+
+
+_check_view_matches_schema()
 
 
 def hybrid_attention(q, k, v, fq, fk, *, tokens_per_frame, chunk_frames, overlap_frames, causal=True,

@@ -16,7 +16,7 @@ def _cell(x) -> str:
 
 
 class InspectReport:
-    """``sites``: list of :class:`~rehyat_compile.passes.manager.Site`; ``frame_axis``: how the export saw
+    """``sites``: list of :class:`~rehyat_compile.site.Site`; ``frame_axis``: how the export saw
     time. ``str(report)`` is a table; ``to_dict()`` is JSON-serialisable."""
 
     def __init__(self, sites, frame_axis, model_name: str = ""):

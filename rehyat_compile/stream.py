@@ -28,8 +28,6 @@ slice at a time, so device memory does not grow with the video length.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import fx
 from torch.export._tree_utils import reorder_kwargs
@@ -37,7 +35,9 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConversionError, ShapeError
 from .export import temporal_patch
-from .passes.thread_state import HYBRID_OP, STATE_FIELDS, FrameDim, StepProgram, thread_state, thread_state_matched
+from .op import HybridCall, is_hybrid_node
+from .passes import pipeline
+from .passes.thread_state import STATE_FIELDS, FrameDim, StepProgram
 
 
 class _TablesOn(fx.Interpreter):
@@ -71,8 +71,11 @@ class StreamRunner:
         if not hasattr(hybrid, "graph_module") or not hasattr(hybrid, "original"):
             raise TypeError(f"stream needs the model returned by rc.transform (a HybridModel), got "
                             f"{type(hybrid).__name__}")
-        conversion = hybrid.conversion
-        if not conversion.get("causal", True):
+        plan = getattr(hybrid, "plan", None)
+        if plan is None:
+            raise TypeError(f"stream needs the model returned by rc.transform (a HybridModel), got "
+                            f"{type(hybrid).__name__}")
+        if not plan.options.causal:
             raise ConversionError(
                 "stream needs a causal conversion: this model was transformed with causal=False, so each chunk's "
                 "linear attention reads later frames and the video cannot run chunk by chunk; "
@@ -85,11 +88,12 @@ class StreamRunner:
     def plan(self, *args, **kwargs) -> "_Plan":
         """How this call runs: the flat inputs, the frame count, and a step program per chunk length."""
         gm = self.hybrid.graph_module(*args, **kwargs)
-        frame_axis = getattr(self.hybrid, "_frame_axis", None)
+        frame_axis = self.hybrid.plan.frame_axis
         patch = frame_axis.patch if frame_axis is not None else temporal_patch(self.hybrid.original)
         if frame_axis is None or frame_axis.dynamic:
             if id(gm) not in self._programs:
-                self._programs[id(gm)] = thread_state(gm, patch=patch)
+                result = pipeline.run(pipeline.THREAD_STATE, pipeline.PassResult(gm), pipeline.PassContext(frame_axis, temporal_patch=patch))
+                self._programs[id(gm)] = result.artifacts["step_program"]
             program = self._programs[id(gm)]
             flat = _flat(program.in_spec, args, kwargs)
             if not _static_frame_inputs(flat, program.input_dims, frame_axis):
@@ -102,11 +106,11 @@ class StreamRunner:
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
         in_spec = getattr(full_gm.graph._codegen, "pytree_info", None)
         flat = _flat(in_spec.in_spec if in_spec is not None else None, args, kwargs)
-        video_shape = getattr(self.hybrid, "_video_shape", None)
-        sites = [n for n in full_gm.graph.nodes if n.op == "call_function" and n.target is HYBRID_OP]
-        if not sites:
+        video_shape = self.hybrid.plan.video_shape
+        calls = [HybridCall.from_node(n) for n in full_gm.graph.nodes if is_hybrid_node(n)]
+        if not calls:
             raise ConversionError("stream needs a converted model: the graph has no rehyat::hybrid_attention node")
-        tokens = {n.args[5] for n in sites}
+        tokens = {call.tokens_per_frame for call in calls}
         user_dims, frames = _guess_input_dims(leaves, frame_axis, video_shape, tokens, patch)
         flat_dims = _guess_input_dims(flat, frame_axis, video_shape, tokens, patch)[0]
 
@@ -114,14 +118,16 @@ class StreamRunner:
             key = (id(full_gm), length)
             if key not in self._programs:
                 chunk_args, chunk_kwargs = pytree.tree_unflatten(_chunk(leaves, user_dims, 0, length), spec)
-                with _video_shape_for(self.hybrid, length):
-                    chunk_gm = self.hybrid.graph_module(*chunk_args, **chunk_kwargs)
-                self._programs[key] = thread_state_matched(
-                    chunk_gm, full_gm, _chunk(flat, flat_dims, 0, length), flat, chunk_frames=length, frames=frames,
-                    input_dims=flat_dims, patch=patch)
+                chunk_video = None if video_shape is None else (length, *video_shape[1:])
+                chunk_gm = self.hybrid.graph_module_for(chunk_args, chunk_kwargs, video_shape=chunk_video)
+                settings = dict(full_graph=full_gm, chunk_inputs=_chunk(flat, flat_dims, 0, length), full_inputs=flat,
+                                chunk_frames=length, frames=frames, input_dims=flat_dims)
+                context = pipeline.PassContext(frame_axis, settings=settings)
+                result = pipeline.run(pipeline.THREAD_STATE_MATCHED, pipeline.PassResult(chunk_gm), context)
+                self._programs[key] = result.artifacts["step_program"]
             return self._programs[key]
 
-        return _Plan(flat, frames, sites[0].args[6], program)
+        return _Plan(flat, frames, calls[0].chunk_frames, program)
 
     def program(self, *args, **kwargs) -> StepProgram:
         """The :class:`StepProgram` of this call's first chunk (every chunk's, unless the export is static)."""
@@ -335,21 +341,6 @@ def _guess_input_dims(flat: list, frame_axis, video_shape, tokens_per_frame: set
             fd = FrameCount(patch)
         dims.append(fd)
     return dims, frames
-
-
-@contextmanager
-def _video_shape_for(hybrid, frames):
-    """Trace with ``video_shape`` (frames, h, w) set to this many frames when the user gave one (static
-    exports read the layout from it)."""
-    shape = getattr(hybrid, "_video_shape", None)
-    if shape is None:
-        yield
-        return
-    object.__setattr__(hybrid, "_video_shape", (frames, *shape[1:]))
-    try:
-        yield
-    finally:
-        object.__setattr__(hybrid, "_video_shape", shape)
 
 
 def site_state_nbytes(site) -> int:

@@ -33,6 +33,7 @@ so build the optimizer after one call, or pass example inputs.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
@@ -41,18 +42,20 @@ from torch.utils import _pytree as pytree
 from .errors import ConversionError
 from .export import FrameAxis, check_video_shape, export_video_model
 from .feature_map import FeatureMap
-from .passes.manager import Site, analyse
-from .passes.rewrite_attention import ChunkOptions, rewrite_attention
+from .op import is_hybrid_node, HybridCall
+from .passes import pipeline
+from .passes.rewrite_attention import ConversionOptions
 from .report import InspectReport
+from .site import Site
 
 DEFAULT_FEATURE_DIM = 64
 
 
 def _analysed(model, args, kwargs, video_shape, frames=None):
-    """(GraphModule, FrameAxis, sites): exported, canonicalised, every attention decided."""
+    """(GraphModule, FrameAxis, sites): exported, then the pipeline's analysis passes."""
     ep, frame_axis = export_video_model(model, args, kwargs, frames=frames, video_shape=video_shape)
     gm = ep.module()
-    sites = analyse(gm, frame_axis, model)
+    sites = pipeline.analyse(gm, frame_axis, model)
     return gm, frame_axis, sites
 
 
@@ -88,15 +91,26 @@ def _redirect_parameters(gm: fx.GraphModule, model: nn.Module) -> None:
     gm.recompile()
 
 
-def _selected(sites: list[Site], layers) -> list[Site]:
+def check_layers(layers) -> tuple[str, ...] | None:
+    """``layers`` as a tuple of site names / module paths (one string is one name), or None."""
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        layers = [layers]
+    if not hasattr(layers, "__iter__") or not all(isinstance(x, str) for x in layers):
+        raise TypeError(f"layers must be None, a site name / module path, or a list of them, got {layers!r}")
+    layers = tuple(layers)
+    if not layers:
+        raise ValueError("layers=[] selects no attention site; pass layers=None to convert every rewritable site")
+    return layers
+
+
+def _selected(sites: list[Site], layers: tuple[str, ...] | None) -> list[Site]:
     rewritable = [s for s in sites if s.rewritable]
     if layers is None:
         return rewritable
-    if isinstance(layers, str) or not hasattr(layers, "__iter__"):
-        raise TypeError(f"layers must be None or a list of site names / module paths, got {layers!r}")
-    wanted = list(layers)
     chosen = []
-    for item in wanted:
+    for item in layers:
         hits = [s for s in sites if item in (s.name, s.module, s.key)]
         if not hits:
             raise ValueError(f"layers: {item!r} names no attention site; sites are {[s.name for s in sites]}")
@@ -108,8 +122,9 @@ def _selected(sites: list[Site], layers) -> list[Site]:
     return chosen
 
 
-def _structure_key(args, kwargs, frame_axis: FrameAxis | None):
-    """Cache key: pytree structure, tensor shapes (frame dim free when symbolic), dtypes, other values."""
+def _structure_key(args, kwargs, frame_axis: FrameAxis | None, mode=()):
+    """Cache key: pytree structure, tensor shapes (frame dim free when symbolic), dtypes, other values,
+    and ``mode`` (the training flags and trace options the graph was made for)."""
     leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     key = []
     for i, leaf in enumerate(leaves):
@@ -120,37 +135,73 @@ def _structure_key(args, kwargs, frame_axis: FrameAxis | None):
             key.append(("tensor", tuple(shape), leaf.dtype, leaf.device.type))
         else:
             key.append(("value", repr(leaf)))
-    return str(spec), tuple(key)
+    return str(spec), tuple(key), mode
+
+
+def check_options(chunk_frames, overlap_frames, causal, feature_dim) -> ConversionOptions:
+    feature_dim = DEFAULT_FEATURE_DIM if feature_dim is None else feature_dim
+    if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 2 or feature_dim % 2:
+        raise ValueError(f"feature_dim must be an even int >= 2 or None, got {feature_dim!r}")
+    for name, value, minimum in (("chunk_frames", chunk_frames, 1), ("overlap_frames", overlap_frames, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if overlap_frames > chunk_frames:
+        raise ValueError(f"overlap_frames must be <= chunk_frames ({chunk_frames}), got {overlap_frames}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    return ConversionOptions(chunk_frames, overlap_frames, causal, feature_dim)
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """Everything a :class:`HybridModel` was converted with, fixed once known.
+
+    ``options`` (chunking, causal, feature dim), ``layers`` (the user's selection, None = all),
+    ``video_shape`` and ``frames`` (how the export finds time), then, from the first trace,
+    ``frame_axis``, ``sites`` (the converted sites, with their chunking) and ``report`` (every site
+    found). Streaming, distillation, cost and builds read the plan; none of them changes it."""
+
+    options: ConversionOptions
+    layers: tuple[str, ...] | None = None
+    video_shape: tuple[int, int, int] | None = None
+    frames: object = None
+    frame_axis: FrameAxis | None = None
+    sites: tuple[Site, ...] = ()
+    report: InspectReport | None = None
+
+    @property
+    def traced(self) -> bool:
+        return self.report is not None
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable record (``hybrid.conversion``; what checkpoints store)."""
+        o = self.options
+        return {"chunk_frames": o.chunk_frames, "overlap_frames": o.overlap_frames, "causal": o.causal,
+                "feature_dim": o.feature_dim, "layers": [s.name for s in self.sites],
+                "video_shape": None if self.video_shape is None else list(self.video_shape),
+                "sites": [s.to_dict() | {"key": s.key} for s in self.sites]}
+
+
+class _Traces:
+    """Per-structure caches of one conversion family (shared by :meth:`HybridModel.with_options`
+    siblings): ``analyses[key]`` = (pristine analysed GraphModule, FrameAxis, sites)."""
+
+    def __init__(self):
+        self.analyses: dict = {}
 
 
 class HybridModel(nn.Module):
     """The converted model; see the module docstring."""
 
     def __init__(self, model: nn.Module, *, video_shape=None, chunk_frames=3, overlap_frames=1, causal=True,
-                 layers=None, feature_dim=None, frames=None):
+                 layers=None, feature_dim=None, frames=None, _plan: ConversionPlan | None = None):
         super().__init__()
         self.original = model
         self.feature_maps = nn.ModuleDict()
-        feature_dim = DEFAULT_FEATURE_DIM if feature_dim is None else feature_dim
-        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 2 or feature_dim % 2:
-            raise ValueError(f"feature_dim must be an even int >= 2 or None, got {feature_dim!r}")
-        for name, value, minimum in (("chunk_frames", chunk_frames, 1), ("overlap_frames", overlap_frames, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-        if overlap_frames > chunk_frames:
-            raise ValueError(f"overlap_frames must be <= chunk_frames ({chunk_frames}), got {overlap_frames}")
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-        # plain attributes (not submodules): the graphs share the original's parameters
-        object.__setattr__(self, "_options", ChunkOptions(chunk_frames, overlap_frames, causal, feature_dim))
-        object.__setattr__(self, "_video_shape", check_video_shape(video_shape))
-        object.__setattr__(self, "_layers", None if layers is None else list(layers))
-        object.__setattr__(self, "_frames", frames)
-        object.__setattr__(self, "_programs", {})
-        object.__setattr__(self, "_analyses", {})
-        object.__setattr__(self, "_frame_axis", None)
-        object.__setattr__(self, "sites", [])
-        object.__setattr__(self, "report", None)
+        self.plan = _plan or ConversionPlan(check_options(chunk_frames, overlap_frames, causal, feature_dim),
+                                            check_layers(layers), check_video_shape(video_shape), frames)
+        self._traces = _Traces()
+        self._programs: dict = {}  # structure key -> (hybrid GraphModule, teacher GraphModule, sites)
 
     # -- attribute pass-through: the hybrid stands in for the original (pipe.transformer) --------
     def __getattr__(self, name):
@@ -158,7 +209,7 @@ class HybridModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             original = self._modules.get("original")
-            if original is None:
+            if original is None or name.startswith("__"):
                 raise
             return getattr(original, name)
 
@@ -171,24 +222,97 @@ class HybridModel(nn.Module):
         return next(self.original.parameters()).device
 
     @property
+    def sites(self) -> list[Site]:
+        """The converted sites of the first trace (``plan.sites``)."""
+        return list(self.plan.sites)
+
+    @property
+    def report(self) -> InspectReport | None:
+        return self.plan.report
+
+    @property
     def conversion(self) -> dict:
         """JSON-serialisable record of the conversion (for save/load)."""
-        o = self._options
-        return {"chunk_frames": o.chunk_frames, "overlap_frames": o.overlap_frames, "causal": o.causal,
-                "feature_dim": o.feature_dim, "layers": [s.name for s in self.sites],
-                "video_shape": None if self._video_shape is None else list(self._video_shape),
-                "sites": [s.to_dict() | {"key": s.key} for s in self.sites]}
+        return self.plan.to_dict()
+
+    # -- copies, pickling, state dicts ---------------------------------------------------------
+    def __getstate__(self):
+        # traced graphs hold fake tensors and generated classes: drop them, a copy traces again
+        state = self.__dict__.copy()
+        state["_traces"], state["_programs"] = _Traces(), {}
+        plan = state["plan"]
+        state["plan"] = replace(plan, sites=tuple(replace(s, match=None) for s in plan.sites), report=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __deepcopy__(self, memo):
+        clone = copy.copy(self)  # shares nothing below: every field replaced
+        memo[id(self)] = clone
+        state = self.__getstate__()
+        state["_modules"] = copy.deepcopy(self._modules, memo)
+        state["_parameters"] = copy.deepcopy(self._parameters, memo)
+        state["_buffers"] = copy.deepcopy(self._buffers, memo)
+        clone.__dict__.update(state)
+        return clone
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        missing = sorted({k.split(".")[1] for k in state_dict if k.startswith("feature_maps.")}
+                         - set(self.feature_maps.keys()))
+        if missing:
+            raise ConversionError(
+                f"load_state_dict: the feature maps of sites {missing} do not exist yet: a lazily converted model "
+                "creates them on its first call. Call the model once (or pass example inputs to rc.transform) "
+                "before loading, or use rc.load_hybrid(model, path, args, kwargs)")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- building ------------------------------------------------------------------------------
-    def _analysis(self, args, kwargs):
-        """(pristine GraphModule, FrameAxis, sites) for this input structure; exported once, shared by
-        every :meth:`with_options` sibling."""
-        key = _structure_key(args, kwargs, self._frame_axis)
-        if key not in self._analyses:
-            gm, frame_axis, sites = _analysed(self.original, args, kwargs, self._video_shape, self._frames)
-            key = _structure_key(args, kwargs, frame_axis)
-            self._analyses[key] = (gm, frame_axis, sites)
-        return self._analyses[key]
+    def _mode(self) -> tuple:
+        """What a trace depends on beyond the inputs: which modules are in training mode (dropout)."""
+        return tuple(m.training for m in self.original.modules())
+
+    def _analysis(self, args, kwargs, video_shape) -> tuple:
+        """(key, (pristine GraphModule, FrameAxis, sites)) for this input structure; exported once,
+        shared by every :meth:`with_options` sibling."""
+        plan = self.plan
+        key = (_structure_key(args, kwargs, plan.frame_axis, self._mode()), video_shape)
+        if key not in self._traces.analyses:
+            gm, frame_axis, sites = _analysed(self.original, args, kwargs, video_shape, plan.frames)
+            key = (_structure_key(args, kwargs, frame_axis, self._mode()), video_shape)
+            self._traces.analyses[key] = (gm, frame_axis, sites)
+        return key, self._traces.analyses[key]
+
+    def _ensure_feature_maps(self, chosen: list[Site]) -> None:
+        for site in chosen:
+            if site.key not in self.feature_maps:
+                heads = site.heads if site.heads is not None else 1
+                pair = PhiPair(heads, site.head_dim, self.plan.options.feature_dim)
+                param = next(self.original.parameters(), None)
+                if param is not None:
+                    pair.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
+                self.feature_maps[site.key] = pair
+
+    def _build(self, args, kwargs, video_shape):
+        analysis_key, (pristine, frame_axis, sites) = self._analysis(args, kwargs, video_shape)
+        report = InspectReport(sites, frame_axis, type(self.original).__name__)
+        chosen = _selected(sites, self.plan.layers)
+        if not chosen:
+            raise ConversionError("no attention site can be converted:\n" + str(report))
+        self._ensure_feature_maps(chosen)
+        return self._install(analysis_key, chosen, report)
+
+    def _install(self, analysis_key, chosen: list[Site], report: InspectReport) -> tuple:
+        """Render the hybrid and teacher graphs of one analysed structure and cache them; the first
+        one fixes the plan's frame axis and sites (later traces never change them)."""
+        pristine, frame_axis, _ = self._traces.analyses[analysis_key]
+        gm, teacher_gm, sites = self._render(pristine, frame_axis, chosen)
+        if not self.plan.traced:
+            self.plan = replace(self.plan, frame_axis=frame_axis, sites=tuple(sites), report=report)
+        (spec, leaves, mode), video_shape = analysis_key
+        programs = (gm, teacher_gm, sites, analysis_key)
+        self._programs[(spec, leaves, (mode, video_shape))] = programs
+        return programs
 
     def _fresh_graph(self, pristine: fx.GraphModule, sites: list[Site]) -> tuple[fx.GraphModule, list[Site]]:
         graph, node_map = _copy_graph(pristine.graph)
@@ -197,72 +321,59 @@ class HybridModel(nn.Module):
         gm.feature_maps = self.feature_maps
         return gm, _rematch(node_map, sites)
 
-    def _build(self, args, kwargs):
-        pristine, frame_axis, sites = self._analysis(args, kwargs)
-        report = InspectReport(sites, frame_axis, type(self.original).__name__)
-        chosen = _selected(sites, self._layers)
-        if not chosen:
-            raise ConversionError("no attention site can be converted:\n" + str(report))
-        for site in chosen:
-            if site.key not in self.feature_maps:
-                heads = site.heads if site.heads is not None else 1
-                pair = PhiPair(heads, site.head_dim, self._options.feature_dim)
-                param = next(self.original.parameters(), None)
-                if param is not None:
-                    pair.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
-                self.feature_maps[site.key] = pair
-        object.__setattr__(self, "_frame_axis", frame_axis)
-        object.__setattr__(self, "report", report)
-        key = _structure_key(args, kwargs, frame_axis)
-        self._render_cached(key, pristine, frame_axis, chosen)
-        return self._programs[key]
+    def _render(self, pristine, frame_axis, chosen) -> tuple:
+        """(hybrid graph, teacher graph, converted sites): the pipeline's rewrite pass on fresh copies of
+        the pristine graph, once with the plan's options and once as softmax (the teacher)."""
+        out = []
+        for options in (self.plan.options, None):
+            gm, sites = self._fresh_graph(pristine, chosen)
+            result = pipeline.run(pipeline.REWRITE, pipeline.PassResult(gm, tuple(sites)),
+                                  pipeline.PassContext(frame_axis, self.original, options))
+            _redirect_parameters(gm, self.original)
+            out.append((gm, list(result.sites)))
+        (gm, sites), (teacher_gm, _) = out
+        return gm, teacher_gm, sites
 
     def with_options(self, *, chunk_frames=None, overlap_frames=None, causal=None) -> "HybridModel":
         """A sibling with other chunking that shares the original, the feature maps and the exports."""
-        o = self._options
-        sibling = HybridModel(self.original, video_shape=self._video_shape,
-                              chunk_frames=o.chunk_frames if chunk_frames is None else chunk_frames,
-                              overlap_frames=o.overlap_frames if overlap_frames is None else overlap_frames,
-                              causal=o.causal if causal is None else causal, layers=self._layers,
-                              feature_dim=o.feature_dim, frames=self._frames)
+        o = self.plan.options
+        options = check_options(o.chunk_frames if chunk_frames is None else chunk_frames,
+                                o.overlap_frames if overlap_frames is None else overlap_frames,
+                                o.causal if causal is None else causal, o.feature_dim)
+        sibling = HybridModel(self.original, _plan=replace(self.plan, options=options, sites=(), report=None,
+                                                           frame_axis=None))
         sibling.feature_maps = self.feature_maps
-        object.__setattr__(sibling, "_analyses", self._analyses)
-        object.__setattr__(sibling, "_frame_axis", self._frame_axis)
-        object.__setattr__(sibling, "report", self.report)
-        for key, (gm, frame_axis, sites) in list(self._analyses.items()):
-            if key in self._programs:  # same structures as self, ready to call
-                chosen = [s for s in sites if s.name in {c.name for c in self.sites}]
-                sibling._render_cached(key, gm, frame_axis, chosen)
+        sibling._traces = self._traces
+        for _, _, sites, analysis_key in list(self._programs.values()):  # the structures self has run
+            converted = {s.name for s in sites}
+            chosen = [s for s in self._traces.analyses[analysis_key][2] if s.name in converted]
+            sibling._install(analysis_key, chosen, self.report)
         return sibling
 
-    def _render_cached(self, key, pristine, frame_axis, chosen):
-        """Rewrite fresh copies of the pristine graph: the student (hybrid) and the teacher (softmax)."""
-        gm, student_sites = self._fresh_graph(pristine, chosen)
-        for site in student_sites:
-            site.chunk_frames, site.overlap_frames = self._options.chunk_frames, self._options.overlap_frames
-            site.causal = self._options.causal
-        rewrite_attention(gm, student_sites, self._options, frame_axis)
-        _redirect_parameters(gm, self.original)
-        teacher_gm, teacher_sites = self._fresh_graph(pristine, chosen)
-        rewrite_attention(teacher_gm, teacher_sites, None, frame_axis)
-        _redirect_parameters(teacher_gm, self.original)
-        object.__setattr__(self, "sites", student_sites)
-        self._programs[key] = (gm, teacher_gm)
-
-    def _programs_for(self, args, kwargs):
+    def _programs_for(self, args, kwargs, video_shape="plan"):
         kwargs = {} if kwargs is None else kwargs
-        key = _structure_key(args, kwargs, self._frame_axis)
+        video_shape = self.plan.video_shape if video_shape == "plan" else check_video_shape(video_shape)
+        key = _structure_key(args, kwargs, self.plan.frame_axis, (self._mode(), video_shape))
         if key not in self._programs:
-            return self._build(args, kwargs)
+            return self._build(args, kwargs, video_shape)
         return self._programs[key]
 
     def graph_module(self, *args, **kwargs) -> fx.GraphModule:
         """The rewritten GraphModule for this input structure (built on first use)."""
         return self._programs_for(args, kwargs)[0]
 
+    def graph_module_for(self, args, kwargs=None, *, video_shape) -> fx.GraphModule:
+        """The rewritten GraphModule traced with another ``video_shape`` (streaming traces chunk-length
+        inputs of fixed-shape exports this way); the plan is unchanged."""
+        return self._programs_for(tuple(args), kwargs, video_shape)[0]
+
     def teacher_graph_module(self, *args, **kwargs) -> fx.GraphModule:
         """The original computation, each converted site as one tagged softmax-attention node."""
         return self._programs_for(args, kwargs)[1]
+
+    def sites_for(self, *args, **kwargs) -> list[Site]:
+        """The converted sites of the trace for this input structure (layouts at these shapes)."""
+        return list(self._programs_for(args, kwargs)[2])
 
     def site_tensors(self, *args, teacher: bool = True, **kwargs) -> dict:
         """``{site: {"q", "k", "v", "out"}}`` from one run of the teacher (or student) graph."""
@@ -295,10 +406,17 @@ def _rematch(node_map: dict, sites: list[Site]) -> list[Site]:
         for field in ("anchor", "output", "q", "k", "k_t", "v", "mask"):
             setattr(m, field, same(getattr(m, field)))
         m.interior = [same(n) for n in m.interior]
-        s = copy.copy(site)
-        s.match = m
-        out.append(s)
+        out.append(replace(site, match=m))
     return out
+
+
+def site_qkv(node: fx.Node) -> tuple:
+    """(q, k, v) nodes of a site node: the hybrid op's (through its call view), or the teacher form's
+    ``softmax_attention(q, k, v, scale)``."""
+    if is_hybrid_node(node):
+        return HybridCall.from_node(node).tensors[:3]
+    q, k, v, _scale = node.args
+    return q, k, v
 
 
 def _tap_sites(gm: fx.GraphModule, args, kwargs) -> dict:
@@ -309,7 +427,7 @@ def _tap_sites(gm: fx.GraphModule, args, kwargs) -> dict:
         def run_node(self, n):
             result = super().run_node(n)
             if n in site_nodes:
-                q, k, v = (self.env[a] for a in n.args[:3])
+                q, k, v = (self.env[a] for a in site_qkv(n))
                 taps[site_nodes[n]] = {"q": q, "k": k, "v": v, "out": result}
             return result
 
@@ -331,7 +449,7 @@ def transform(model, args=None, kwargs=None, *, video_shape=None, chunk_frames=3
                          causal=causal, layers=layers, feature_dim=feature_dim, frames=frames)
     if args is not None or kwargs is not None:
         args = () if args is None else (args if isinstance(args, (tuple, list)) else (args,))
-        hybrid._build(tuple(args), {} if kwargs is None else kwargs)
+        hybrid._programs_for(tuple(args), {} if kwargs is None else kwargs)
     return hybrid
 
 

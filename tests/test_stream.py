@@ -8,6 +8,8 @@ from torch.export import Dim
 
 import rehyat_compile as rc
 from rehyat_compile.passes.thread_state import STATE_FIELDS, thread_state
+from rehyat_compile.passes.rewrite_attention import ConversionOptions
+from rehyat_compile.transform import ConversionPlan
 from models import MODELS
 
 SETTINGS = settings(max_examples=8, deadline=None)
@@ -77,7 +79,9 @@ class ExportedHybrid:
 
     def __init__(self, model, x, t):
         self.original = model
-        self.conversion = {"causal": model.layout["causal"]}
+        layout = model.layout
+        self.plan = ConversionPlan(ConversionOptions(layout["chunk_frames"], layout["overlap_frames"],
+                                                     layout["causal"], model.phi_q.feature_dim))
         ep = torch.export.export(model, (x, t), dynamic_shapes=({2: Dim.AUTO}, {1: Dim.AUTO}), strict=False)
         self.gm = ep.module()
 

@@ -1,0 +1,187 @@
+"""The conversion as one ordered list of passes over a graph and its sites.
+
+Every entry point runs these passes and no other copy of them: ``rc.inspect`` runs
+:data:`ANALYSIS`; ``rc.transform`` runs :data:`ANALYSIS` once per input structure, then
+:data:`REWRITE` on a copy for the hybrid graph and again (``options=None``) for the teacher graph;
+``rc.stream`` runs :data:`THREAD_STATE` (or :data:`THREAD_STATE_MATCHED` for fixed-shape exports) on
+the hybrid graph; ``rc.distill`` runs :data:`FORCE_SOFTMAX`; ``rc.build`` runs :data:`PORTABLE`
+on the exported program it compiles; ``rc.cost`` costs the graphs these produce.
+
+    canonicalize -> find -> classify -> layout -> rewrite -> { thread_state | force_softmax | portable }
+
+A pass is a function ``(PassResult, PassContext) -> PassResult``: the result carries the graph, the
+sites (immutable :class:`~rehyat_compile.site.Site` s, each accepted or declined with a
+:class:`~rehyat_compile.declines.Decline`) and what a variant pass produced (``artifacts``: the
+step program, the capture sink). The context is what the pass reads but never changes: the frame
+axis of the export, the user's model, the conversion options, and variant settings.
+See docs/architecture.md for where to add a pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Callable, Mapping
+
+from torch import fx
+
+from ..declines import Decline
+from ..site import Site
+from .canonicalize import canonicalize
+from .classify_attention import classify_site
+from .find_attention import find_sites
+from .infer_video_layout import layout_site
+from .rewrite_attention import ConversionOptions, rewrite_attention
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What passes read: ``frame_axis`` (:class:`~rehyat_compile.export.FrameAxis`), ``model`` (the
+    user's module, for linear-attention processors), ``options`` (chunking and feature dim; None
+    makes the rewrite produce the teacher's softmax form), ``settings`` (variant passes' arguments),
+    ``temporal_patch`` (the model's temporal patch when no export frame axis gives it)."""
+
+    frame_axis: object = None
+    model: object = None
+    options: ConversionOptions | None = None
+    settings: Mapping = field(default_factory=lambda: MappingProxyType({}))
+    temporal_patch: int | None = None  # input frames per token frame when there is no frame axis
+
+    @property
+    def symbol(self):
+        return None if self.frame_axis is None else self.frame_axis.symbol
+
+    @property
+    def patch(self) -> int:
+        if self.frame_axis is not None:
+            return self.frame_axis.patch
+        return 1 if self.temporal_patch is None else self.temporal_patch
+
+    @property
+    def frames(self) -> int | None:
+        """Token frames of the example (input frames // temporal patch), when known."""
+        fa = self.frame_axis
+        return None if fa is None or fa.size is None else fa.size // fa.patch
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """A graph (``fx.GraphModule``, or an ``ExportedProgram`` for :data:`PORTABLE`), its sites in graph
+    order, and variant outputs by name."""
+
+    graph: object
+    sites: tuple[Site, ...] = ()
+    artifacts: Mapping = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def declines(self) -> list[tuple[str, Decline]]:
+        """(site name, decline) of every declined site."""
+        return [(s.name, s.decline) for s in self.sites if s.decline is not None]
+
+    def with_artifact(self, name: str, value) -> "PassResult":
+        return replace(self, artifacts=MappingProxyType({**self.artifacts, name: value}))
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable[[PassResult, PassContext], PassResult]
+    summary: str
+
+
+def _each_open_site(result: PassResult, fn) -> PassResult:
+    """Apply ``fn`` to the sites no earlier pass declined."""
+    return replace(result, sites=tuple(fn(s) if s.decline is None else s for s in result.sites))
+
+
+def _canonicalize(result: PassResult, ctx: PassContext) -> PassResult:
+    canonicalize(result.graph)
+    return result
+
+
+def _find(result: PassResult, ctx: PassContext) -> PassResult:
+    return replace(result, sites=tuple(find_sites(result.graph, ctx.model)))
+
+
+def _classify(result: PassResult, ctx: PassContext) -> PassResult:
+    return _each_open_site(result, lambda s: classify_site(s, ctx.symbol, ctx.patch))
+
+
+def _layout(result: PassResult, ctx: PassContext) -> PassResult:
+    fa = ctx.frame_axis
+    return _each_open_site(result, lambda s: layout_site(s, ctx.symbol, ctx.patch, ctx.frames,
+                                                         None if fa is None else fa.video_shape))
+
+
+def _rewrite(result: PassResult, ctx: PassContext) -> PassResult:
+    """Rewrite every site of ``result`` (the caller passes only the chosen ones); the sites come back
+    with the chunking they were converted with (none for the teacher form)."""
+    sites = result.sites
+    if ctx.options is not None:
+        o = ctx.options
+        sites = tuple(replace(s, chunk_frames=o.chunk_frames, overlap_frames=o.overlap_frames, causal=o.causal)
+                      for s in sites)
+    rewrite_attention(result.graph, list(sites), ctx.options, ctx.frame_axis)
+    return replace(result, sites=sites)
+
+
+def _thread_state(result: PassResult, ctx: PassContext) -> PassResult:
+    from .thread_state import thread_state
+    return result.with_artifact("step_program", thread_state(result.graph, patch=ctx.patch))
+
+
+def _thread_state_matched(result: PassResult, ctx: PassContext) -> PassResult:
+    """settings: full_graph, chunk_inputs, full_inputs, chunk_frames, frames, input_dims."""
+    from .thread_state import thread_state_matched
+    s = ctx.settings
+    program = thread_state_matched(result.graph, s["full_graph"], s["chunk_inputs"], s["full_inputs"],
+                                   chunk_frames=s["chunk_frames"], frames=s["frames"], input_dims=s["input_dims"],
+                                   patch=ctx.patch)
+    return result.with_artifact("step_program", program)
+
+
+def _force_softmax(result: PassResult, ctx: PassContext) -> PassResult:
+    """settings: record (site names or None for all), offload (device or None)."""
+    from ..distill import softmax_forced
+    forced, sink = softmax_forced(result.graph, ctx.settings.get("record"), ctx.settings.get("offload"))
+    return replace(result, graph=forced).with_artifact("capture", sink)
+
+
+def _portable(result: PassResult, ctx: PassContext) -> PassResult:
+    from ..backends.portable import decompose_for_backends
+    return replace(result, graph=decompose_for_backends(result.graph))
+
+
+CANONICALIZE = Pass("canonicalize", _canonicalize, "normalise spellings (views, einsum, bmm, div by a number)")
+FIND = Pass("find", _find, "one site per softmax / SDPA / flex_attention node, per linear-attention module")
+CLASSIFY = Pass("classify", _classify, "self vs cross-attention, causal, factorised; head dims, masks")
+LAYOUT = Pass("layout", _layout, "where the video sits in the token axis; frame-major check")
+REWRITE = Pass("rewrite", _rewrite, "each chosen site becomes one rehyat::hybrid_attention node (or softmax)")
+THREAD_STATE = Pass("thread_state", _thread_state, "the step program of one chunk, states explicit")
+THREAD_STATE_MATCHED = Pass("thread_state_matched", _thread_state_matched,
+                            "the step program of a fixed-shape export, from a chunk trace and a whole trace")
+FORCE_SOFTMAX = Pass("force_softmax", _force_softmax, "every site as the teacher's softmax, recording q, k, v, out")
+PORTABLE = Pass("portable", _portable, "the hybrid op and composite ops in standard aten ops for the backends")
+
+ANALYSIS = (CANONICALIZE, FIND, CLASSIFY, LAYOUT)
+CONVERSION = ANALYSIS + (REWRITE,)
+VARIANTS = {"stream": (THREAD_STATE, THREAD_STATE_MATCHED), "distill": (FORCE_SOFTMAX,), "build": (PORTABLE,)}
+PIPELINE = CONVERSION + tuple(p for group in VARIANTS.values() for p in group)  # every pass, in order
+
+
+def run(passes, result: PassResult | fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
+    """Run ``passes`` (a Pass or a sequence of them) in order."""
+    if isinstance(passes, Pass):
+        passes = (passes,)
+    result = result if isinstance(result, PassResult) else PassResult(result)
+    ctx = PassContext() if ctx is None else ctx
+    for p in passes:
+        result = p.run(result, ctx)
+    return result
+
+
+def analyse(gm: fx.GraphModule, frame_axis, model=None) -> list[Site]:
+    """:data:`ANALYSIS` over ``gm`` (canonicalised in place): every attention decided. Graph order."""
+    return list(run(ANALYSIS, gm, PassContext(frame_axis, model)).sites)
+
+
+__all__ = ["ANALYSIS", "CONVERSION", "PIPELINE", "VARIANTS", "Pass", "PassContext", "PassResult", "analyse", "run"]
