@@ -6,7 +6,15 @@ class ShapeError(ValueError):
 
 
 class ConversionError(ValueError):
-    """A model (or a site in it) cannot be converted; the message says why."""
+    """A model (or a site in it) cannot be converted; the message says why. ``code``: a decline code of
+    rehyat_compile/declines.py when the refusal is one (e.g. "cannot-export"), else None."""
+
+    def __init__(self, message: str = "", code: str | None = None):
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self):
+        return type(self), (str(self), self.code)
 
 
 class ComplexityError(ValueError):

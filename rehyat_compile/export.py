@@ -237,7 +237,7 @@ def export_video_model(model, args, kwargs=None, *, frames=None, video_shape=Non
         ep = _export(model, args, kwargs)
     except Exception as exc:
         raise ConversionError(f"model cannot be exported with torch.export: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}", code="cannot-export") from exc
     if found is None:
         return ep, FrameAxis(None, None, None, patch, None, video_shape, reason)
     name, tensor, dim = found

@@ -2,7 +2,8 @@
 
 Usage: .venv/bin/python scripts/supported_models.py > table.md   (runs each model: ~2-3 min on 2 cores)
 Columns: sites found, converted, kinds, frame axis (symbolic or static), max rel error vs the original at
-one chunk covering all frames, rel difference with Tc=2, To=1.
+one chunk covering all frames, rel difference with Tc=2, To=1, and the decline codes of the sites kept
+(rehyat_compile/declines.py).
 """
 import sys
 from pathlib import Path
@@ -28,14 +29,14 @@ def row(name: str) -> str:
     try:
         report = rc.inspect(model, args, kwargs, **options)
     except ConversionError as error:
-        return f"| {name} | {type(model).__name__} | - | 0 | - | - | - | - | {str(error).split(':')[0]} |"
+        return f"| {name} | {type(model).__name__} | - | 0 | - | - | - | - | {getattr(error, 'code', None) or error} |"
     fa = report.frame_axis
     axis = "symbolic" if fa.dynamic else "static" + (" + video_shape" if name in VIDEO_SHAPE else "")
     if name in FRAMES:
         axis += f" (frames={FRAMES[name]})"
     ok = report.rewritable
     kinds = ", ".join(sorted({s.kind for s in ok})) or "-"
-    declined = sorted({s.reason.split(":")[0] for s in report.sites if not s.rewritable})
+    declined = sorted({s.code for s in report.sites if not s.rewritable})
     if not ok:
         return f"| {name} | {type(model).__name__} | {len(report.sites)} | 0 | - | {axis} | - | - | {'; '.join(declined)} |"
     with torch.no_grad():
