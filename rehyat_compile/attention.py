@@ -1,4 +1,4 @@
-"""The ReHyAt hybrid attention, in the three forms REHYAT.md defines.
+"""The ReHyAt hybrid attention, in the three forms docs/hybrid_attention.md defines.
 
 * :func:`hybrid_attention_reference` -- the O(N^2) masked definition (short, obviously right);
 * :func:`hybrid_attention_chunked`   -- the chunk-parallel form, O(N) memory for fixed chunk size;
@@ -6,7 +6,7 @@
 
 All tensors are ``[B, H, N, D]`` (q, k, v) and ``[B, H, N, F]`` (feature-mapped q and k), with
 ``N = extra_before + frames * tokens_per_frame + extra_after``. The softmax stabiliser is the
-row's log-sum-exp over its window (REHYAT.md "Decision (stabiliser)"), so the softmax part is a
+row's log-sum-exp over its window (docs/hybrid_attention.md "Decision (stabiliser)"), so the softmax part is a
 normalised attention output ``o`` and ``y = (o + phi_q S) / (1 + phi_q z)``. The linear part is
 accumulated in fp32 whatever the input dtype.
 """

@@ -5,7 +5,7 @@ q, k, v the *teacher* computes there and the teacher's attention output: each si
 the teacher's own activations (Attention Surgery), so errors of earlier converted layers never
 reach later ones during training. They are captured by running the hybrid's rewritten graph with
 every site *forced to softmax*: the site node computes full softmax attention of its q, k, v
-(= the op with one chunk covering the video, REHYAT.md consequence 1), which is exactly the teacher,
+(= the op with one chunk covering the video, docs/hybrid_attention.md consequence 1), which is exactly the teacher,
 and records q, k, v and that output. The teacher itself is run once per batch to check this.
 
 Then only phi_q, phi_k of each site are trained to make ``rc.hybrid_attention(q, k, v, phi_q(q),

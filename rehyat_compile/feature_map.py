@@ -1,4 +1,4 @@
-"""Learnable feature maps phi_q, phi_k of ReHyAt (REHYAT.md "Feature maps")."""
+"""Learnable feature maps phi_q, phi_k of ReHyAt (docs/hybrid_attention.md "Feature maps")."""
 from __future__ import annotations
 
 import math

@@ -154,7 +154,7 @@ _check_view_matches_schema()
 
 def hybrid_attention(q, k, v, fq, fk, *, tokens_per_frame, chunk_frames, overlap_frames, causal=True,
                      extra_before=0, extra_after=0, scale=None):
-    """ReHyAt hybrid attention (REHYAT.md), chunk-parallel. q, k, v: [B,H,N,D]; fq, fk: [B,H,N,F]
+    """ReHyAt hybrid attention (docs/hybrid_attention.md), chunk-parallel. q, k, v: [B,H,N,D]; fq, fk: [B,H,N,F]
     with N = extra_before + frames * tokens_per_frame + extra_after. Returns [B,H,N,D] in q's dtype."""
     layout = make_layout(tokens_per_frame, chunk_frames, overlap_frames, causal, extra_before, extra_after)
     validate_inputs(q, k, v, fq, fk, layout)

@@ -1,7 +1,7 @@
 """``rc.stream``: run a converted (causal) video DiT chunk by chunk with a fixed-size state.
 
 Inside one denoising step the whole DiT runs on chunk t (every layer), each converted layer reading
-and updating its own state, then on chunk t+1 (REHYAT.md, "Inside a diffusion step"). The chunk
+and updating its own state, then on chunk t+1 (docs/hybrid_attention.md, "Inside a diffusion step"). The chunk
 program comes from :func:`rehyat_compile.passes.thread_state.thread_state`; this module feeds it.
 
     runner = rc.stream(hybrid)

@@ -1,9 +1,9 @@
 """``rc.inspect`` and ``rc.transform``: find softmax attention in a video DiT and rewrite it.
 
-Pipeline (one export per input structure): :func:`~rehyat_compile.export.export_video_model`
-(frame axis symbolic) -> ``ep.module()`` -> :func:`rehyat_compile.passes.manager.analyse`
-(canonicalise, find, classify, infer layout) -> :func:`rehyat_compile.passes.rewrite_attention.
-rewrite_attention`. The rewritten ``torch.fx.GraphModule`` reads the ORIGINAL model's parameters
+One export per input structure (and training mode): :func:`~rehyat_compile.export.export_video_model`
+(frame axis symbolic) -> ``ep.module()`` -> the analysis passes of :mod:`rehyat_compile.passes.pipeline`
+(canonicalise, find, classify, layout) -> its rewrite pass on a copy, once with the plan's options
+(the hybrid graph) and once as softmax (the teacher graph). The rewritten ``torch.fx.GraphModule`` reads the ORIGINAL model's parameters
 (its ``get_attr`` targets are ``original.<path>``; shared, not copied, so ``.to()``/``state_dict``
 act on one set) and calls the feature maps as ``feature_maps.<key>.phi_q`` / ``phi_k``.
 
@@ -13,12 +13,14 @@ act on one set) and calls the feature maps as ``feature_maps.<key>.phi_q`` / ``p
   ``cache_context`` ...) pass through to it, so it works as ``pipe.transformer``;
 * ``hybrid.feature_maps``: ``nn.ModuleDict`` site key -> module with ``phi_q``, ``phi_k``
   (:class:`~rehyat_compile.FeatureMap`): the trainable parameters;
-* ``hybrid.sites``: the converted :class:`~rehyat_compile.passes.manager.Site` s (layout, scale,
-  heads, kv heads); ``hybrid.report``: every site found, converted or not;
+* ``hybrid.plan``: the immutable :class:`ConversionPlan` (options, layers, video shape, frame axis,
+  sites); ``hybrid.sites``: its converted :class:`~rehyat_compile.site.Site` s (layout, scale, heads,
+  kv heads); ``hybrid.report``: every site found, converted or not;
 * ``hybrid.graph_module(*args, **kwargs)``: the rewritten GraphModule for that input structure;
   each converted site is ONE ``torch.ops.rehyat.hybrid_attention.default`` node with
-  ``node.meta["rehyat_site"] = site.name``; its args 0..4 are q, k, v, phi_q(q), phi_k(k) in
-  [B, H, N, D] / [B, H, N, F] (q, k, v carry one extra head-dim column when a key mask was folded in);
+  ``node.meta["rehyat_site"] = site.name``; read its arguments with
+  ``rehyat_compile.op.HybridCall.from_node(node)`` (q, k, v, fq = phi_q(q), fk = phi_k(k) in
+  [B, H, N, D] / [B, H, N, F]; q, k, v carry one extra head-dim column when a key mask was folded in);
 * ``hybrid.teacher_graph_module(*args, **kwargs)``: the same graph with each site replaced by
   plain softmax attention on the same q, k, v (node ``meta["rehyat_site"]`` likewise) -- numerically
   the original model, with the sites findable;

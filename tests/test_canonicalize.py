@@ -321,19 +321,19 @@ def test_hand_written_dropout_with_p_and_train_in_kwargs_is_judged_by_them():
 # ---------------------------------------------------------------------------------------------
 
 def _attention_in_every_spelling(q, k, v):
-    p = (torch.einsum("bhnd,bhmd->bhnm", q, k) / math.sqrt(q.shape[-1])).float().softmax(-1)
+    """[G, N, D] attention spelled with einsum, div, a float cast, eval dropout, type_as, bmm, view."""
+    p = (torch.einsum("gnd,gmd->gnm", q, k) / math.sqrt(q.shape[-1])).float().softmax(-1)
     p = F.dropout(p, 0.0, training=False).type_as(v)
-    b, h, n, d = v.shape
-    return torch.bmm(p.view(b * h, n, n), v.view(b * h, n, d)).view(b, h, n, d).contiguous()
+    g, n, d = v.shape
+    return torch.bmm(p, v.view(g, n, d)).view(1, g, n, d).contiguous()
 
 
 def test_canonicalize_is_idempotent_and_leaves_only_canonical_spellings():
-    q, k, v = (torch.randn(1, 2, 6, 8, generator=gen(i)) for i in range(3))
+    q, k, v = (torch.randn(2, 6, 8, generator=gen(i)) for i in range(3))
     before, after, gm = canonicalized(_attention_in_every_spelling, q, k, v)
     spellings = {aten.einsum.default, aten.bmm.default, aten.view.default, aten.div.Tensor, aten.dropout.default,
                  aten.contiguous.default, aten.type_as.default, aten._assert_tensor_metadata.default}
-    assert spellings & set(before) == spellings - {aten.contiguous.default} | (
-        {aten.contiguous.default} & set(before))
+    assert spellings <= set(before)
     assert not spellings & set(after)
     code = gm.code
     canonicalize(gm)

@@ -1,4 +1,4 @@
-"""The hybrid op's three forms agree with the definition (REHYAT.md), and its consequences hold."""
+"""The hybrid op's three forms agree with the definition (docs/hybrid_attention.md), and its consequences hold."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,5 +1,5 @@
 """rc.stream / thread_state: the converted DiT runs chunk by chunk with a fixed-size state and gives
-the parallel causal form's output (REHYAT.md "Inside a diffusion step")."""
+the parallel causal form's output (docs/hybrid_attention.md "Inside a diffusion step")."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st

@@ -52,7 +52,7 @@ def _inputs(bsz, heads, frames, m, d, feat, dtype, feat_dtype=None, extra_before
     gen = torch.Generator().manual_seed(seed)
     n = extra_before + frames * m + extra_after
     q, k, v = (torch.randn(bsz, heads, n, d, generator=gen).to(DEVICE, dtype) for _ in range(3))
-    # Feature maps are non-negative (REHYAT.md "Decision (positivity)").
+    # Feature maps are non-negative (docs/hybrid_attention.md "Decision (positivity)").
     fq, fk = (torch.rand(bsz, heads, n, feat, generator=gen).to(DEVICE, feat_dtype or dtype) for _ in range(2))
     return q, k, v, fq, fk
 

@@ -1,4 +1,4 @@
-"""Fused Triton forward of the chunk-parallel hybrid attention (REHYAT.md), for CUDA GPUs.
+"""Fused Triton forward of the chunk-parallel hybrid attention (docs/hybrid_attention.md), for CUDA GPUs.
 
 Three launches:
 
