@@ -1,4 +1,4 @@
-"""Hexagon (HVX) builds through TVM without the Hexagon SDK (BACKENDS.md "Hexagon").
+"""Hexagon (HVX) builds through TVM without the Hexagon SDK (docs/backends.md "Hexagon").
 
 ``tvm.tirx.build`` treats a hexagon target as a device and skips host finalisation, so the
 kernels are lowered here with the hexagon target as its own host: the Relax module goes through

@@ -1,6 +1,6 @@
 """IREE backend: torch-mlir linalg on tensors -> ``iree-compile`` for Vulkan/SPIR-V (``.vmfb``).
 
-Runs here on Mesa's lavapipe (CPU Vulkan) through the ``iree-run-module`` CLI (BACKENDS.md: the
+Runs here on Mesa's lavapipe (CPU Vulkan) through the ``iree-run-module`` CLI (docs/backends.md: the
 Python runtime API fails on lavapipe). Strict drivers may reject the SPIR-V (``spirv-val``
 flags NoSignedWrap without its extension), which lavapipe accepts.
 

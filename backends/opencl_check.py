@@ -1,5 +1,5 @@
 """Run the Adreno build's OpenCL kernels on PoCL (CPU OpenCL) and compare each with the same
-kernel's unscheduled TIR compiled for x86 (BACKENDS.md: the TVM wheel has no OpenCL runtime, so
+kernel's unscheduled TIR compiled for x86 (docs/backends.md: the TVM wheel has no OpenCL runtime, so
 the OpenCL C runs under pyopencl with the launch grid read from the lowered host code).
 
 Per TIR function: the Adreno Relax pipeline is split before its dlight schedules, so the

@@ -1,7 +1,7 @@
 """The one table of build targets: what each target is, which backends lower to it, and how.
 
 A target names a device; a backend names the compiler that lowers to it. The first backend of a
-target is its default. TVM targets are TVM 0.27 JSON dicts or tags (BACKENDS.md: strings such as
+target is its default. TVM targets are TVM 0.27 JSON dicts or tags (docs/backends.md: strings such as
 ``"opencl -device=adreno"`` are rejected).
 """
 from __future__ import annotations

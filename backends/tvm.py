@@ -2,7 +2,7 @@
 
 Entry point :func:`build_entry` writes one entry's files (library, kernel sources) into an
 artifact folder and returns their roles; :func:`load_entry` turns them back into a callable where
-the target can run on this machine. Target facts and traps: BACKENDS.md.
+the target can run on this machine. Target facts and traps: docs/backends.md.
 """
 from __future__ import annotations
 

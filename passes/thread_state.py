@@ -33,6 +33,7 @@ from torch import fx
 
 from ..attention import HybridState, hybrid_attention_step, initial_state
 from ..attention_spellings import mixed_axis
+from ..declines import describe_shape, describe_size
 from ..errors import ConversionError
 from ..op import HybridCall, is_hybrid_node
 
@@ -138,9 +139,8 @@ def frame_dim_of(size, dim: int, symbol, patch: int) -> FrameDim | None:
     if len(set(values)) == 1:
         return None  # constant whenever the frames fill whole temporal patches
     if per_frame <= 0 or any(v != per_frame * t + extra for v, t in zip(values, (1, 2, 3, 5, 8))):
-        names = ", ".join(sorted(map(str, symbols)))
-        raise ConversionError(f"a frame-dependent size {expr} is not of the form a*T + b in token frames "
-                              f"T = ({names}) / {patch}; cannot chunk it")
+        raise ConversionError(f"a frame-dependent size, {describe_size(expr, tuple(symbols), patch, 'entries')}, "
+                              "is not of the form a*T + b in token frames T; cannot chunk it")
     return FrameDim(dim, per_frame, extra)
 
 
@@ -150,8 +150,8 @@ def tensor_frame_dim(val, symbol, patch: int) -> FrameDim | None:
         return None
     dims = [d for d in (frame_dim_of(s, i, symbol, patch) for i, s in enumerate(val.shape)) if d is not None]
     if len(dims) > 1:
-        raise ConversionError(f"a tensor of shape {tuple(val.shape)} has several frame-dependent dims; "
-                              "streaming chunks one")
+        raise ConversionError(f"a tensor of shape {describe_shape(val.shape, symbol, patch)} has several "
+                              "frame-dependent dims; streaming chunks one")
     return dims[0] if dims else None
 
 
@@ -273,7 +273,7 @@ def _site_state(node: fx.Node) -> SiteState:
     bsz, heads, d = q.shape[0], q.shape[1], q.shape[3]
     if not all(isinstance(x, int) for x in (bsz, heads, d, fk.shape[3])):
         raise ConversionError(f"site {node.meta.get('rehyat_site', node.name)}: batch, heads and head dims must be "
-                              f"static to carry a fixed-size state, got q {tuple(q.shape)}")
+                              f"static to carry a fixed-size state, got q {describe_shape(q.shape)}")
     eb, ea = (None if isinstance(x, fx.Node) else x for x in (call.extra_before, call.extra_after))
     return SiteState(node.meta.get("rehyat_site", node.name), call.tokens_per_frame, call.chunk_frames,
                      call.overlap_frames, eb, ea, bsz, heads, d, fk.shape[3], q.dtype, fk.dtype)

@@ -69,7 +69,10 @@ def describe_size(size, frame_symbols=(), patch: int = 1, unit: str = "tokens") 
     others = expr.free_symbols - {T_WORDS}
     known = expr.subs({s: 0 for s in others})
     data = " + a data-dependent number" if others else ""
-    poly = sympy.Poly(known, T_WORDS) if known.free_symbols else None
+    try:
+        poly = sympy.Poly(known, T_WORDS) if known.free_symbols else None
+    except sympy.PolynomialError:  # floor(T/2) and the like: written out in T
+        return f"{sympy.sstr(known)} {unit} (T frames){data}"
     if poly is None:
         base = f"{int(known)} {unit}" if known != 0 else ""
         return (base + data).lstrip(" +") if base else f"a data-dependent number of {unit}"
@@ -84,4 +87,15 @@ def describe_size(size, frame_symbols=(), patch: int = 1, unit: str = "tokens") 
     return f"{terms} {unit} (T frames){data}"
 
 
-__all__ = ["CODES", "Decline", "describe_size"]
+def describe_shape(shape, frame_symbols=(), patch: int = 1) -> str:
+    """A (symbolic) shape with every frame-dependent dim in words: ``[1, 2, (4 per frame × T frames), 8]``."""
+    dims = []
+    for d in shape:
+        if isinstance(d, int) or (hasattr(d, "node") and d.node.expr.is_Integer):
+            dims.append(str(int(d)))
+        else:
+            dims.append("(" + describe_size(d, frame_symbols, patch, unit="").replace("  ", " ").strip() + ")")
+    return "[" + ", ".join(dims) + "]"
+
+
+__all__ = ["CODES", "Decline", "describe_shape", "describe_size"]

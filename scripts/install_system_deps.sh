@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian packages the device-free backend checks need (BACKENDS.md "Where things come from"):
+# Debian packages the device-free backend checks need (docs/backends.md "Where things come from"):
 # PoCL (CPU OpenCL) for Adreno kernels, qemu-user (qemu-aarch64, qemu-hexagon) and the aarch64
 # cross toolchain, LLVM 22 (TVM's LLVM major) to link/disassemble Hexagon, lavapipe + tools for IREE
 # Vulkan, spirv-tools.
