@@ -20,8 +20,10 @@ import sympy
 import torch
 from torch import fx
 
+from ..attention_spellings import spelling_of
 from ..declines import Decline, describe_size
 from ..site import Site
+from .canonicalize import CASTS
 from .classify_attention import as_expr
 
 aten = torch.ops.aten
@@ -163,8 +165,10 @@ def _symbolic_layout(q: fx.Node, n, symbol, patch: int, frames: int, video_shape
     return VideoLayout(m, frames, before, int(after) if after.is_Integer else None), None
 
 
-def _static_layout(q: fx.Node, n, frames: int | None, video_shape):
-    """Layout of a static export; ``n`` may hold data-dependent symbols (text lengths from masks)."""
+def _static_layout(q: fx.Node, n, frames: int | None, video_shape, frame_input: fx.Node | None = None):
+    """Layout of a static export; ``n`` may hold data-dependent symbols (text lengths from masks).
+    ``frame_input``: the placeholder of the video input, which tells the video piece of a
+    concatenation from the others (:func:`_video_piece`)."""
     if video_shape is not None:
         frames, m = video_shape[0], video_shape[1] * video_shape[2]
         video = frames * m
@@ -183,11 +187,16 @@ def _static_layout(q: fx.Node, n, frames: int | None, video_shape):
                              f"time axis, frames sit in the batch ({batch})")
     if n.is_Integer and int(n) < frames:
         return None, Decline("not-over-video", f"not over video tokens: {n} tokens, fewer than the {frames} frames")
-    # no video_shape: the video is all of N, or the concatenated piece divisible by the frame count
+    # no video_shape: the concatenated piece the frame input flows into (dataflow, not divisibility);
+    # failing that, all of N, or the concatenated piece divisible by the frame count
 
     def divisible(size):
         return size.is_Integer and int(size) > 0 and int(size) % frames == 0
 
+    found = _video_piece(q, n, frame_input) if frame_input is not None else None
+    if found is not None and divisible(found[1]):
+        before, video = found
+        return VideoLayout(int(video) // frames, frames, int(before), _int_or_none(n - video - before)), None
     if divisible(n):
         video = int(n)
     else:
@@ -199,6 +208,54 @@ def _static_layout(q: fx.Node, n, frames: int | None, video_shape):
     if reason:
         return None, reason
     return VideoLayout(video // frames, frames, before, _int_or_none(n - video - before)), None
+
+
+def _consumes_attention(node: fx.Node) -> bool:
+    """An attention output: an attention kernel of the spelling table, or ``p @ v`` after a softmax."""
+    spelling = spelling_of(node)
+    if spelling is not None and spelling.family != "softmax":
+        return True
+    if node.op == "call_function" and node.target == aten.matmul.default and isinstance(node.args[0], fx.Node):
+        p = node.args[0]
+        while p.op == "call_function" and p.target in CASTS and isinstance(p.args[0], fx.Node):
+            p = p.args[0]
+        return (s := spelling_of(p)) is not None and s.family == "softmax"
+    return False
+
+
+def reaches_without_attention(node: fx.Node, source: fx.Node, limit: int = 4000) -> bool:
+    """Whether ``source`` flows into ``node`` on a path that passes through no attention: the video
+    reaches its own tokens through the patch embedding (and every residual after it), text tokens
+    reach the video only through a joint attention."""
+    seen, stack = {node}, [node]
+    while stack and len(seen) < limit:
+        current = stack.pop()
+        if current is source:
+            return True
+        if _consumes_attention(current):
+            continue
+        for parent in current.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return False
+
+
+def _video_piece(q: fx.Node, n, frame_input: fx.Node, depth: int = 6):
+    """(offset, size) of the one piece of the concatenation(s) building the n-token sequence above q
+    that the frame input flows into without attention, or None when not exactly one does."""
+    for node in _ancestors(q, 400):
+        found = _cat_pieces(node, n, lambda e: e)
+        if found is None:
+            continue
+        hits, offset = [], sympy.Integer(0)
+        for piece, size in zip(*found):
+            if reaches_without_attention(piece, frame_input):
+                inner = _video_piece(piece, size, frame_input, depth - 1) if depth > 1 else None
+                hits.append((offset + inner[0], inner[1]) if inner is not None else (offset, size))
+            offset = offset + size
+        return hits[0] if len(hits) == 1 else None
+    return None
 
 
 def _largest_divisible_piece(q: fx.Node, n, divisible, depth: int = 6):
@@ -225,12 +282,14 @@ def _int_or_none(expr):
     return int(expr) if expr.is_Integer else None
 
 
-def infer_video_layout(q: fx.Node, symbol, patch: int, frames: int | None, video_shape=None):
-    """(VideoLayout, None) or (None, Decline) for the attention whose queries are ``q`` ([.., N, D])."""
+def infer_video_layout(q: fx.Node, symbol, patch: int, frames: int | None, video_shape=None,
+                       frame_input: fx.Node | None = None):
+    """(VideoLayout, None) or (None, Decline) for the attention whose queries are ``q`` ([.., N, D]);
+    ``frame_input``: the video input's placeholder (static exports read the video piece from it)."""
     n = as_expr(q.meta["val"].shape[-2])
     if symbol is not None:
         return _symbolic_layout(q, n, symbol, patch, frames, video_shape)
-    return _static_layout(q, n, frames, video_shape)
+    return _static_layout(q, n, frames, video_shape, frame_input)
 
 
 def _merged_range(node: fx.Node, target_size, norm):
@@ -284,10 +343,11 @@ def frame_major(q: fx.Node, layout: VideoLayout, symbol, patch: int, limit: int 
     return None
 
 
-def layout_site(site: Site, symbol, patch: int, frames: int | None, video_shape=None) -> Site:
+def layout_site(site: Site, symbol, patch: int, frames: int | None, video_shape=None,
+                frame_input: fx.Node | None = None) -> Site:
     """The site with its :class:`VideoLayout` (kind "joint" when it has extra tokens) and whether its
     tokens are frame-major, or declined with the reason."""
-    layout, decline = infer_video_layout(site.match.q, symbol, patch, frames, video_shape)
+    layout, decline = infer_video_layout(site.match.q, symbol, patch, frames, video_shape, frame_input)
     if decline is not None:
         return replace(site, decline=decline)
     kind = "joint" if (layout.extra_before or layout.extra_after != 0) else "self"

@@ -106,10 +106,18 @@ def _classify(result: PassResult, ctx: PassContext) -> PassResult:
     return _each_open_site(result, lambda s: classify_site(s, ctx.symbol, ctx.patch))
 
 
+def _frame_input(gm: fx.GraphModule, frame_axis) -> fx.Node | None:
+    """The placeholder of the input that holds time (FrameAxis.flat_index), if any."""
+    index = getattr(frame_axis, "flat_index", None)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    return placeholders[index] if index is not None and index < len(placeholders) else None
+
+
 def _layout(result: PassResult, ctx: PassContext) -> PassResult:
     fa = ctx.frame_axis
+    frame_input = _frame_input(result.graph, fa)
     return _each_open_site(result, lambda s: layout_site(s, ctx.symbol, ctx.patch, ctx.frames,
-                                                         None if fa is None else fa.video_shape))
+                                                         None if fa is None else fa.video_shape, frame_input))
 
 
 def _rewrite(result: PassResult, ctx: PassContext) -> PassResult:

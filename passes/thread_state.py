@@ -25,6 +25,7 @@ would need every frame at once).
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass, field
 
 import sympy
@@ -414,7 +415,7 @@ def _step_graph(gm: fx.GraphModule, data: set, tables: list[fx.Node], skip) -> t
     sites = [_site_state(n) for n in site_nodes]
     state_in = {}
     for node, site in zip(site_nodes, sites):
-        tag = site.name.replace(".", "_")
+        tag = re.sub(r"\W", "_", site.name)  # a valid identifier: "<root>", "blocks.0.attn1:1"
         state_in[node] = [step.placeholder(f"state_{tag}_{f}") for f in STATE_FIELDS]
 
     state_out = []

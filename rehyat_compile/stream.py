@@ -140,9 +140,8 @@ class StreamRunner:
         return tuple(_TablesOn(program.table_module, self.table_device).run(*flat))
 
     # -- running ----------------------------------------------------------------------------------
-    def _run_chunks(self, args, kwargs):
+    def _run_chunks(self, plan: "_Plan"):
         """Yields (program, flat outputs) per chunk."""
-        plan = self.plan(*args, **kwargs)
         device = _device(plan.flat)
         tables: dict[int, tuple] = {}
         states = None
@@ -161,14 +160,18 @@ class StreamRunner:
 
     def iter_chunks(self, *args, **kwargs):
         """One output per chunk, each in the model's output structure restricted to that chunk."""
-        for program, outs in self._run_chunks(args, kwargs):
+        for program, outs in self._run_chunks(self.plan(*args, **kwargs)):
             yield pytree.tree_unflatten(outs, program.out_spec) if program.out_spec is not None else outs
 
     def __call__(self, *args, **kwargs):
         """The converted model's output, computed chunk by chunk."""
+        return self.run(self.plan(*args, **kwargs))
+
+    def run(self, plan: "_Plan"):
+        """Run a call's :meth:`plan`: every chunk in order, outputs joined along their frame dims."""
         pieces: list[list] = []
         last = program = None
-        for program, outs in self._run_chunks(args, kwargs):
+        for program, outs in self._run_chunks(plan):
             last, pieces = outs, pieces or [[] for _ in outs]
             for i, (x, fd) in enumerate(zip(outs, program.output_dims)):
                 if fd is not None:

@@ -204,6 +204,7 @@ class HybridModel(nn.Module):
                                             check_layers(layers), check_video_shape(video_shape), frames)
         self._traces = _Traces()
         self._programs: dict = {}  # structure key -> (hybrid GraphModule, teacher GraphModule, sites)
+        self._runner = None  # the StreamRunner a joint causal conversion runs as (see forward)
 
     # -- attribute pass-through: the hybrid stands in for the original (pipe.transformer) --------
     def __getattr__(self, name):
@@ -241,7 +242,7 @@ class HybridModel(nn.Module):
     def __getstate__(self):
         # traced graphs hold fake tensors and generated classes: drop them, a copy traces again
         state = self.__dict__.copy()
-        state["_traces"], state["_programs"] = _Traces(), {}
+        state["_traces"], state["_programs"], state["_runner"] = _Traces(), {}, None
         plan = state["plan"]
         state["plan"] = replace(plan, sites=tuple(replace(s, match=None) for s in plan.sites), report=None)
         return state
@@ -382,8 +383,31 @@ class HybridModel(nn.Module):
         gm = self._programs_for(args, kwargs)[0 if not teacher else 1]
         return _tap_sites(gm, args, kwargs)
 
+    def runs_recurrently(self, *args, **kwargs) -> bool:
+        """True when this call runs as the step program, chunk by chunk: a causal conversion with a
+        joint site (extra tokens in the attention sequence). Global extra tokens would carry later
+        frames into earlier ones through the next layer, so with ``causal=True`` every chunk carries
+        its own copy of the extra tokens (docs/hybrid_attention.md, "joint models, causal"), which
+        is what the recurrent form computes."""
+        sites = self._programs_for(args, kwargs)[2]
+        return self.plan.options.causal and any(is_joint(s) for s in sites)
+
     def forward(self, *args, **kwargs):
+        if self.runs_recurrently(*args, **kwargs):
+            return self._recurrent(args, kwargs)
         return self._programs_for(args, kwargs)[0](*args, **kwargs)
+
+    def _recurrent(self, args, kwargs):
+        from .stream import StreamRunner
+        if self._runner is None:
+            self._runner = StreamRunner(self)
+        try:
+            plan = self._runner.plan(*args, **kwargs)
+        except ConversionError as err:
+            raise ConversionError(f"causal=True on a model with joint attention runs chunk by chunk, with a copy of "
+                                  f"the extra tokens per chunk (docs/hybrid_attention.md), and this one cannot: {err}; "
+                                  "transform with causal=False for global extra tokens") from err
+        return self._runner.run(plan)
 
 
 def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict]:
@@ -394,6 +418,12 @@ def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict]:
     out = new.graph_copy(graph, node_map)
     new.output(out)
     return new, node_map
+
+
+def is_joint(site: Site) -> bool:
+    """A site whose attention sequence holds extra (non-video) tokens; a data-dependent count counts."""
+    layout = site.layout
+    return layout is not None and (layout.extra_before != 0 or layout.extra_after != 0)
 
 
 def _rematch(node_map: dict, sites: list[Site]) -> list[Site]:
