@@ -2,7 +2,8 @@
 
 Usage: .venv/bin/python scripts/supported_models.py > table.md   (runs each model: ~2-3 min on 2 cores)
 Columns: sites found, converted, kinds, frame axis (symbolic or static), max rel error vs the original at
-one chunk covering all frames, rel difference with Tc=2, To=1, and the decline codes of the sites kept
+one chunk covering all frames, rel difference with Tc=2, To=1, whether ``rc.stream`` of that conversion
+equals it (max rel error, or the refusal), and the decline codes of the sites kept
 (rehyat_compile/declines.py).
 """
 import sys
@@ -29,7 +30,7 @@ def row(name: str) -> str:
     try:
         report = rc.inspect(model, args, kwargs, **options)
     except ConversionError as error:
-        return f"| {name} | {type(model).__name__} | - | 0 | - | - | - | - | {getattr(error, 'code', None) or error} |"
+        return f"| {name} | {type(model).__name__} | - | 0 | - | - | - | - | - | {getattr(error, 'code', None) or error} |"
     fa = report.frame_axis
     axis = "symbolic" if fa.dynamic else "static" + (" + video_shape" if name in VIDEO_SHAPE else "")
     if name in FRAMES:
@@ -38,19 +39,31 @@ def row(name: str) -> str:
     kinds = ", ".join(sorted({s.kind for s in ok})) or "-"
     declined = sorted({s.code for s in report.sites if not s.rewritable})
     if not ok:
-        return f"| {name} | {type(model).__name__} | {len(report.sites)} | 0 | - | {axis} | - | - | {'; '.join(declined)} |"
+        return f"| {name} | {type(model).__name__} | {len(report.sites)} | 0 | - | {axis} | - | - | - | {'; '.join(declined)} |"
     with torch.no_grad():
         reference = model(*args, **kwargs)[0]
         hybrid = rc.transform(model, args, kwargs, chunk_frames=64, **options)
         whole = hybrid(*args, **kwargs)[0]
-        chunked = hybrid.with_options(chunk_frames=2, overlap_frames=1)(*args, **kwargs)[0]
+        converted = hybrid.with_options(chunk_frames=2, overlap_frames=1)
+        chunked = converted(*args, **kwargs)[0]
+        streams = _streams(converted, chunked, args, kwargs)
     return (f"| {name} | {type(model).__name__} | {len(report.sites)} | {len(ok)} | {kinds} | {axis} | "
-            f"{_rel(whole, reference):.1e} | {_rel(chunked, reference):.1e} | {'; '.join(declined)} |")
+            f"{_rel(whole, reference):.1e} | {_rel(chunked, reference):.1e} | {streams} | {'; '.join(declined)} |")
+
+
+def _streams(converted, output, args, kwargs) -> str:
+    """``rc.stream`` of the converted model vs the converted model: max rel error, or why it refuses."""
+    try:
+        streamed = rc.stream(converted)(*args, **kwargs)[0]
+    except ConversionError as error:
+        return f"refused: {str(error).splitlines()[0][:80]}"
+    return f"{_rel(streamed, output):.1e}"
 
 
 def main() -> None:
-    print("| model | class | sites | converted | kind | frame axis | rel err Tc>=T | rel diff Tc=2,To=1 | declined |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | class | sites | converted | kind | frame axis | rel err Tc>=T | rel diff Tc=2,To=1 | streams | "
+          "declined |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in MODELS:
         print(row(name), flush=True)
 
