@@ -89,10 +89,17 @@ def test_layers_takes_one_name_as_a_string_and_refuses_an_empty_list():
         rc.transform(AttentionThenDropout().eval(), (x,), layers=[3])
 
 
-def test_streaming_and_builds_leave_the_plan_unchanged():
-    from tests.models import converted_wan_t2v
-    hybrid, args, kwargs = converted_wan_t2v(frames=5)
-    plan = hybrid.plan
+@pytest.mark.slow
+def test_stream_leaves_the_model_unchanged_also_when_it_traces_chunk_length_inputs():
+    """LTX-Video with video_shape: the stream traces chunk-length inputs with another video_shape,
+    through HybridModel.graph_module_for, never by editing the model."""
+    from tests.models import MODELS
+    model, args, kwargs = MODELS["ltx-video"](5)
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=4, overlap_frames=1, video_shape=(5, 4, 4))
+    plan, sites = hybrid.plan, [s.name for s in hybrid.sites]
+    attributes = {k: id(v) for k, v in vars(hybrid).items() if k not in ("_programs", "_traces", "_runner")}
     with torch.no_grad():
-        rc.stream(hybrid)(*args, **kwargs)
-    assert hybrid.plan is plan
+        streamed = rc.stream(hybrid)(*args, **kwargs)[0]
+        torch.testing.assert_close(streamed, hybrid(*args, **kwargs)[0], rtol=1e-4, atol=1e-5)
+    assert hybrid.plan is plan and [s.name for s in hybrid.sites] == sites and plan.video_shape == (5, 4, 4)
+    assert {k: id(v) for k, v in vars(hybrid).items() if k not in ("_programs", "_traces", "_runner")} == attributes
