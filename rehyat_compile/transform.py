@@ -51,6 +51,7 @@ from .report import InspectReport
 from .site import Site
 
 DEFAULT_FEATURE_DIM = 64
+_PLAN_VIDEO_SHAPE = object()  # "the plan's video_shape" (None is a value: no video_shape)
 
 
 def _analysed(model, args, kwargs, video_shape, frames=None):
@@ -353,9 +354,9 @@ class HybridModel(nn.Module):
             sibling._install(analysis_key, chosen, self.report)
         return sibling
 
-    def _programs_for(self, args, kwargs, video_shape="plan"):
+    def _programs_for(self, args, kwargs, video_shape=_PLAN_VIDEO_SHAPE):
         kwargs = {} if kwargs is None else kwargs
-        video_shape = self.plan.video_shape if video_shape == "plan" else check_video_shape(video_shape)
+        video_shape = self.plan.video_shape if video_shape is _PLAN_VIDEO_SHAPE else check_video_shape(video_shape)
         key = _structure_key(args, kwargs, self.plan.frame_axis, (self._mode(), video_shape))
         if key not in self._programs:
             return self._build(args, kwargs, video_shape)
