@@ -94,7 +94,9 @@ def classify_site(site: Site, symbol, patch: int = 1) -> Site:
         return site.declined("head-dims", "head dim is not a fixed number")
     vval = match.v.meta["val"]
     if _int_or_none(vval.shape[-1]) != site.head_dim:
-        return site.declined("head-dims", f"value head dim {vval.shape[-1]} differs from q/k head dim {site.head_dim}")
+        value_dim = _int_or_none(vval.shape[-1])
+        words = value_dim if value_dim is not None else f"({describe_size(vval.shape[-1], symbol, patch, 'channels')})"
+        return site.declined("head-dims", f"value head dim {words} differs from q/k head dim {site.head_dim}")
     if site.kv_heads is not None and site.heads is not None and site.heads % site.kv_heads:
         return site.declined("grouped-heads", f"{site.heads} query heads are not a multiple of {site.kv_heads} "
                              "key/value heads")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 from torch._guards import detect_fake_mode
+from torch.utils import _pytree as pytree
 
 from ..attention_spellings import spelling_of
 from ..op import HYBRID_OP, HybridCall
@@ -105,7 +106,7 @@ def softmax_attention(q, k, v, scale: float):
 def _fake_val(fn, *args, **kwargs):
     """Run ``fn`` on the FakeTensors in ``args`` (from ``meta["val"]``) to get the new node's ``val``."""
     vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
-    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    mode = detect_fake_mode([v for v in pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)])
     if mode is None:
         return None
     try:
@@ -204,11 +205,15 @@ def _erase_dead(graph: fx.Graph, nodes) -> None:
 
 def rewrite_attention(gm: fx.GraphModule, sites: list[Site], options: ConversionOptions | None,
                       frame_axis=None) -> fx.GraphModule:
-    """Rewrite every site in ``sites`` (all must be rewritable) and recompile ``gm``."""
+    """Rewrite every site in ``sites`` (all must be rewritable: checked before anything changes) and
+    recompile ``gm``. What only the old attention read (q @ kT, its scale and mask) is removed, so no
+    quadratic work is left behind."""
+    declined = [s for s in sites if not s.rewritable]
+    if declined:
+        raise ValueError(f"site {declined[0].name} is not rewritable: {declined[0].reason}")
     for site in sites:
-        if not site.rewritable:
-            raise ValueError(f"site {site.name} is not rewritable: {site.reason}")
         rewrite_site(gm, site, options, frame_axis)
+    gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -325,7 +325,7 @@ def _attention_in_every_spelling(q, k, v):
     p = (torch.einsum("gnd,gmd->gnm", q, k) / math.sqrt(q.shape[-1])).float().softmax(-1)
     p = F.dropout(p, 0.0, training=False).type_as(v)
     g, n, d = v.shape
-    return torch.bmm(p, v.view(g, n, d)).view(1, g, n, d).contiguous()
+    return torch.bmm(p, v.view(g, n, d)).view(1, g, n, d).transpose(2, 3).contiguous()
 
 
 def test_canonicalize_is_idempotent_and_leaves_only_canonical_spellings():
