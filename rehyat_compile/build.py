@@ -34,6 +34,7 @@ from .backends.targets import BACKENDS, TARGETS, NotRunnableHere, Target, resolv
 FORMAT = "rehyat-compile-artifact/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+TABLES = "tables.safetensors"  # streaming builds of converted models: the example video's position tables
 
 
 class ArtifactError(ValueError):
@@ -76,21 +77,37 @@ def _entries(model, args: tuple, kwargs: dict, streaming: bool) -> tuple[dict[st
 
 
 def _stream_step_entries(model, args: tuple, kwargs: dict) -> tuple[dict[str, FlatProgram], tuple]:
-    """{'step': ...} for a converted model through ``rc.stream``: one chunk's graph of
-    (chunk inputs, per-chunk tables, per-layer states) -> (chunk outputs, next states)."""
+    """{'step': ..., 'step_last': ...} for a converted model through ``rc.stream``: one chunk's graph
+    of (chunk inputs, per-chunk tables, per-layer states) -> (chunk outputs, next states), and the
+    short last chunk's when the chunks do not divide the example video."""
     from .stream import stream
     try:
         runner = stream(model)
         step, example = runner.step_module(*args, **kwargs)
         names = runner.signature(*args, **kwargs)
+        last = runner.last_step_module(*args, **kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError("streaming=True needs a causal converted model (rc.transform(..., causal=True)) or a "
                          "step module with a 'state_names' attribute whose forward(*inputs, *state) returns "
                          f"(*outputs, *next_state); {type(model).__name__} is neither: {err}") from err
     states = tuple(names["states_in"])
-    flat = flat_program(portable_program(step, tuple(example)), tuple(example), state_names=states,
-                        state_inputs=True, arg_names=names["inputs"] + names["tables"] + list(states))
-    return {"step": flat}, (step, tuple(example), {}, names["chunk_frames"])
+    arg_names = names["inputs"] + names["tables"] + list(states)
+    entries = {}
+    for name, (module, example_inputs) in (("step", (step, example)), ("step_last", last)):
+        if module is not None:
+            entries[name] = flat_program(portable_program(module, tuple(example_inputs)), tuple(example_inputs),
+                                         state_names=states, state_inputs=True, arg_names=arg_names)
+    return entries, (step, tuple(example), {}, names["chunk_frames"])
+
+
+def _write_stream_spec(model, args: tuple, kwargs: dict, out: Path) -> dict:
+    """The chunking a loaded artifact needs to run the example's video chunk by chunk
+    (``Artifact.stream``); the whole video's tables go to ``tables.safetensors``."""
+    from safetensors.torch import save_file
+    from .stream import stream
+    spec, tables = stream(model).stream_spec(*args, **kwargs)
+    save_file({f"table_{i}": t for i, t in enumerate(tables)}, str(out / TABLES))
+    return spec
 
 
 def _output_structure(model, args: tuple, kwargs: dict) -> str:
@@ -208,6 +225,7 @@ def _build_into(out: Path, model, args, kwargs, spec: Target, backend: str, stre
                        "outputs": [s.to_dict() for s in flat.outputs],
                        "compile_seconds": round(time.perf_counter() - t0, 3)}
     _write_weights(entries, out)
+    stream_spec = _write_stream_spec(model, args, kwargs, out) if streaming and "first" not in entries else None
     manifest = {
         "format": FORMAT, "target": spec.name, "backend": backend, "streaming": streaming,
         "target_description": spec.description, "target_options": {k: list(v) if isinstance(v, tuple) else v
@@ -215,6 +233,7 @@ def _build_into(out: Path, model, args, kwargs, spec: Target, backend: str, stre
         "versions": _versions(backend),
         "entries": built, "cost": _cost(*cost_subject),
         "output_structure": None if streaming else _output_structure(model, args, kwargs),
+        "stream": stream_spec,
         "build_seconds": {"export": round(exported_s, 3), "total": round(time.perf_counter() - started, 3)},
         "files": {p.name: sha256_of(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST},
     }
@@ -322,6 +341,45 @@ class Artifact:
         return (f"Artifact({str(self.out_dir)!r}, target={self.target.name!r}, backend={self.backend!r}, "
                 f"entries={list(self.manifest['entries'])}, runnable={self.runnable}"
                 + (f", emulated={self.emulated!r})" if self.emulated else ")"))
+
+    def stream(self, *args, **kwargs):
+        """A streaming build of a converted model run on a whole video, called like the model: the
+        inputs are cut into chunks, the position tables (computed at build time for the example's
+        frame count) and the states are fed for the user, chunk outputs are joined. Equal to
+        ``rc.stream(model)(*args, **kwargs)`` on the host."""
+        spec = self.manifest.get("stream")
+        if spec is None:
+            raise ValueError(f"{self!r} is not a streaming build of a converted model "
+                             "(rc.build(hybrid, ..., streaming=True)); call it directly")
+        if not self.runnable:
+            raise RuntimeError(f"cannot run {self!r} here: {self.reason}")
+        from safetensors.torch import load_file
+        from torch.utils import _pytree
+        from .stream import _chunk, _flat, _frames, dim_from_json, join_chunks
+        in_spec = _pytree.treespec_loads(spec["in_spec"]) if spec["in_spec"] else None
+        out_spec = _pytree.treespec_loads(spec["out_spec"]) if spec["out_spec"] else None
+        flat = _flat(in_spec, args, kwargs)
+        input_dims = [dim_from_json(d) for d in spec["input_dims"]]
+        table_dims = [dim_from_json(d) for d in spec["table_dims"]]
+        frames, chunk = _frames(flat, input_dims), spec["chunk_frames"]
+        if frames != spec["frames"]:
+            raise ValueError(f"this artifact's position tables were computed for {spec['frames']} latent frames, "
+                             f"the inputs hold {frames}; build for that video length")
+        stored = load_file(str(self.out_dir / TABLES))
+        tables = [stored[f"table_{i}"] for i in range(len(table_dims))]
+        step = self.entries["step"]
+        states = [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in step.inputs
+                  if s["role"] == "state"]
+        n_outputs = sum(1 for s in step.outputs if s["role"] == "output")
+        chunks = []
+        for start in range(0, frames, chunk):
+            stop = min(start + chunk, frames)
+            entry = step if stop - start == chunk or frames < chunk else self.entries["step_last"]
+            inputs = [x for x in _chunk(flat, input_dims, start, stop) if isinstance(x, torch.Tensor)]
+            outs = entry(*inputs, *_chunk(tables, table_dims, start, stop), *states)
+            chunks.append(list(outs[:n_outputs]))
+            states = list(outs[n_outputs:])
+        return join_chunks(chunks, [dim_from_json(d) for d in spec["output_dims"]], out_spec)
 
     def __call__(self, *args, **kwargs):
         """Same call as the model: (args, kwargs) -> the model's output structure; tensors only are

@@ -169,22 +169,10 @@ class StreamRunner:
 
     def run(self, plan: "_Plan"):
         """Run a call's :meth:`plan`: every chunk in order, outputs joined along their frame dims."""
-        pieces: list[list] = []
-        last = program = None
+        chunks, program = [], None
         for program, outs in self._run_chunks(plan):
-            last, pieces = outs, pieces or [[] for _ in outs]
-            for i, (x, fd) in enumerate(zip(outs, program.output_dims)):
-                if fd is not None:
-                    pieces[i].append(x.narrow(fd.dim, fd.extra, x.shape[fd.dim] - fd.extra))
-        flat = []
-        for i, fd in enumerate(program.output_dims):
-            if fd is None:
-                flat.append(last[i])
-            else:
-                # extra (non-video) entries: the last chunk's, which has seen every frame through the state
-                head = [last[i].narrow(fd.dim, 0, fd.extra)] if fd.extra else []
-                flat.append(torch.cat(head + pieces[i], fd.dim))
-        return pytree.tree_unflatten(flat, program.out_spec) if program.out_spec is not None else flat
+            chunks.append(outs)
+        return join_chunks(chunks, program.output_dims, program.out_spec)
 
     def state_nbytes(self, *args, **kwargs) -> int:
         """Bytes of the state carried between chunks (every converted layer); independent of frames."""
@@ -197,17 +185,42 @@ class StreamRunner:
         initial state) -- what ``rc.build(module, example[:-len(module.state_names)], streaming=True)``
         compiles. With a fixed-shape export the module serves chunks of exactly ``chunk_frames``."""
         plan = self.plan(*args, **kwargs)
-        stop = min(plan.chunk_frames, plan.frames)
-        program = plan.program(stop)
+        return self._step_module_at(plan, 0, min(plan.chunk_frames, plan.frames))
+
+    def last_step_module(self, *args, **kwargs) -> tuple["StepModule", tuple] | None:
+        """The same for the short last chunk of this call's video, None when the chunks divide it."""
+        plan = self.plan(*args, **kwargs)
+        rest = plan.frames % plan.chunk_frames
+        if not rest or plan.frames < plan.chunk_frames:
+            return None
+        return self._step_module_at(plan, plan.frames - rest, plan.frames)
+
+    def _step_module_at(self, plan: "_Plan", start: int, stop: int) -> tuple["StepModule", tuple]:
+        program = plan.program(stop - start)
         device = _device(plan.flat)
-        inputs = _chunk(plan.flat, program.input_dims, 0, stop)
-        tables = _chunk(self._tables(program, plan.flat), program.table_dims, 0, stop, device)
+        inputs = _chunk(plan.flat, program.input_dims, start, stop)
+        tables = _chunk(self._tables(program, plan.flat), program.table_dims, start, stop, device)
         states = [t for site in program.sites for t in site.initial(device)]
         _propagate_meta(program.module, tuple(inputs + tables + states))
         module = StepModule(program, inputs)
         # Own storage for every example tensor: slices of the whole video would carry its storage.
         example = tuple(x for x in inputs if isinstance(x, torch.Tensor)) + tuple(tables) + tuple(states)
         return module, tuple(t.clone() for t in example)
+
+    def stream_spec(self, *args, **kwargs) -> tuple[dict, list[torch.Tensor]]:
+        """(JSON-serialisable chunking of this call, the whole video's tables): what a streaming
+        artifact needs to run the video chunk by chunk for the user (``rc.load(...).stream``).
+        Tables are computed for this call's frame count."""
+        plan = self.plan(*args, **kwargs)
+        program = plan.program(min(plan.chunk_frames, plan.frames))
+        tables = [t.detach().contiguous().cpu() for t in self._tables(program, plan.flat)]
+        spec = {"frames": plan.frames, "chunk_frames": plan.chunk_frames,
+                "input_dims": [dim_to_json(d) for d in program.input_dims],
+                "table_dims": [dim_to_json(d) for d in program.table_dims],
+                "output_dims": [dim_to_json(d) for d in program.output_dims],
+                "in_spec": None if program.in_spec is None else pytree.treespec_dumps(program.in_spec),
+                "out_spec": None if program.out_spec is None else pytree.treespec_dumps(program.out_spec)}
+        return spec, tables
 
     def signature(self, *args, **kwargs) -> dict:
         """Names of the step module's inputs and outputs, grouped (for manifests)."""
@@ -265,6 +278,38 @@ class _Plan:
 
     def __init__(self, flat: list, frames: int, chunk_frames: int, program):
         self.flat, self.frames, self.chunk_frames, self.program = flat, frames, chunk_frames, program
+
+
+def join_chunks(chunks: list[list], output_dims: list, out_spec):
+    """The whole video's output from each chunk's flat outputs: frame-dependent outputs joined along
+    their frame dim, their extra (non-video) entries and the other outputs from the last chunk, which
+    has seen every frame through the state."""
+    last, flat = chunks[-1], []
+    for i, fd in enumerate(output_dims):
+        if fd is None:
+            flat.append(last[i])
+            continue
+        head = [last[i].narrow(fd.dim, 0, fd.extra)] if fd.extra else []
+        body = [c[i].narrow(fd.dim, fd.extra, c[i].shape[fd.dim] - fd.extra) for c in chunks]
+        flat.append(torch.cat(head + body, fd.dim))
+    return pytree.tree_unflatten(flat, out_spec) if out_spec is not None else flat
+
+
+def dim_to_json(fd):
+    """A FrameDim / FrameCount / None as JSON (for manifests)."""
+    if fd is None:
+        return None
+    if isinstance(fd, FrameCount):
+        return {"count": fd.per_frame}
+    return {"dim": fd.dim, "per_frame": fd.per_frame, "extra": fd.extra}
+
+
+def dim_from_json(value):
+    if value is None:
+        return None
+    if "count" in value:
+        return FrameCount(value["count"])
+    return FrameDim(value["dim"], value["per_frame"], value["extra"])
 
 
 def _flat(in_spec, args, kwargs) -> list:

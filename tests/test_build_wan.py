@@ -45,6 +45,16 @@ def test_converted_wan21_streaming_step_graph_builds_and_matches_the_eager_step(
         expected = graph(*example)
     for got, want in zip(art(*example), expected):
         torch.testing.assert_close(got, want, atol=WAN_TOL, rtol=WAN_TOL)
+    # the whole video through the loaded artifact, tables and states fed for the user: 5 frames at Tc=2
+    # run step, step, step_last
+    assert "step_last" in art.manifest["entries"]
+    loaded = rc.load(tmp_path / "wan-step")
+    with torch.no_grad():
+        want = rc.stream(hybrid)(*args, **kwargs)[0]
+    torch.testing.assert_close(loaded.stream(*args, **kwargs)[0], want, atol=WAN_TOL, rtol=WAN_TOL)
+    longer = (torch.cat([args[0], args[0][:, :, :2]], dim=2),) + tuple(args[1:])
+    with pytest.raises(ValueError, match="computed for 5 latent frames"):
+        loaded.stream(*longer, **kwargs)
 
 
 def _vulkan_build(hybrid, args, kwargs, out_dir, **build):
