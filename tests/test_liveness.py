@@ -9,20 +9,15 @@ from torch import fx
 
 from rehyat_compile.passes.liveness import Liveness, activation_liveness, storage_key
 
+from .test_canonicalize import runtime_values
+
 FLOAT = 4
 
 
 def traced(fn, *args):
     """(graph, {node: value}, nodes by name) of ``fn`` traced by fx and run once on ``args``."""
     gm = fx.symbolic_trace(fn)
-    values = {}
-
-    class Record(fx.Interpreter):
-        def run_node(self, n):
-            values[n] = super().run_node(n)
-            return values[n]
-
-    Record(gm).run(*args)
+    values = runtime_values(gm, *args)
     return gm.graph, values, {n.name: n for n in gm.graph.nodes}
 
 
