@@ -195,7 +195,7 @@ def check_replaceable(out_dir: Path) -> None:
     if not out_dir.exists():
         return
     if not out_dir.is_dir() or out_dir.is_symlink():
-        raise ValueError(f"out_dir {out_dir} exists and is not a folder; refusing to replace it "
+        raise ValueError(f"out_dir {out_dir} exists and is not a folder (a file or a link); refusing to replace it "
                          "(give a new or empty folder, or a previous artifact folder)")
     if not any(out_dir.iterdir()):
         return
@@ -228,7 +228,12 @@ def _swap_in(staged: Path, final: Path) -> None:
     aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
     aside.rmdir()
     final.rename(aside)
-    staged.rename(final)
+    try:
+        staged.rename(final)
+    except OSError:
+        aside.rename(final)  # put the previous artifact back
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     shutil.rmtree(aside)
 
 
