@@ -186,7 +186,8 @@ def _check_converted_sites(hybrid, config: dict, file: Path) -> None:
     for saved in config["sites"]:
         site = found.get(saved["key"])
         if site is None:
-            problems.append(f"site {saved.get('name', saved['key'])!r} of the checkpoint is not converted in this model")
+            name = saved.get("name", saved["key"])
+            problems.append(f"site {name!r} of the checkpoint is not converted in this model")
         elif (site.heads or 1, site.head_dim) != (saved["heads"] or 1, saved["head_dim"]):
             problems.append(f"site {site.name!r} has {site.heads} heads x {site.head_dim} head dim, the checkpoint's "
                             f"feature maps are for {saved['heads']} x {saved['head_dim']}")

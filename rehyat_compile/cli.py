@@ -272,7 +272,8 @@ def _add_model_args(p):
 
 def _add_conversion_args(p):
     p.add_argument("--chunk-frames", type=_int_at_least(1), default=3, help="Tc, latent frames per chunk (default 3)")
-    p.add_argument("--overlap-frames", type=_int_at_least(0), default=1, help="To, frames of softmax overlap (default 1)")
+    p.add_argument("--overlap-frames", type=_int_at_least(0), default=1,
+                   help="To, frames of softmax overlap (default 1)")
     p.add_argument("--non-causal", action="store_true", help="linear attention also over later frames "
                                                              "(cannot stream)")
     p.add_argument("--layers", help="comma-separated site names or module paths to convert (default: all)")
@@ -298,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cost", help="symbolic FLOPs/bytes/memory in the number of latent frames; linearity check")
     _add_model_args(p)
     _add_conversion_args(p)
-    p.add_argument("--durations", type=_int_at_least(1), nargs="+", default=[5, 9, 21, 31, 41], help="latent frames to tabulate")
+    p.add_argument("--durations", type=_int_at_least(1), nargs="+", default=[5, 9, 21, 31, 41],
+                   help="latent frames to tabulate")
     p.add_argument("--plot", help="write a PNG plot of cost vs video duration here")
     p.set_defaults(func=cmd_cost)
 

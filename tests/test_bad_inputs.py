@@ -175,10 +175,12 @@ CASES = [
          lambda tmp, ckpt: rc.load_hybrid(wan_4x8_heads(), ckpt),
          ConversionError, ("blocks.0.attn1", "4 heads x 8 head dim", "2 x 16")),
     Case("load a checkpoint without the heads record (saved before it) into a 4x8-head model, with inputs",
-         lambda tmp, ckpt: rc.load_hybrid(wan_4x8_heads(), without_heads_record(ckpt, tmp), *make_wan_t2v(frames=4)[1:]),
+         lambda tmp, ckpt: rc.load_hybrid(wan_4x8_heads(), without_heads_record(ckpt, tmp),
+                                          *make_wan_t2v(frames=4)[1:]),
          ConversionError, ("without-heads.safetensors", "site 'blocks.0.attn1' has 4 heads x 8 head dim", "2 x 16")),
     # 10. unreadable checkpoints name the file and what is wrong
-    Case("load a truncated checkpoint", lambda tmp, ckpt: rc.load_hybrid(make_wan_t2v(4)[0], damaged(ckpt, tmp, "truncated")),
+    Case("load a truncated checkpoint",
+         lambda tmp, ckpt: rc.load_hybrid(make_wan_t2v(4)[0], damaged(ckpt, tmp, "truncated")),
          CheckpointError, ("path", "truncated.safetensors", "not a readable safetensors file")),
     Case("load a file that is not safetensors",
          lambda tmp, ckpt: rc.load_hybrid(make_wan_t2v(4)[0], damaged(ckpt, tmp, "not safetensors")),
@@ -186,7 +188,8 @@ CASES = [
     Case("load a checkpoint with one byte of its weights flipped",
          lambda tmp, ckpt: rc.load_hybrid(make_wan_t2v(4)[0], damaged(ckpt, tmp, "flipped byte")),
          CheckpointError, ("flipped-byte.safetensors", "corrupted", "sha256")),
-    Case("load someone else's safetensors file", lambda tmp, _: rc.load_hybrid(make_wan_t2v(4)[0], foreign_safetensors(tmp)),
+    Case("load someone else's safetensors file",
+         lambda tmp, _: rc.load_hybrid(make_wan_t2v(4)[0], foreign_safetensors(tmp)),
          CheckpointError, ("someone-elses.safetensors", "not a rehyat-compile hybrid checkpoint")),
 ]
 
