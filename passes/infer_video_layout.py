@@ -304,7 +304,7 @@ def _merged_range(node: fx.Node, target_size, norm):
     ins = [norm(as_expr(d)) for d in src.shape]
     outs = [norm(as_expr(d)) for d in out.shape]
     for k, size in enumerate(outs):
-        if not _same(size, target_size):
+        if not _same(size, target_size) or _another_dim_of_size(outs, k, target_size):
             continue
         before = sympy.Mul(*outs[:k])
         # the last matching prefix: size-1 dims before the merge belong to the prefix, not to the merge
@@ -317,6 +317,13 @@ def _merged_range(node: fx.Node, target_size, norm):
         if stop is not None:
             return ins, start, stop
     return None
+
+
+def _another_dim_of_size(sizes: list, k: int, target_size) -> bool:
+    """A tensor with the token count in a dim other than ``k`` holds its tokens there, so a merge into
+    dim ``k`` is of other axes that only happen to multiply to it (RoPE's real/imaginary pairs
+    flattened into the head dim of a tiny model traced at 2 frames): not the merge that builds them."""
+    return any(i != k and _same(size, target_size) for i, size in enumerate(sizes))
 
 
 def frame_major(q: fx.Node, layout: VideoLayout, symbol, patch: int, limit: int = 600) -> bool | None:

@@ -1,7 +1,7 @@
 """rehyat-compile: turn a bidirectional video DiT into ReHyAt's recurrent hybrid attention form."""
 from .attention import (HybridState, hybrid_attention_chunked, hybrid_attention_reference,
                         hybrid_attention_step)
-from .errors import ComplexityError, ConversionError, ShapeError
+from .errors import CheckpointError, ComplexityError, ConversionError, ShapeError
 from .feature_map import FeatureMap
 from .op import decompositions, hybrid_attention, hybrid_attention_flops
 from .export import FrameAxis, export_video_model
@@ -16,7 +16,7 @@ from .build import ArtifactError, build, load  # after .op: the backends import 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactError", "ComplexityError", "ConversionError", "CostReport", "DistillReport", "FeatureMap",
+    "ArtifactError", "CheckpointError", "ComplexityError", "ConversionError", "CostReport", "DistillReport", "FeatureMap",
     "FrameAxis", "HybridModel", "HybridState", "Selection", "ShapeError", "StreamRunner", "build",
     "check_linear", "cost", "decompositions", "distill", "export_video_model", "hybrid_attention",
     "hybrid_attention_chunked", "hybrid_attention_flops", "hybrid_attention_reference",

@@ -356,6 +356,25 @@ class HybridState(NamedTuple):
         return sum(t.numel() * t.element_size() for t in self)
 
 
+class LastChunkState(HybridState):
+    """The state after a chunk shorter than ``chunk_frames``: such a chunk can only be the video's
+    last (the parallel form starts chunks every ``chunk_frames`` frames), so no step may follow it.
+
+    The mark is the Python type, not a tensor: a chunk's length is a static shape in every traced
+    step graph (each is traced for one chunk length), so the graph's state keeps its six fixed-shape
+    tensors, and eager callers who hand the state back are refused instead of silently answered."""
+
+    __slots__ = ()
+
+
+def _after_chunk(state: HybridState, chunk_frames_seen, chunk_frames: int) -> HybridState:
+    """``state`` marked as final when the chunk just stepped was short (a static int shape only:
+    a symbolic length cannot be compared without a guard, and the stream never traces one)."""
+    if isinstance(chunk_frames_seen, int) and chunk_frames_seen < chunk_frames:
+        return LastChunkState(*state)
+    return state
+
+
 def initial_state(k, v, fk, overlap_tokens: int) -> HybridState:
     """The state before the first chunk: S = 0, z = 0, an empty (all-invalid) overlap cache."""
     bsz, heads, _, d = k.shape
@@ -369,6 +388,10 @@ def initial_state(k, v, fk, overlap_tokens: int) -> HybridState:
 def _validate_state(state, k, v, fk, overlap_tokens: int) -> None:
     if not isinstance(state, HybridState):
         raise TypeError(f"state must be None or a HybridState, got {type(state).__name__}")
+    if isinstance(state, LastChunkState):
+        raise ValueError("state comes from a chunk shorter than chunk_frames, which must be the video's last: a "
+                         "chunk after it would start where the parallel form has none (a wrong result). Give every "
+                         "chunk but the last exactly chunk_frames frames")
     bsz, heads, _, d = k.shape
     feat = fk.shape[-1]
     expected = {"s": (bsz, heads, feat, d), "z": (bsz, heads, feat), "k_overlap": (bsz, heads, overlap_tokens, d),
@@ -417,4 +440,4 @@ def hybrid_attention_step(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_fra
     z = state.z + fk_leave.sum(2)
     new_state = HybridState(s, z, window_k[:, :, leave:], window_v[:, :, leave:], window_fk[:, :, leave:],
                             window_valid[leave:])
-    return y.to(q.dtype), new_state
+    return y.to(q.dtype), _after_chunk(new_state, layout.frames(q.shape[2]), layout.chunk_frames)

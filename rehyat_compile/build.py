@@ -191,8 +191,7 @@ def build(model, args=(), kwargs=None, *, target: str, backend: str | None = Non
     if out_dir is None:
         raise ValueError("out_dir must be a folder path for the artifact, got None")
     final = Path(out_dir)
-    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not (final / MANIFEST).exists())):
-        raise ValueError(f"out_dir {final} exists and is not an artifact folder (nor empty); refusing to replace it")
+    check_replaceable(final)
     # Build into a staging folder and swap it in at the end: a failed build leaves no half artifact.
     final.parent.mkdir(parents=True, exist_ok=True)
     out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -201,10 +200,58 @@ def build(model, args=(), kwargs=None, *, target: str, backend: str | None = Non
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    out.rename(final)
+    _swap_in(out, final)
     return load(final)
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Raise ValueError naming ``out_dir`` unless a build may write there: it does not exist, is an
+    empty folder, or is provably one of our own artifacts -- its manifest verifies (format, digest,
+    every file's sha256) and the folder holds nothing the manifest does not list. Anything else may
+    be a user's data, and a build never deletes that."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise ValueError(f"out_dir {out_dir} exists and is not a folder (a file or a link); refusing to replace it "
+                         "(give a new or empty folder, or a previous artifact folder)")
+    if not any(out_dir.iterdir()):
+        return
+    try:
+        manifest = verify(out_dir)
+    except (ArtifactError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"out_dir {out_dir} is not empty and not an intact rc.build artifact ({err}); refusing to "
+                         "replace it: give a new or empty folder, or a previous artifact folder") from None
+    unlisted = sorted(p.name for p in out_dir.iterdir() if p.name != MANIFEST and p.name not in manifest["files"])
+    if unlisted:
+        raise ValueError(f"out_dir {out_dir} is an rc.build artifact but also holds files it did not write "
+                         f"({', '.join(unlisted[:5])}); refusing to replace it: move them, or give another folder")
+
+
+def _swap_in(staged: Path, final: Path) -> None:
+    """Move the staged build to ``final``; a previous artifact there is checked again (the build
+    took a while) and renamed aside, so it is only deleted once the new one is in place."""
+    try:
+        check_replaceable(final)
+    except ValueError:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    if not final.exists():
+        staged.rename(final)
+        return
+    if not any(final.iterdir()):
+        final.rmdir()
+        staged.rename(final)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+    aside.rmdir()
+    final.rename(aside)
+    try:
+        staged.rename(final)
+    except OSError:
+        aside.rename(final)  # put the previous artifact back
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    shutil.rmtree(aside)
 
 
 def _build_into(out: Path, model, args, kwargs, spec: Target, backend: str, streaming: bool) -> None:

@@ -48,7 +48,13 @@ def load_model(spec: str | None, preset: str | None, config: str | None, frames:
     if module_name == "diffusers":
         if config is None:
             raise UsageError(f"diffusers:{attr} needs --config config.json (the model's config; no hub downloads)")
-        model, args, kwargs = zoo.from_diffusers_config(attr, json.loads(Path(config).read_text()), frames=frames)
+        try:
+            model, args, kwargs = zoo.from_diffusers_config(attr, read_config(config), frames=frames)
+        except UsageError:
+            raise
+        except Exception as err:  # diffusers and torch fail deep inside on bad values; name the file
+            raise UsageError(f"--config {config}: diffusers:{attr} cannot be built from it: "
+                             f"{type(err).__name__}: {err}") from err
         return model, args, kwargs, spec
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -59,6 +65,22 @@ def load_model(spec: str | None, preset: str | None, config: str | None, frames:
     if not (isinstance(made, tuple) and len(made) == 3):
         raise UsageError(f"{spec} must return (model, args, kwargs); got {type(made).__name__}")
     return (*made, spec)
+
+
+def read_config(path: str) -> dict:
+    """The JSON object in ``path``; UsageError naming ``--config`` and the file when it is missing,
+    not JSON, or not an object (diffusers would take a list for a hub repo to download)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--config {path}: no such file (give the model's config.json)")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"--config {path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--config {path} must hold a JSON object of the model's arguments "
+                         f'({{"num_layers": 2, ...}}), got a JSON {type(config).__name__}')
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,23 +246,38 @@ def _video_shape(text: str):
     return tuple(int(p) for p in parts)
 
 
+def _int_at_least(minimum: int):
+    """argparse type: an int >= minimum (argparse names the option and exits with code 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
 def _add_model_args(p):
     p.add_argument("model", nargs="?", help="module:factory or diffusers:ClassName")
     p.add_argument("--preset", help="a built-in model, e.g. wan2.1-tiny or wan2.1-1.3b-meta")
     p.add_argument("--config", help="config.json for diffusers:ClassName")
-    p.add_argument("--frames", type=int, help="latent frames of the example input")
+    p.add_argument("--frames", type=_int_at_least(1), help="latent frames of the example input")
     p.add_argument("--video-shape", type=_video_shape, help="FRAMES,H,W token grid when the frame axis "
                                                              "cannot be made symbolic")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
 
 
 def _add_conversion_args(p):
-    p.add_argument("--chunk-frames", type=int, default=3, help="Tc, latent frames per chunk (default 3)")
-    p.add_argument("--overlap-frames", type=int, default=1, help="To, frames of softmax overlap (default 1)")
+    p.add_argument("--chunk-frames", type=_int_at_least(1), default=3, help="Tc, latent frames per chunk (default 3)")
+    p.add_argument("--overlap-frames", type=_int_at_least(0), default=1,
+                   help="To, frames of softmax overlap (default 1)")
     p.add_argument("--non-causal", action="store_true", help="linear attention also over later frames "
                                                              "(cannot stream)")
     p.add_argument("--layers", help="comma-separated site names or module paths to convert (default: all)")
-    p.add_argument("--feature-dim", type=int, help="features per head of phi_q/phi_k")
+    p.add_argument("--feature-dim", type=_int_at_least(2), help="features per head of phi_q/phi_k")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cost", help="symbolic FLOPs/bytes/memory in the number of latent frames; linearity check")
     _add_model_args(p)
     _add_conversion_args(p)
-    p.add_argument("--durations", type=int, nargs="+", default=[5, 9, 21, 31, 41], help="latent frames to tabulate")
+    p.add_argument("--durations", type=_int_at_least(1), nargs="+", default=[5, 9, 21, 31, 41],
+                   help="latent frames to tabulate")
     p.add_argument("--plot", help="write a PNG plot of cost vs video duration here")
     p.set_defaults(func=cmd_cost)
 
@@ -278,10 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="train phi_q/phi_k of each converted site to match the original model")
     _add_model_args(p)
     _add_conversion_args(p)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=_int_at_least(1), default=200)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--loss", default="l1", choices=["l1", "l2"])
-    p.add_argument("--batches", type=int, default=4, help="noise levels of the example input to train on")
+    p.add_argument("--batches", type=_int_at_least(1), default=4, help="noise levels of the example input to train on")
     p.add_argument("--out", help="write the distilled phi weights + config here")
     p.set_defaults(func=cmd_distill)
 

@@ -19,3 +19,8 @@ class ConversionError(ValueError):
 
 class ComplexityError(ValueError):
     """A cost expression grows faster than linearly in the number of latent frames."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read (truncated, corrupted, not safetensors) or does not fit the
+    model it is loaded into; the message names the file and what is wrong."""

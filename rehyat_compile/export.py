@@ -179,8 +179,39 @@ class _ModuleAttributes:
             module._buffers.update(buffers)
 
 
+class _DataAsDetach(torch.overrides.TorchFunctionMode):
+    """Reads ``t.data`` as ``t.detach()`` (same values, same storage, no autograd history).
+
+    Model code that builds a tensor inside forward and fills it through ``.data`` (diffusers'
+    CogVideoX positional table at a frame count other than its config's) leaves the trace: export
+    freezes the fake tensor it saw as a graph constant and fails ("fake tensor in the exported
+    program constant's list"). ``detach`` is traced like any view, so the fill stays in the graph."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func == torch.Tensor.data.__get__:  # == : each attribute read makes a new method-wrapper
+            return args[0].detach()
+        return func(*args, **(kwargs or {}))
+
+
+def _leaked_fake_constant(exc: Exception) -> bool:
+    return isinstance(exc, RuntimeError) and "fake tensor in the exported program constant" in str(exc)
+
+
 def _export(model, args, kwargs, dynamic_shapes=None) -> ExportedProgram:
-    return torch.export.export(model, tuple(args), dict(kwargs), dynamic_shapes=dynamic_shapes, strict=False)
+    def run():
+        return torch.export.export(model, tuple(args), dict(kwargs), dynamic_shapes=dynamic_shapes, strict=False)
+
+    attributes = _ModuleAttributes(model)
+    try:
+        return run()
+    except RuntimeError as exc:
+        # Only models whose export failed this way are traced again with .data as detach: the
+        # others keep the graph they always had (parameter .data reads stay plain constants).
+        if not _leaked_fake_constant(exc):
+            raise
+    attributes.restore()  # the failed trace left its lifted fake constant on the module
+    with _DataAsDetach():
+        return run()
 
 
 def _placeholder_dim(ep: ExportedProgram, tensor_index: int, dim: int):

@@ -64,8 +64,12 @@ class _TablesOn(fx.Interpreter):
         return super().call_function(target, args, kwargs)
 
 
-class StreamRunner:
-    """Runs a causal :class:`~rehyat_compile.HybridModel` chunk by chunk; see the module docstring."""
+class StreamRunner(torch.nn.Module):
+    """Runs a causal :class:`~rehyat_compile.HybridModel` chunk by chunk; see the module docstring.
+
+    An ``nn.Module`` holding the hybrid (so ``.to()``, ``.parameters()``, ``.eval()`` reach the model's
+    weights), whose unknown attributes (``config``, ``dtype``, ``device``, ``cache_context`` ...) pass
+    through to it and to the original model: a drop-in ``pipe.transformer`` that streams."""
 
     def __init__(self, hybrid, *, table_device=None):
         if not hasattr(hybrid, "graph_module") or not hasattr(hybrid, "original"):
@@ -80,9 +84,13 @@ class StreamRunner:
                 "stream needs a causal conversion: this model was transformed with causal=False, so each chunk's "
                 "linear attention reads later frames and the video cannot run chunk by chunk; "
                 "use rc.transform(..., causal=True)")
+        super().__init__()
         self.hybrid = hybrid
         self.table_device = None if table_device is None else torch.device(table_device)
         self._programs: dict[int, StepProgram] = {}
+
+    def __getattr__(self, name):
+        return _pass_through(self, name)
 
     # -- the step programs for one call -------------------------------------------------------
     def plan(self, *args, **kwargs) -> "_Plan":
@@ -163,7 +171,7 @@ class StreamRunner:
         for program, outs in self._run_chunks(self.plan(*args, **kwargs)):
             yield pytree.tree_unflatten(outs, program.out_spec) if program.out_spec is not None else outs
 
-    def __call__(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         """The converted model's output, computed chunk by chunk."""
         return self.run(self.plan(*args, **kwargs))
 
@@ -231,6 +239,18 @@ class StreamRunner:
         return {"inputs": placeholders[:n_in], "tables": placeholders[n_in:n_in + n_tab],
                 "states_in": states, "outputs": [f"output_{i}" for i in range(program.n_outputs)],
                 "states_out": states, "chunk_frames": program.chunk_frames}
+
+
+def _pass_through(runner: torch.nn.Module, name: str):
+    """``runner.<name>``: its own submodules and parameters first, then the hybrid's attribute (which
+    falls back to the original model's)."""
+    try:
+        return torch.nn.Module.__getattr__(runner, name)
+    except AttributeError:
+        hybrid = runner.__dict__.get("_modules", {}).get("hybrid")
+        if hybrid is None:
+            raise
+        return getattr(hybrid, name)
 
 
 class StepModule(torch.nn.Module):

@@ -400,8 +400,8 @@ class HybridModel(nn.Module):
 
     def _recurrent(self, args, kwargs):
         from .stream import StreamRunner
-        if self._runner is None:
-            self._runner = StreamRunner(self)
+        if self._runner is None:  # a plain attribute, not a submodule: the runner holds this model
+            self.__dict__["_runner"] = StreamRunner(self)
         try:
             plan = self._runner.plan(*args, **kwargs)
         except ConversionError as err:

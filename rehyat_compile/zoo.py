@@ -410,6 +410,59 @@ def from_diffusers_config(class_name: str, config: dict, frames: int | None = No
         raise ValueError(f"no example-input builder for {class_name} from a config; supported: "
                          f"{', '.join(sorted(INPUT_BUILDERS))}. For other models pass module:factory returning "
                          "(model, args, kwargs)")
+    check_config(cls, config)
     torch.manual_seed(0)
     model = cls.from_config(config).eval()
     return (model, *INPUT_BUILDERS[class_name](dict(model.config), 5 if frames is None else frames))
+
+
+def check_config(cls, config) -> None:
+    """TypeError naming the key when ``config`` is not a dict or a value does not have the type that
+    ``cls.__init__`` annotates (JSON lists stand for tuples); keys ``cls`` does not take are left to
+    diffusers (it ignores them with a warning, as for ``_class_name``)."""
+    import inspect
+
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a JSON object of {cls.__name__}'s arguments (a dict), "
+                        f"got {type(config).__name__}")
+    parameters = inspect.signature(cls.__init__).parameters
+    for key, value in config.items():
+        parameter = parameters.get(key)
+        if parameter is None or parameter.annotation is inspect.Parameter.empty:
+            continue
+        if not _has_type(value, parameter.annotation):
+            raise TypeError(f"config key {key!r} must be {_type_name(parameter.annotation)}, got {value!r}")
+
+
+def _has_type(value, annotation) -> bool:
+    """Whether a JSON value fits a type annotation (int, float, bool, str, None, unions, tuple/list
+    of those); annotations it does not know accept anything."""
+    import types
+    import typing
+
+    origin, members = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is None or annotation is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, m) for m in members)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or annotation in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if not members or (len(members) == 2 and members[1] is Ellipsis):
+            return not members or all(_has_type(v, members[0]) for v in value)
+        if origin is tuple:
+            return len(value) == len(members) and all(_has_type(v, m) for v, m in zip(value, members))
+        return all(_has_type(v, members[0]) for v in value)
+    return True
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) if isinstance(annotation, type) else str(annotation)

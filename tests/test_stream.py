@@ -178,7 +178,7 @@ def test_streamed_equals_parallel_causal_converted_model(name, chunk_frames, ove
 
 
 @pytest.mark.slow
-# chunk lengths 4+1 and 3+3+1 (rc.transform declines LTX traced at 2 frames: its frame-major check)
+# chunk lengths 4+1 and 3+3+1 (chunks of 2 frames: tests/test_bad_inputs.py)
 @pytest.mark.parametrize("frames,chunk_frames,overlap_frames", [(5, 4, 1), (7, 3, 2)])
 def test_streamed_equals_parallel_causal_ltx_video(frames, chunk_frames, overlap_frames):
     """LTX-Video takes pre-patchified tokens and num_frames: a fixed-shape export with video_shape."""
