@@ -165,10 +165,12 @@ def _symbolic_layout(q: fx.Node, n, symbol, patch: int, frames: int, video_shape
     return VideoLayout(m, frames, before, int(after) if after.is_Integer else None), None
 
 
-def _static_layout(q: fx.Node, n, frames: int | None, video_shape, frame_input: fx.Node | None = None):
+def _static_layout(q: fx.Node, n, frames: int | None, video_shape, frame_input: fx.Node | None = None,
+                   earlier: dict | None = None):
     """Layout of a static export; ``n`` may hold data-dependent symbols (text lengths from masks).
     ``frame_input``: the placeholder of the video input, which tells the video piece of a
-    concatenation from the others (:func:`_video_piece`)."""
+    concatenation from the others (:func:`_video_piece`); ``earlier``: {sequence length: (offset,
+    video tokens)} of the sites before this one, filled in as they are decided."""
     if video_shape is not None:
         frames, m = video_shape[0], video_shape[1] * video_shape[2]
         video = frames * m
@@ -194,6 +196,13 @@ def _static_layout(q: fx.Node, n, frames: int | None, video_shape, frame_input: 
         return size.is_Integer and int(size) > 0 and int(size) % frames == 0
 
     found = _video_piece(q, n, frame_input) if frame_input is not None else None
+    if found is not None and divisible(found[1]):
+        if earlier is not None:
+            earlier[n] = found
+    elif earlier and n in earlier:
+        # after text and video have mixed (a feed-forward over the joint sequence), the dataflow no
+        # longer tells them apart: the sequence of this length is laid out as an earlier site's was
+        found = earlier[n]
     if found is not None and divisible(found[1]):
         before, video = found
         return VideoLayout(int(video) // frames, frames, int(before), _int_or_none(n - video - before)), None
@@ -223,21 +232,71 @@ def _consumes_attention(node: fx.Node) -> bool:
     return False
 
 
+def _size(node: fx.Node, dim: int):
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return as_expr(val.shape[dim]) if isinstance(val, torch.Tensor) and -val.dim() <= dim < val.dim() else None
+
+
+def _parents_in_range(node: fx.Node, window):
+    """(parent, window) pairs of ``node``: ``window`` = (dim, start, stop) restricts which entries of
+    ``node`` along ``dim`` are asked about. A slice narrows it, a cat along that dim keeps only the pieces
+    inside it, an elementwise op passes it to its full-size inputs; any other op asks about everything."""
+    target = node.target if node.op == "call_function" else None
+    val = node.meta.get("val")
+    rank = val.dim() if isinstance(val, torch.Tensor) else None
+    if target == aten.slice.Tensor and rank is not None:
+        src, dim, start, stop = (list(node.args) + [0, None, None])[:4]
+        dim %= rank
+        size = _size(src, dim)
+        stop = size if stop is None or (size is not None and size.is_Integer and stop > int(size)) else stop
+        if isinstance(start, int) and isinstance(stop, (int, sympy.Integer)) and (len(node.args) < 5 or node.args[4] == 1):
+            if window is not None and window[0] == dim:
+                start, stop = start + window[1], start + window[2]
+            elif window is not None:
+                return [(src, None)]
+            return [(src, (dim, start, int(stop)))]
+    if window is not None and target == aten.cat.default:
+        dim, lo, hi = window
+        pieces = node.args[0]
+        if (node.args[1] if len(node.args) > 1 else 0) % rank == dim:
+            out, offset = [], 0
+            for piece in pieces:
+                size = _size(piece, dim)
+                if size is None or not size.is_Integer:
+                    return [(p, None) for p in pieces]
+                size = int(size)
+                if offset < hi and lo < offset + size:
+                    out.append((piece, (dim, max(lo - offset, 0), min(hi - offset, size))))
+                offset += size
+            return out
+    if window is not None and isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
+        dim = window[0]
+        out = []
+        for parent in node.all_input_nodes:
+            pval = parent.meta.get("val")
+            aligned = dim - (rank - pval.dim()) if isinstance(pval, torch.Tensor) else -1
+            full = aligned >= 0 and _size(parent, aligned) == _size(node, dim)
+            out.append((parent, (aligned, window[1], window[2]) if full else None))
+        return out
+    return [(p, None) for p in node.all_input_nodes]
+
+
 def reaches_without_attention(node: fx.Node, source: fx.Node, limit: int = 4000) -> bool:
     """Whether ``source`` flows into ``node`` on a path that passes through no attention: the video
     reaches its own tokens through the patch embedding (and every residual after it), text tokens
-    reach the video only through a joint attention."""
-    seen, stack = {node}, [node]
+    reach the video only through a joint attention. Token ranges are followed through slices of
+    concatenations (text sliced back off a joint [text, video] sequence does not reach the video)."""
+    seen, stack = {(node, None)}, [(node, None)]
     while stack and len(seen) < limit:
-        current = stack.pop()
+        current, window = stack.pop()
         if current is source:
             return True
         if _consumes_attention(current):
             continue
-        for parent in current.all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
+        for parent, sub in _parents_in_range(current, window):
+            if (parent, sub) not in seen:
+                seen.add((parent, sub))
+                stack.append((parent, sub))
     return False
 
 
@@ -283,13 +342,13 @@ def _int_or_none(expr):
 
 
 def infer_video_layout(q: fx.Node, symbol, patch: int, frames: int | None, video_shape=None,
-                       frame_input: fx.Node | None = None):
+                       frame_input: fx.Node | None = None, earlier: dict | None = None):
     """(VideoLayout, None) or (None, Decline) for the attention whose queries are ``q`` ([.., N, D]);
     ``frame_input``: the video input's placeholder (static exports read the video piece from it)."""
     n = as_expr(q.meta["val"].shape[-2])
     if symbol is not None:
         return _symbolic_layout(q, n, symbol, patch, frames, video_shape)
-    return _static_layout(q, n, frames, video_shape, frame_input)
+    return _static_layout(q, n, frames, video_shape, frame_input, earlier)
 
 
 def _merged_range(node: fx.Node, target_size, norm):
@@ -351,10 +410,10 @@ def frame_major(q: fx.Node, layout: VideoLayout, symbol, patch: int, limit: int 
 
 
 def layout_site(site: Site, symbol, patch: int, frames: int | None, video_shape=None,
-                frame_input: fx.Node | None = None) -> Site:
+                frame_input: fx.Node | None = None, earlier: dict | None = None) -> Site:
     """The site with its :class:`VideoLayout` (kind "joint" when it has extra tokens) and whether its
     tokens are frame-major, or declined with the reason."""
-    layout, decline = infer_video_layout(site.match.q, symbol, patch, frames, video_shape, frame_input)
+    layout, decline = infer_video_layout(site.match.q, symbol, patch, frames, video_shape, frame_input, earlier)
     if decline is not None:
         return replace(site, decline=decline)
     kind = "joint" if (layout.extra_before or layout.extra_after != 0) else "self"

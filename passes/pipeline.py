@@ -116,8 +116,10 @@ def _frame_input(gm: fx.GraphModule, frame_axis) -> fx.Node | None:
 def _layout(result: PassResult, ctx: PassContext) -> PassResult:
     fa = ctx.frame_axis
     frame_input = _frame_input(result.graph, fa)
+    earlier: dict = {}  # sites in graph order: later layers of a joint model reuse the first's layout
     return _each_open_site(result, lambda s: layout_site(s, ctx.symbol, ctx.patch, ctx.frames,
-                                                         None if fa is None else fa.video_shape, frame_input))
+                                                         None if fa is None else fa.video_shape, frame_input,
+                                                         earlier))
 
 
 def _rewrite(result: PassResult, ctx: PassContext) -> PassResult:
