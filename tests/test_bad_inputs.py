@@ -191,7 +191,25 @@ CASES = [
     Case("load someone else's safetensors file",
          lambda tmp, _: rc.load_hybrid(make_wan_t2v(4)[0], foreign_safetensors(tmp)),
          CheckpointError, ("someone-elses.safetensors", "not a rehyat-compile hybrid checkpoint")),
+    # 7. a state dict into a lazily converted model, before its feature maps exist
+    Case("hybrid.load_state_dict(sd) before the lazy hybrid's first call",
+         lambda tmp, _: lazy_hybrid().load_state_dict(converted_state_dict()),
+         ConversionError, ("load_state_dict", "Call the model once", "rc.load_hybrid")),
+    # 12. layers: one name is a name; an empty list is refused naming layers
+    Case("rc.transform(..., layers=[])", lambda tmp, _: rc.transform(make_wan_t2v(4)[0], layers=[]),
+         ValueError, ("layers=[]", "layers=None")),
+    Case("rc.transform(..., layers=[3])", lambda tmp, _: rc.transform(make_wan_t2v(4)[0], layers=[3]),
+         TypeError, ("layers must be", "site name")),
 ]
+
+
+def lazy_hybrid():
+    return rc.transform(make_wan_t2v(4)[0], chunk_frames=2, overlap_frames=1)
+
+
+def converted_state_dict():
+    model, args, kwargs = make_wan_t2v(4)
+    return rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1).state_dict()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.input for c in CASES])
