@@ -248,8 +248,10 @@ def _parents_in_range(node: fx.Node, window):
         src, dim, start, stop = (list(node.args) + [0, None, None])[:4]
         dim %= rank
         size = _size(src, dim)
-        stop = size if stop is None or (size is not None and size.is_Integer and stop > int(size)) else stop
-        if isinstance(start, int) and isinstance(stop, (int, sympy.Integer)) and (len(node.args) < 5 or node.args[4] == 1):
+        if stop is None or (isinstance(stop, int) and size is not None and size.is_Integer and stop > int(size)):
+            stop = size
+        static = isinstance(start, int) and isinstance(stop, (int, sympy.Integer)) and start >= 0
+        if static and (len(node.args) < 5 or node.args[4] == 1):
             if window is not None and window[0] == dim:
                 start, stop = start + window[1], start + window[2]
             elif window is not None:
