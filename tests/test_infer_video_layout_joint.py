@@ -14,10 +14,11 @@ class JointStatic(nn.Module):
     """[B, C, T, 2, 3] video (6 tokens per frame) joined with ``text`` tokens before or after it, two
     joint self-attention layers; ``int(T)`` in the code makes torch.export specialise the frame count."""
 
-    def __init__(self, text_tokens, text_first=True):
+    def __init__(self, text_tokens, text_first=True, embed_jointly=False):
         super().__init__()
         torch.manual_seed(0)
-        self.text_first, self.text_tokens = text_first, text_tokens
+        self.text_first, self.text_tokens, self.embed_jointly = text_first, text_tokens, embed_jointly
+        self.register_buffer("positions", torch.randn(1, 256, C))
         self.patch = nn.Linear(C, C)
         self.text = nn.Linear(TEXT_IN, C)
         self.layers = nn.ModuleList(nn.Linear(C, 3 * C) for _ in range(2))
@@ -32,6 +33,10 @@ class JointStatic(nn.Module):
         frames = int(t)  # specialises the export: a static layout
         video = self.patch(x.flatten(2).transpose(1, 2)).reshape(b, frames * h * w, c)
         words = self.text(text)
+        if self.embed_jointly:  # as CogVideoX: one positional table over [text, video], then split again
+            joint = torch.cat([words, video], dim=1)
+            joint = joint + self.positions[:, :joint.shape[1]]
+            words, video = joint[:, :self.text_tokens], joint[:, self.text_tokens:]
         tokens = torch.cat([words, video] if self.text_first else [video, words], dim=1)
         for proj in self.layers:
             tokens = self._attend(proj, tokens)
@@ -56,6 +61,16 @@ def test_joint_layout_comes_from_the_video_input_not_from_divisibility(frames, t
     offset = text_tokens if text_first else 0
     assert [(s.video, s.extra_after, s.kind) for s in report.sites] == \
         [((offset, frames, 6), 0 if text_first else text_tokens, "joint")] * 2, str(report)
+
+
+@pytest.mark.parametrize("frames", [1, 5])
+def test_text_sliced_off_a_joint_embedding_is_not_taken_for_video(frames):
+    """Text and video embedded as one sequence and split by slices (CogVideoX's patch embedding): the
+    text slice does not reach the video input, so the layout holds at 1 frame too."""
+    model = JointStatic(10, embed_jointly=True).eval()
+    x, text = _inputs(frames, 10)
+    report = rc.inspect(model, (x, text))
+    assert [s.video for s in report.sites] == [(10, frames, 6)] * 2, str(report)
 
 
 def test_joint_static_model_converts_exactly_with_one_chunk():
