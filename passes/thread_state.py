@@ -55,19 +55,40 @@ _DROPPED = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._asse
 
 @dataclass(frozen=True)
 class FrameDim:
-    """A dim of size ``per_frame * T + extra`` (T token frames); ``extra`` entries sit in front."""
+    """A dim of size ``per_frame * T + extra + extra_after`` (T token frames): ``extra`` entries sit in
+    front of the frames, ``extra_after`` behind them (a joint sequence with text after the video)."""
 
     dim: int
     per_frame: int
     extra: int = 0
+    extra_after: int = 0
 
     def size(self, frames: int) -> int:
-        return self.per_frame * frames + self.extra
+        return self.per_frame * frames + self.extra + self.extra_after
 
     def take(self, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Entries of token frames [start, stop) (plus the leading extra entries)."""
+        """Entries of token frames [start, stop), with the extra entries before and after them."""
         body = t.narrow(self.dim, self.extra + self.per_frame * start, self.per_frame * (stop - start))
-        return torch.cat([t.narrow(self.dim, 0, self.extra), body], self.dim) if self.extra else body
+        if not (self.extra or self.extra_after):
+            return body
+        head = t.narrow(self.dim, 0, self.extra)
+        tail = t.narrow(self.dim, t.shape[self.dim] - self.extra_after, self.extra_after)
+        return torch.cat([head, body, tail], self.dim)
+
+
+def place_extras(fd, sites) -> "FrameDim":
+    """``fd`` with its extra entries split as the sites' token layout splits them (before / after the
+    video), when exactly one split of the converted sites fits its size; front otherwise."""
+    if not isinstance(fd, FrameDim) or not (fd.extra or fd.extra_after):
+        return fd
+    extras = fd.extra + fd.extra_after
+    splits = {(s.extra_before, s.extra_after) for s in sites
+              if s.tokens_per_frame == fd.per_frame and isinstance(s.extra_before, int)
+              and isinstance(s.extra_after, int) and s.extra_before + s.extra_after == extras}
+    if len(splits) != 1:
+        return fd
+    before, after = splits.pop()
+    return FrameDim(fd.dim, fd.per_frame, before, after)
 
 
 @dataclass(frozen=True)
@@ -345,16 +366,21 @@ def _graph_module(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
 
 
 def _table_module(gm: fx.GraphModule, tables: list[fx.Node]) -> fx.GraphModule:
-    """GraphModule(*flat_inputs) -> tuple of tables: the ancestors of the tables, copied."""
+    """GraphModule(*flat_inputs) -> tuple of tables: the ancestors of the tables, copied, with every
+    in-place op that writes into one of them (``keep[-3:] = False`` on a mask built from a shape)."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     needed: set[fx.Node] = set()
     stack = list(tables)
-    while stack:
-        node = stack.pop()
-        if node not in needed:
-            needed.add(node)
-            stack.extend(node.all_input_nodes)
+    while True:
+        while stack:
+            node = stack.pop()
+            if node not in needed:
+                needed.add(node)
+                stack.extend(node.all_input_nodes)
+        stack = [n for n in gm.graph.nodes if n not in needed and _mutated_root(n) in needed]
+        if not stack:
+            break
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             env[node] = graph.placeholder(node.name)
@@ -376,7 +402,7 @@ def _example_frames(placeholders, symbol, patch: int) -> int | None:
         if fd is not None:
             hint = val.shape[fd.dim].node.hint
             if hint is not None:
-                return (int(hint) - fd.extra) // fd.per_frame
+                return (int(hint) - fd.extra - fd.extra_after) // fd.per_frame
     return None
 
 
@@ -480,10 +506,11 @@ def thread_state(gm: fx.GraphModule, *, patch: int = 1, symbol=None) -> StepProg
     return StepProgram(
         module=module,
         table_module=_table_module(gm, tables),
-        input_dims=_input_dims(list(graph.find_nodes(op="placeholder")), sites, symbol, patch),
-        table_dims=[tensor_frame_dim(t.meta.get("val"), symbol, patch) for t in tables],
-        output_dims=[tensor_frame_dim(x.meta.get("val"), symbol, patch) if isinstance(x, fx.Node) else None
-                     for x in leaves],
+        input_dims=[place_extras(d, sites) for d in _input_dims(list(graph.find_nodes(op="placeholder")), sites,
+                                                                symbol, patch)],
+        table_dims=[place_extras(tensor_frame_dim(t.meta.get("val"), symbol, patch), sites) for t in tables],
+        output_dims=[place_extras(tensor_frame_dim(x.meta.get("val"), symbol, patch), sites)
+                     if isinstance(x, fx.Node) else None for x in leaves],
         sites=sites, in_spec=in_spec, out_spec=out_spec, patch=patch, table_names=[t.name for t in tables])
 
 
@@ -598,8 +625,10 @@ def thread_state_matched(chunk_gm: fx.GraphModule, full_gm: fx.GraphModule, chun
                    if isinstance(c, fx.Node) and isinstance(c.meta.get("val"), torch.Tensor) else None
                    for c, f in zip(leaves, full_leaves)]
     in_spec, out_spec = _pytree_specs(chunk_gm)
-    return StepProgram(module=module, table_module=_table_module(full_gm, full_tables), input_dims=input_dims,
-                       table_dims=table_dims, output_dims=output_dims, sites=sites, in_spec=in_spec,
+    return StepProgram(module=module, table_module=_table_module(full_gm, full_tables),
+                       input_dims=[place_extras(d, sites) for d in input_dims],
+                       table_dims=[place_extras(d, sites) for d in table_dims],
+                       output_dims=[place_extras(d, sites) for d in output_dims], sites=sites, in_spec=in_spec,
                        out_spec=out_spec, patch=patch, table_names=[t.name for t in tables])
 
 

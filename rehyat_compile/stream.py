@@ -309,9 +309,11 @@ def join_chunks(chunks: list[list], output_dims: list, out_spec):
         if fd is None:
             flat.append(last[i])
             continue
+        size = last[i].shape[fd.dim]
         head = [last[i].narrow(fd.dim, 0, fd.extra)] if fd.extra else []
-        body = [c[i].narrow(fd.dim, fd.extra, c[i].shape[fd.dim] - fd.extra) for c in chunks]
-        flat.append(torch.cat(head + body, fd.dim))
+        tail = [last[i].narrow(fd.dim, size - fd.extra_after, fd.extra_after)] if fd.extra_after else []
+        body = [c[i].narrow(fd.dim, fd.extra, c[i].shape[fd.dim] - fd.extra - fd.extra_after) for c in chunks]
+        flat.append(torch.cat(head + body + tail, fd.dim))
     return pytree.tree_unflatten(flat, out_spec) if out_spec is not None else flat
 
 
@@ -321,7 +323,7 @@ def dim_to_json(fd):
         return None
     if isinstance(fd, FrameCount):
         return {"count": fd.per_frame}
-    return {"dim": fd.dim, "per_frame": fd.per_frame, "extra": fd.extra}
+    return {"dim": fd.dim, "per_frame": fd.per_frame, "extra": fd.extra, "extra_after": fd.extra_after}
 
 
 def dim_from_json(value):
@@ -329,7 +331,7 @@ def dim_from_json(value):
         return None
     if "count" in value:
         return FrameCount(value["count"])
-    return FrameDim(value["dim"], value["per_frame"], value["extra"])
+    return FrameDim(value["dim"], value["per_frame"], value["extra"], value.get("extra_after", 0))
 
 
 def _flat(in_spec, args, kwargs) -> list:
@@ -349,10 +351,10 @@ def _frames(flat: list, dims: list) -> int:
     """Token frames of the call, from the first chunked tensor input."""
     for x, fd in zip(flat, dims):
         if isinstance(x, torch.Tensor) and isinstance(fd, FrameDim):
-            body = x.shape[fd.dim] - fd.extra
+            body = x.shape[fd.dim] - fd.extra - fd.extra_after
             if body <= 0 or body % fd.per_frame:
                 raise ShapeError(f"an input of shape {tuple(x.shape)} has {x.shape[fd.dim]} entries in its frame "
-                                 f"dim {fd.dim}, not {fd.per_frame} * frames + {fd.extra}")
+                                 f"dim {fd.dim}, not {fd.per_frame} * frames + {fd.extra + fd.extra_after}")
             return body // fd.per_frame
     raise ConversionError("no input of the model has a frame-dependent dim to chunk")
 
