@@ -391,7 +391,19 @@ class HybridModel(nn.Module):
         its own copy of the extra tokens (docs/hybrid_attention.md, "joint models, causal"), which
         is what the recurrent form computes."""
         sites = self._programs_for(args, kwargs)[2]
-        return self.plan.options.causal and any(is_joint(s) for s in sites)
+        if not (self.plan.options.causal and any(is_joint(s) for s in sites)):
+            return False
+        frames = self._call_frames(args, kwargs)
+        return frames is None or frames > self.plan.options.chunk_frames  # one chunk: the parallel graph is it
+
+    def _call_frames(self, args, kwargs) -> int | None:
+        """Token frames of this call, from the frame input the export found (None when it found none)."""
+        fa = self.plan.frame_axis
+        leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
+        if fa is None or fa.flat_index is None or fa.dim is None or fa.flat_index >= len(leaves):
+            return None
+        video = leaves[fa.flat_index]
+        return video.shape[fa.dim] // fa.patch if isinstance(video, torch.Tensor) else None
 
     def forward(self, *args, **kwargs):
         if self.runs_recurrently(*args, **kwargs):
@@ -404,9 +416,12 @@ class HybridModel(nn.Module):
             self.__dict__["_runner"] = StreamRunner(self)
         try:
             plan = self._runner.plan(*args, **kwargs)
-        except ConversionError as err:
+            for length in {min(plan.chunk_frames, plan.frames), plan.frames % plan.chunk_frames} - {0}:
+                plan.program(length)  # every step program this call needs, before anything runs
+        except Exception as err:  # any reason the step program cannot be built is a refusal with that reason
             raise ConversionError(f"causal=True on a model with joint attention runs chunk by chunk, with a copy of "
-                                  f"the extra tokens per chunk (docs/hybrid_attention.md), and this one cannot: {err}; "
+                                  f"the extra tokens per chunk (docs/hybrid_attention.md), and this one cannot: "
+                                  f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
                                   "transform with causal=False for global extra tokens") from err
         return self._runner.run(plan)
 

@@ -24,6 +24,10 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+# joint models whose step program cannot be built yet (inputs cut per chunk by size: the streaming issue)
+NOT_STREAMING = {"hunyuan-video-framepack"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_transform_one_chunk_equals_original_and_chunking_differs(name):
@@ -37,6 +41,10 @@ def test_transform_one_chunk_equals_original_and_chunking_differs(name):
         assert {s.kind for s in whole.sites} == {kind}
         assert _rel(whole(*args, **kwargs)[0], reference) < 1e-4
         chunked = whole.with_options(chunk_frames=2, overlap_frames=1)  # same export, real chunking
+        if name in NOT_STREAMING:  # joint causal conversions run chunk by chunk: refused before running
+            with pytest.raises(rc.ConversionError, match="causal=False"):
+                chunked(*args, **kwargs)
+            chunked = whole.with_options(chunk_frames=2, overlap_frames=1, causal=False)
         out = chunked(*args, **kwargs)[0]
     assert torch.isfinite(out).all()
     assert _rel(out, reference) > 1e-4
