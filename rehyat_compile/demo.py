@@ -251,6 +251,9 @@ def _verify_adreno(art, hybrid, args, kwargs) -> str:
     ran = [r for r in results if r.status == "ok"]
     matching = [r for r in ran if r.max_abs_error <= 1e-4]
     line = f"{len(matching)}/{len(results)} OpenCL kernels run on PoCL and match x86 within 1e-4"
+    skipped = sorted({r.reason for r in results if r.status == "skipped"})
+    if skipped:
+        line += f" ({sum(r.status == 'skipped' for r in results)} not run: {'; '.join(skipped)})"
     differing = [f"{r.function} ({r.max_abs_error:.1e})" for r in ran if r.max_abs_error > 1e-4]
     return line + (f"; DIFFER: {', '.join(differing)}" if differing else "")
 
