@@ -47,3 +47,29 @@ def plot_cost_vs_duration(rows: list[dict], path, title: str = "") -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_cost_series(rows: list[dict], path, title: str = "", kinds=("original", "converted", "streamed")) -> Path:
+    """Like :func:`plot_cost_vs_duration` for any set of models: ``rows[i][f"{kind}_{metric}"]``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    frames = [r["T"] for r in rows]
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
+    labels = {"flops": "FLOPs", "bytes": "bytes moved", "peak_memory": "peak activation bytes"}
+    for ax, metric in zip(axes, METRICS):
+        for kind, style in zip(kinds, ("o-", "s-", "^-", "d-")):
+            ax.plot(frames, [r[f"{kind}_{metric}"] for r in rows], style, label=kind)
+        ax.set_xlabel("latent frames T")
+        ax.set_ylabel(labels[metric])
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title or "cost vs video duration", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

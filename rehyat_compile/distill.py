@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .attention import HybridLayout, make_layout, resolve_scale
+from .attention import HybridLayout, attention_masks, make_layout, resolve_scale
 from .errors import ConversionError
 from .feature_map import FeatureMap
 from .op import HybridCall, hybrid_attention, is_hybrid_node
@@ -121,6 +121,80 @@ def structured_attention_inputs(batch, heads, frames, tokens_per_frame, head_dim
 def relative_l1(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
     """(sum |pred - target|, sum |target|) in fp32, so errors over several batches add up."""
     return (float((pred.float() - target.float()).abs().sum()), float(target.float().abs().sum()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention-weight distillation (Hedgehog / LoLCATs): match the weights, not only the output
+# ---------------------------------------------------------------------------------------------
+
+def hybrid_log_weights(q, k, fq, fk, layout: HybridLayout, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log A, allowed): the log of the hybrid op's effective attention weights ``[B, H, N, N]``
+    (REHYAT.md: window softmax ``w`` and linear scores ``l``, both divided by ``1 + sum l``) and the
+    bool mask of keys a query may weigh at all (window or linear part). fp32, O(N^2): a reference."""
+    scale = resolve_scale(scale, q.shape[-1])
+    window, linear = attention_masks(layout, q.shape[2], q.device)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    log_window = torch.log_softmax(scores.masked_fill(~window, float("-inf")), dim=-1)
+    lin = (fq.float() @ fk.float().transpose(-1, -2)) * linear
+    log_norm = torch.log1p(lin.sum(-1, keepdim=True))
+    log_a = torch.where(window, log_window, torch.log(lin.clamp_min(1e-30))) - log_norm
+    return log_a, window | linear
+
+
+def teacher_log_weights(q, k, allowed, scale=None) -> torch.Tensor:
+    """log of the teacher's softmax weights renormalised over the keys the hybrid can reach
+    (``allowed``: a causal hybrid cannot weigh future frames, so their share is not asked of it)."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * resolve_scale(scale, q.shape[-1])
+    return torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+def attention_weight_kl(q, k, fq, fk, layout: HybridLayout, scale=None) -> torch.Tensor:
+    """Mean over queries of KL(teacher weights || hybrid weights) on the reachable keys, per head
+    ``[B, H]``: Hedgehog's attention-weight distillation objective for the hybrid op."""
+    log_a, allowed = hybrid_log_weights(q, k, fq, fk, layout, scale)
+    log_p = teacher_log_weights(q, k, allowed, scale)
+    p = log_p.exp()
+    return (p * (log_p - log_a)).masked_fill(~allowed, 0.0).sum(-1).mean(-1)
+
+
+def _attention_weight_loss(group, sample: SiteSample) -> torch.Tensor:
+    """Per-site attention-weight KL of one sample for a site group (``loss='attention_weights'``)."""
+    device = group.phi_q.w1.device
+    sample = sample.to(device) if sample.q.device != device else sample
+    q_in, k_in = sample.features_in()
+    kl = attention_weight_kl(sample.q, sample.k, group.phi_q(q_in.float()), group.phi_k(k_in.float()),
+                             group.spec.layout, group.spec.scale)                      # [B, G*H]
+    return kl.reshape(kl.shape[0], len(group.names), group.heads).mean(dim=(0, 2))
+
+
+def _output_and_weight_loss(group, sample: SiteSample, weight: float = 0.1) -> torch.Tensor:
+    """LoLCATs-style blend: output L1 plus ``weight`` x the attention-weight KL, per site."""
+    pred = group.per_site(group.forward(sample).float())
+    target = group.per_site(sample.target.to(pred.device, torch.float32))
+    out = torch.stack([F.l1_loss(p, t) for p, t in zip(pred, target)])
+    return out + weight * _attention_weight_loss(group, sample)
+
+
+_attention_weight_loss.reads_sample = True
+_output_and_weight_loss.reads_sample = True
+LOSSES["attention_weights"] = _attention_weight_loss
+LOSSES["l1+attention_weights"] = _output_and_weight_loss
+
+
+def reinit_feature_maps(hybrid: nn.Module, **options) -> int:
+    """Replace every site's phi_q, phi_k of ``hybrid`` (a HybridModel) with fresh :class:`FeatureMap`
+    modules of the same heads, head and feature size built with ``options`` (e.g. ``positive='exp'``
+    for softmax-mimicking exponential features, ``init_bias=``, ``hidden=``, ``degree=``), on the old
+    maps' device and dtype. Returns the number of sites. Options other than the defaults are not
+    stored by ``rc.save_hybrid``: keep them beside the file."""
+    count = 0
+    for pair in hybrid.feature_maps.values():
+        for which in ("phi_q", "phi_k"):
+            old = getattr(pair, which)
+            new = FeatureMap(old.heads, old.head_dim, old.feature_dim, **options)
+            setattr(pair, which, new.to(device=old.w1.device, dtype=old.w1.dtype))
+        count += 1
+    return count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +420,8 @@ class _SiteGroup:
         return t.reshape(b, len(self.names), self.heads, n, d).transpose(0, 1)
 
     def losses(self, sample: SiteSample, loss_fn) -> torch.Tensor:
+        if getattr(loss_fn, "reads_sample", False):  # losses on attention weights need q, k, phi
+            return loss_fn(self, sample)
         pred = self.per_site(self.forward(sample).float())
         target = self.per_site(sample.target.to(pred.device, torch.float32))
         return torch.stack([loss_fn(p, t) for p, t in zip(pred, target)])

@@ -10,7 +10,9 @@ from torch import nn
 from .errors import ShapeError
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "identity": lambda x: x}
-POSITIVE = {"softplus": F.softplus, "relu": F.relu}
+POSITIVE = {"softplus": F.softplus, "relu": F.relu,
+            # softmax-mimicking (Hedgehog's maps are exp(xW) normalised; the op normalises itself)
+            "exp": lambda u: torch.exp(u.clamp(max=30.0))}
 
 
 class FeatureMap(nn.Module):

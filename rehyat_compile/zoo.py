@@ -377,9 +377,51 @@ def make_wan_1_3b_meta(frames=21):
     return make_wan_1_3b(device="meta"), *wan_1_3b_inputs(frames, device="meta")
 
 
+# ---- trained: a tiny Wan2.1 trained with flow matching on bouncing shapes ---------------------
+
+BOUNCING_WAN_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=3,
+                           out_channels=3, text_dim=32, freq_dim=64, ffn_dim=512, num_layers=4,
+                           qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
+"""diffusers config of the trained tiny teacher: width 128 (4 heads x 32), 4 blocks, patch 1x2x2, RGB in
+pixel space (16x16 pixels -> 8x8 = 64 tokens per frame), unconditional (null text of one token)."""
+
+BOUNCING_WAN_WEIGHTS = "weights/wan_bouncing_shapes.safetensors"
+"""Its weights, beside this file: trained by ``scripts/train_bouncing_teacher.py`` on the GPU machine."""
+
+
+def bouncing_wan_weights_path():
+    from pathlib import Path
+    return Path(__file__).parent / BOUNCING_WAN_WEIGHTS
+
+
+def make_wan_bouncing_untrained():
+    """The teacher's architecture with the seeded random weights training starts from."""
+    from diffusers import WanTransformer3DModel
+    return _seeded(WanTransformer3DModel, **BOUNCING_WAN_CONFIG)
+
+
+def bouncing_inputs(frames=8, *, batch=1, seed=1, s=0.5):
+    """Example inputs: a bouncing-shapes video (seed) noised to flow time ``s``, null text."""
+    from .bouncing_shapes import SIZE, bouncing_shapes
+    from .flow_matching import noisy, null_text, wan_inputs
+    x0 = bouncing_shapes(batch, seed, frames=frames)
+    noise = _randn(*x0.shape, seed=seed + 1)
+    times = torch.full((batch,), float(s))
+    return wan_inputs(noisy(x0, noise, times), times, null_text(batch, BOUNCING_WAN_CONFIG["text_dim"]))
+
+
+def make_wan_bouncing(frames=8):
+    """The trained tiny Wan2.1 (bouncing shapes, flow matching), weights from the repository."""
+    from safetensors.torch import load_file
+    model = make_wan_bouncing_untrained()
+    model.load_state_dict(load_file(bouncing_wan_weights_path()))
+    return model.eval(), *bouncing_inputs(frames)
+
+
 # ---- CLI presets and diffusers configs -------------------------------------------------------
 
 PRESETS = {"wan2.1-tiny": make_wan_t2v, "wan2.1-1.3b-meta": make_wan_1_3b_meta,
+           "wan2.1-bouncing": make_wan_bouncing,
            **{f"{name}-tiny": factory for name, factory in MODELS.items()}}
 
 

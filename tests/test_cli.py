@@ -88,13 +88,18 @@ def test_diffusers_class_from_config(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_demo_json_runs_every_stage_and_writes_its_plot(capsys, tmp_path):
-    # The main job end to end (about 2.5 min on 2 cores): every number in the summary is measured.
+    # The main job end to end (about 3 min on 2 idle cores): every number in the summary is measured.
     code, summary = run_json(capsys, "demo", "--out", str(tmp_path / "demo"))
     assert code == 0
     assert summary["exact_rel_error"] <= 1e-4 and summary["stream_rel_error"] <= 1e-4
     assert summary["distilled_rel_error"] < summary["converted_rel_error"]
     assert (summary["cost_degree_original"], summary["cost_degree_converted"]) == (2, 1)
     assert (tmp_path / "demo" / "cost.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "demo" / "samples.gif").read_bytes()[:3] == b"GIF"
+    assert (tmp_path / "demo" / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    val = summary["fidelity"]["val_loss"]  # the trained teacher is far better than its crude conversion
+    assert val["teacher"] < val["distilled"] < val["converted"]
+    assert summary["fidelity"]["sample_rmse"]["distilled"] < summary["fidelity"]["sample_rmse"]["converted"]
     builds = summary["builds"]
     assert "runs here" in builds["cpu"] and "DIFFER" not in builds["adreno"]
     assert "match x86 on qemu-hexagon v66" in builds["hexagon"] or "not run" in builds["hexagon"]
