@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
@@ -292,7 +292,6 @@ def site_of_match(match: AttentionMatch, name: str) -> Site:
         return site
     k = match.k if match.k is not None else match.k_t
     kval = k.meta.get("val") if k is not None else None
-    from dataclasses import replace
     return replace(site, head_dim=_int_or_none(q.shape[-1]), heads=_int_or_none(q.shape[1]) if q.dim() == 4 else None,
                    kv_heads=_int_or_none(kval.shape[1]) if isinstance(kval, torch.Tensor) and kval.dim() == 4 else None)
 

@@ -6,7 +6,7 @@ token axis and no pass declined it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .declines import Decline
 
@@ -79,7 +79,6 @@ class Site:
 
     def declined(self, code: str, detail: str) -> "Site":
         """This site, kept for the reason ``Decline(code, detail)``."""
-        from dataclasses import replace
         return replace(self, decline=Decline(code, detail))
 
     def to_dict(self) -> dict:

@@ -390,7 +390,9 @@ class HybridModel(nn.Module):
         frames into earlier ones through the next layer, so with ``causal=True`` every chunk carries
         its own copy of the extra tokens (docs/hybrid_attention.md, "joint models, causal"), which
         is what the recurrent form computes."""
-        sites = self._programs_for(args, kwargs)[2]
+        return self._runs_recurrently(self._programs_for(args, kwargs)[2], args, kwargs)
+
+    def _runs_recurrently(self, sites, args, kwargs) -> bool:
         if not (self.plan.options.causal and any(is_joint(s) for s in sites)):
             return False
         frames = self._call_frames(args, kwargs)
@@ -406,9 +408,10 @@ class HybridModel(nn.Module):
         return video.shape[fa.dim] // fa.patch if isinstance(video, torch.Tensor) else None
 
     def forward(self, *args, **kwargs):
-        if self.runs_recurrently(*args, **kwargs):
+        graph, _, sites, _ = self._programs_for(args, kwargs)  # one cache lookup per call
+        if self._runs_recurrently(sites, args, kwargs):
             return self._recurrent(args, kwargs)
-        return self._programs_for(args, kwargs)[0](*args, **kwargs)
+        return graph(*args, **kwargs)
 
     def _recurrent(self, args, kwargs):
         from .stream import StreamRunner

@@ -84,9 +84,9 @@ def test_stream_refuses_every_attention_spelling_left_unconverted_naming_its_nod
     assert any(re.search(rf"\bnode {re.escape(n.name)}\b", str(err.value)) for n in kept), str(err.value)
 
 
-def test_converted_twin_of_each_spelling_streams():
-    """The negative of the refusal: the same model with both layers converted streams and equals the
-    parallel form, so the refusal above is about the unconverted layer alone."""
+def test_the_same_model_with_both_layers_converted_streams_like_its_parallel_form():
+    """The negative of the refusal: with both layers converted the two-layer model streams and equals
+    the parallel form, so the refusal above is about the unconverted layer alone."""
     x = _video(5)
     with torch.no_grad():
         hybrid = rc.transform(TwoLayers("matmul-mul").eval(), (x,), chunk_frames=2, overlap_frames=1)
