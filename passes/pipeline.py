@@ -3,8 +3,8 @@
 Every entry point runs these passes and no other copy of them: ``rc.inspect`` runs
 :data:`ANALYSIS`; ``rc.transform`` runs :data:`ANALYSIS` once per input structure, then
 :data:`REWRITE` on a copy for the hybrid graph and again (``options=None``) for the teacher graph;
-``rc.stream`` runs :data:`THREAD_STATE` (or :data:`THREAD_STATE_MATCHED` for fixed-shape exports) on
-the hybrid graph; ``rc.distill`` runs :data:`FORCE_SOFTMAX`; ``rc.build`` runs :data:`PORTABLE`
+``rc.stream`` runs :data:`THREAD_STATE` (or, for fixed-shape exports, :data:`INFER_INPUT_FRAMES` on the
+whole-video graph, then :data:`THREAD_STATE_MATCHED` on a chunk trace) on the hybrid graph; ``rc.distill`` runs :data:`FORCE_SOFTMAX`; ``rc.build`` runs :data:`PORTABLE`
 on the exported program it compiles; ``rc.cost`` costs the graphs these produce.
 
     canonicalize -> find -> classify -> layout -> rewrite -> { thread_state | force_softmax | portable }
@@ -139,6 +139,13 @@ def _thread_state(result: PassResult, ctx: PassContext) -> PassResult:
     return result.with_artifact("step_program", thread_state(result.graph, patch=ctx.patch))
 
 
+def _infer_input_frames(result: PassResult, ctx: PassContext) -> PassResult:
+    """settings: frames (the call's token frames), sizes (symbol values of a symbolic graph)."""
+    from .infer_input_frames import infer_input_frames
+    s = ctx.settings
+    return result.with_artifact("input_frames", infer_input_frames(result.graph, s.get("frames"), s.get("sizes")))
+
+
 def _thread_state_matched(result: PassResult, ctx: PassContext) -> PassResult:
     """settings: full_graph, chunk_inputs, full_inputs, chunk_frames, frames, input_dims."""
     from .thread_state import thread_state_matched
@@ -167,6 +174,8 @@ CLASSIFY = Pass("classify", _classify, "self vs cross-attention, causal, factori
 LAYOUT = Pass("layout", _layout, "where the video sits in the token axis; frame-major check")
 REWRITE = Pass("rewrite", _rewrite, "each chosen site becomes one rehyat::hybrid_attention node (or softmax)")
 THREAD_STATE = Pass("thread_state", _thread_state, "the step program of one chunk, states explicit")
+INFER_INPUT_FRAMES = Pass("infer_input_frames", _infer_input_frames,
+                          "which inputs of a fixed-shape graph carry the frame axis, from its dataflow")
 THREAD_STATE_MATCHED = Pass("thread_state_matched", _thread_state_matched,
                             "the step program of a fixed-shape export, from a chunk trace and a whole trace")
 FORCE_SOFTMAX = Pass("force_softmax", _force_softmax, "every site as the teacher's softmax, recording q, k, v, out")
@@ -174,7 +183,7 @@ PORTABLE = Pass("portable", _portable, "the hybrid op and composite ops in stand
 
 ANALYSIS = (CANONICALIZE, FIND, CLASSIFY, LAYOUT)
 CONVERSION = ANALYSIS + (REWRITE,)
-VARIANTS = {"stream": (THREAD_STATE, THREAD_STATE_MATCHED), "distill": (FORCE_SOFTMAX,), "build": (PORTABLE,)}
+VARIANTS = {"stream": (THREAD_STATE, INFER_INPUT_FRAMES, THREAD_STATE_MATCHED), "distill": (FORCE_SOFTMAX,), "build": (PORTABLE,)}
 PIPELINE = CONVERSION + tuple(p for group in VARIANTS.values() for p in group)  # every pass, in order
 
 

@@ -256,9 +256,44 @@ def symbol_dependent(graph: fx.Graph, symbols: frozenset) -> set[fx.Node]:
 
 
 def _refuse_global_mixer(node: fx.Node) -> None:
+    if mixed_axis(node) is None:
+        raise ConversionError(
+            f"stream cannot run node {node.name} ({node.target}) chunk by chunk: it reduces over the frame axis, "
+            f"so each frame's output depends on every frame of the video (a non-causal computation)")
     raise ConversionError(
         f"stream cannot run node {node.name} ({node.target}) chunk by chunk: it attends over every "
         f"frame (an unconverted attention site); convert it with rc.transform(..., layers=None)")
+
+
+_REDUCTIONS = {torch.ops.aten.sum.dim_IntList, torch.ops.aten.mean.dim, torch.ops.aten.amax.default,
+               torch.ops.aten.amin.default, torch.ops.aten.prod.dim_int, torch.ops.aten.var.correction,
+               torch.ops.aten.std.correction, torch.ops.aten.logsumexp.default, torch.ops.aten.max.dim,
+               torch.ops.aten.min.dim, torch.ops.aten.argmax.default, torch.ops.aten.argmin.default,
+               torch.ops.aten.linalg_vector_norm.default, torch.ops.aten.cumsum.default}
+
+
+def mixing_axes(node: fx.Node) -> list[tuple[fx.Node, int]]:
+    """(tensor node, dim) pairs a node mixes all entries of: the keys of an attention
+    (:func:`~rehyat_compile.attention_spellings.mixed_axis`), each dim a reduction reduces, the
+    contracted dim of a matrix product. Applied to a frame dim, every frame's output reads every frame."""
+    mixed = mixed_axis(node)
+    if mixed is not None:
+        return [mixed]
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return []
+    x, target = node.args[0], node.target
+    val = x.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return []
+    if target in _REDUCTIONS:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = [dims] if isinstance(dims, int) else list(dims or range(val.dim()))
+        return [(x, d % max(val.dim(), 1)) for d in dims]
+    if target in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.matmul.default):
+        return [(x, val.dim() - 1)]
+    return []
+
+
 
 
 def _check_streamable(graph: fx.Graph, data: set, symbol, patch: int) -> None:
@@ -266,13 +301,10 @@ def _check_streamable(graph: fx.Graph, data: set, symbol, patch: int) -> None:
     :mod:`rehyat_compile.attention_spellings` left unconverted over frame-dependent keys."""
     _check_sites(graph)
     for node in graph.nodes:
-        mixed = mixed_axis(node) if node in data else None
-        if mixed is None:
-            continue
-        keys, dim = mixed
-        val = keys.meta.get("val") if isinstance(keys, fx.Node) else None
-        if isinstance(val, torch.Tensor) and frame_dim_of(val.shape[dim], 0, symbol, patch) is not None:
-            _refuse_global_mixer(node)
+        for keys, dim in (mixing_axes(node) if node in data else ()):
+            val = keys.meta.get("val") if isinstance(keys, fx.Node) else None
+            if isinstance(val, torch.Tensor) and frame_dim_of(val.shape[dim], 0, symbol, patch) is not None:
+                _refuse_global_mixer(node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,18 +603,50 @@ def _check_sites(graph: fx.Graph) -> None:
 
 
 def _check_no_global_mixer(chunk_graph: fx.Graph, data: set, full_nodes: dict) -> None:
-    """Refuse attention/softmax whose key count differs between the chunk and the whole video."""
+    """Refuse attention, softmax, reductions and contractions over a dim whose size differs between
+    the chunk and the whole video (a dim of frames)."""
     for node in chunk_graph.nodes:
-        mixed = mixed_axis(node) if node in data else None
+        mixed = mixing_axes(node) if node in data else []
         full = full_nodes.get(node.name)
-        full_mixed = mixed_axis(full) if mixed is not None and full is not None else None
-        if full_mixed is None or not all(isinstance(m, fx.Node) for m in (mixed[0], full_mixed[0])):
-            continue
-        (keys, dim), (full_keys, _) = mixed, full_mixed
-        a, b = keys.meta.get("val"), full_keys.meta.get("val")
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
-                _concrete(a.shape)[dim] != _concrete(b.shape)[dim]:
-            _refuse_global_mixer(node)
+        full_mixed = mixing_axes(full) if mixed and full is not None else []
+        for (keys, dim), (full_keys, _) in zip(mixed, full_mixed):
+            if not all(isinstance(m, fx.Node) for m in (keys, full_keys)):
+                continue
+            a, b = keys.meta.get("val"), full_keys.meta.get("val")
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
+                    _concrete(a.shape)[dim] != _concrete(b.shape)[dim]:
+                _refuse_global_mixer(node)
+
+
+def _check_same_program(chunk: fx.Graph, full: fx.Graph) -> None:
+    """Both traces must run the same ops in the same order (sizes aside): nodes are matched by name,
+    and a python branch on a size would otherwise pair different computations silently."""
+    def ops(graph):  # tensor ops; size arithmetic and getitems vary with the sizes themselves
+        return [n for n in graph.nodes if n.op == "call_function" and n.target not in _DROPPED
+                and isinstance(n.target, torch._ops.OpOverload) and n.target not in _SHAPE_READERS]
+    a, b = ops(chunk), ops(full)
+    if [n.target for n in a] != [n.target for n in b]:
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x.target != y.target), min(len(a), len(b)))
+        where = a[first].name if first < len(a) else b[first].name
+        raise ConversionError(f"the chunk and whole-video graphs differ from node {where} on ({len(a)} vs {len(b)} "
+                              "ops): the model's code branches on the frame count or on an input that counts frames")
+
+
+def _check_same_sites(chunk: fx.Graph, full: fx.Graph) -> None:
+    """The chunk trace must convert the sites the whole-video trace converted, no more, no fewer."""
+    calls = [{n.name: HybridCall.from_node(n) for n in g.nodes if is_hybrid_node(n)} for g in (chunk, full)]
+    if calls[0].keys() != calls[1].keys():
+        extra, missing = sorted(calls[0].keys() - calls[1].keys()), sorted(calls[1].keys() - calls[0].keys())
+        raise ConversionError(f"the chunk trace converts other sites than the whole video's (only in the chunk: "
+                              f"{extra or 'none'}; only in the whole video: {missing or 'none'}); its layout at a "
+                              "chunk's length differs, so the model is not streamed")
+    for name, call in calls[0].items():
+        whole = calls[1][name]
+        fixed = [f for f in ("tokens_per_frame", "chunk_frames", "overlap_frames", "extra_before", "extra_after")
+                 if isinstance(getattr(whole, f), int) and getattr(call, f) != getattr(whole, f)]
+        if fixed:  # every chunk must carry the whole video's extra tokens and frame size
+            raise ConversionError(f"site {name}: the chunk trace lays its tokens out otherwise than the whole video's "
+                                  + ", ".join(f"{f} {getattr(call, f)} vs {getattr(whole, f)}" for f in fixed))
 
 
 def thread_state_matched(chunk_gm: fx.GraphModule, full_gm: fx.GraphModule, chunk_inputs: list,
@@ -600,6 +664,8 @@ def thread_state_matched(chunk_gm: fx.GraphModule, full_gm: fx.GraphModule, chun
         ensure_meta(gm)
     data = data_nodes(chunk_gm.graph)
     _check_sites(chunk_gm.graph)
+    _check_same_sites(chunk_gm.graph, full_gm.graph)
+    _check_same_program(chunk_gm.graph, full_gm.graph)
     full_nodes = {n.name: n for n in full_gm.graph.nodes}
     _check_no_global_mixer(chunk_gm.graph, data, full_nodes)
     frontier = _frontier(chunk_gm.graph, data)

@@ -30,6 +30,7 @@ False, ``FrameAxis.reason`` says why, and layout inference relies on ``video_sha
 from __future__ import annotations
 
 import inspect as _inspect
+import sys
 from dataclasses import dataclass
 
 import sympy
@@ -179,6 +180,49 @@ class _ModuleAttributes:
             module._buffers.update(buffers)
 
 
+class _CodeCaches:
+    """The caches in the model's own code, emptied for an export and restored after it: dicts and
+    lists of tensors held by the modules and classes that define the model's submodules (official
+    repos cache position tables in such dicts), and ``functools`` caches there (cleared). A trace
+    stores fake tensors in them, which the next trace or an eager call would read; and a trace that
+    found an earlier call's table cached would bake it in as a constant where a trace at another
+    length computes it, so every trace starts from empty caches."""
+
+    def __init__(self, model: torch.nn.Module):
+        namespaces, seen = [], set()
+        for module in model.modules():
+            for cls in type(module).__mro__:
+                if cls.__module__.startswith(("torch.", "builtins")) or cls is object:
+                    continue
+                for space in (vars(cls), vars(sys.modules.get(cls.__module__, cls))):
+                    if id(space) not in seen:
+                        seen.add(id(space))
+                        namespaces.append(space)
+        self.saved = [(v, v.copy()) for space in namespaces for v in list(space.values())
+                      if type(v) in (dict, list) and _holds_tensors(v)]
+        self.functions = [v for space in namespaces for v in list(space.values()) if hasattr(v, "cache_clear")]
+
+    def empty(self) -> "_CodeCaches":
+        for container, _ in self.saved:
+            container.clear()
+        for function in self.functions:
+            function.cache_clear()
+        return self
+
+    def restore(self) -> None:
+        for container, copy in self.saved:
+            container.clear()
+            container.update(copy) if isinstance(container, dict) else container.extend(copy)
+        for function in self.functions:
+            function.cache_clear()
+
+
+def _holds_tensors(container) -> bool:
+    """True for an empty container (a cache not filled yet) or one holding tensors."""
+    values = list(container.values()) if isinstance(container, dict) else list(container)
+    return not values or any(isinstance(x, torch.Tensor) for x in torch.utils._pytree.tree_leaves(values[:8]))
+
+
 class _DataAsDetach(torch.overrides.TorchFunctionMode):
     """Reads ``t.data`` as ``t.detach()`` (same values, same storage, no autograd history).
 
@@ -201,7 +245,7 @@ def _export(model, args, kwargs, dynamic_shapes=None) -> ExportedProgram:
     def run():
         return torch.export.export(model, tuple(args), dict(kwargs), dynamic_shapes=dynamic_shapes, strict=False)
 
-    attributes = _ModuleAttributes(model)
+    attributes, caches = _ModuleAttributes(model), _CodeCaches(model).empty()
     try:
         return run()
     except RuntimeError as exc:
@@ -209,9 +253,15 @@ def _export(model, args, kwargs, dynamic_shapes=None) -> ExportedProgram:
         # others keep the graph they always had (parameter .data reads stay plain constants).
         if not _leaked_fake_constant(exc):
             raise
+    finally:
+        caches.restore()  # whatever the trace cached is fake
     attributes.restore()  # the failed trace left its lifted fake constant on the module
-    with _DataAsDetach():
-        return run()
+    caches.empty()
+    try:
+        with _DataAsDetach():
+            return run()
+    finally:
+        caches.restore()
 
 
 def _placeholder_dim(ep: ExportedProgram, tensor_index: int, dim: int):

@@ -18,15 +18,22 @@ its tables and the initial states. :meth:`StreamRunner.signature` names every on
 Exports with a symbolic frame axis give one step program for every chunk. Fixed-shape exports
 (Cosmos, LTX-Video with ``video_shape``) and fixed-size extra video inputs (WanVACE's control video)
 are traced again on chunk-length inputs, one program per chunk length (the full chunk and a shorter
-last one), by :func:`~rehyat_compile.passes.thread_state.thread_state_matched`; which inputs are
-chunked is then read from sizes (the frame input's time dim, M*T token dims, ints equal to the frame
-count). For LTX-Video, ``video_shape`` fixes the frame count: transform per length.
+last one), by :func:`~rehyat_compile.passes.thread_state.thread_state_matched`. Which inputs are
+chunked, and along which dim, comes from the whole-video graph's dataflow
+(:func:`~rehyat_compile.passes.infer_input_frames.infer_input_frames`: what flows into the token axis
+of the converted sites); an input whose role the graph does not give makes ``stream`` refuse, naming
+it. Python ints are baked into such graphs: one that could count frames (``num_frames``,
+``seq_len``) is traced both kept and scaled to the chunk, and the one way whose chunk graph matches
+the whole video's is its role. For LTX-Video, ``video_shape`` fixes the frame count: transform per
+length.
 
 Position tables (RoPE, learned frame embeddings) are computed once per call for the whole video and
 sliced per chunk. ``table_device="cpu"`` computes and keeps them in host memory and moves one chunk's
 slice at a time, so device memory does not grow with the video length.
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import fx
@@ -88,6 +95,7 @@ class StreamRunner(torch.nn.Module):
         self.hybrid = hybrid
         self.table_device = None if table_device is None else torch.device(table_device)
         self._programs: dict[int, StepProgram] = {}
+        self._roles: dict[int, list] = {}  # fixed-shape graphs: how each flat input is chunked
 
     def __getattr__(self, name):
         return _pass_through(self, name)
@@ -109,33 +117,106 @@ class StreamRunner(torch.nn.Module):
         return self._static_plan(gm, frame_axis, patch, args, kwargs)
 
     def _static_plan(self, full_gm, frame_axis, patch: int, args, kwargs) -> "_Plan":
-        """Fixed-shape exports (or inputs exported with a fixed frame count): trace the converted model
-        on chunk-length inputs too and let :func:`thread_state_matched` compare the two graphs."""
-        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-        in_spec = getattr(full_gm.graph._codegen, "pytree_info", None)
-        flat = _flat(in_spec.in_spec if in_spec is not None else None, args, kwargs)
-        video_shape = self.hybrid.plan.video_shape
+        """Fixed-shape exports (or inputs exported with a fixed frame count): which inputs carry the
+        frame axis comes from the graph's dataflow (:mod:`~rehyat_compile.passes.infer_input_frames`);
+        the converted model is traced again on chunk-length inputs and :func:`thread_state_matched`
+        compares the two graphs."""
+        pytree_info = getattr(full_gm.graph._codegen, "pytree_info", None)
+        in_spec = pytree_info.in_spec if pytree_info is not None else None
+        flat = _flat(in_spec, args, kwargs)
         calls = [HybridCall.from_node(n) for n in full_gm.graph.nodes if is_hybrid_node(n)]
         if not calls:
             raise ConversionError("stream needs a converted model: the graph has no rehyat::hybrid_attention node")
-        tokens = {call.tokens_per_frame for call in calls}
-        user_dims, frames = _guess_input_dims(leaves, frame_axis, video_shape, tokens, patch)
-        flat_dims = _guess_input_dims(flat, frame_axis, video_shape, tokens, patch)[0]
+        if id(full_gm) not in self._roles:
+            self._roles[id(full_gm)] = self._input_roles(full_gm, frame_axis, patch, flat, in_spec, calls)
+        dims, _ = self._roles[id(full_gm)]
+        frames = _frames(flat, dims)
+        video_shape = self.hybrid.plan.video_shape
 
         def program(length: int) -> StepProgram:
             key = (id(full_gm), length)
             if key not in self._programs:
-                chunk_args, chunk_kwargs = pytree.tree_unflatten(_chunk(leaves, user_dims, 0, length), spec)
-                chunk_video = None if video_shape is None else (length, *video_shape[1:])
-                chunk_gm = self.hybrid.graph_module_for(chunk_args, chunk_kwargs, video_shape=chunk_video)
-                settings = dict(full_graph=full_gm, chunk_inputs=_chunk(flat, flat_dims, 0, length), full_inputs=flat,
-                                chunk_frames=length, frames=frames, input_dims=flat_dims)
-                context = pipeline.PassContext(frame_axis, settings=settings)
-                result = pipeline.run(pipeline.THREAD_STATE_MATCHED, pipeline.PassResult(chunk_gm), context)
-                self._programs[key] = result.artifacts["step_program"]
+                self._programs[key] = self._matched_program(full_gm, frame_axis, flat, dims, in_spec, frames, length,
+                                                            video_shape)
             return self._programs[key]
 
         return _Plan(flat, frames, calls[0].chunk_frames, program)
+
+    def _matched_program(self, full_gm, frame_axis, flat, dims, in_spec, frames, length, video_shape) -> StepProgram:
+        """The step program of a chunk of ``length`` token frames: a trace of the converted model on
+        the chunk's inputs, matched against the whole-video graph."""
+        chunk_flat = _chunk(flat, dims, 0, length)
+        chunk_args, chunk_kwargs = _unflatten_call(chunk_flat, in_spec)
+        chunk_video = None if video_shape is None else (length, *video_shape[1:])
+        try:
+            chunk_gm = self.hybrid.graph_module_for(chunk_args, chunk_kwargs, video_shape=chunk_video)
+        except ConversionError as exc:
+            raise ConversionError(f"stream: the model does not run on a chunk of {length} frames: {exc}"
+                                  + _fixed_length_hint(self._roles.get(id(full_gm)), frames)) from exc
+        settings = dict(full_graph=full_gm, chunk_inputs=chunk_flat, full_inputs=flat, chunk_frames=length,
+                        frames=frames, input_dims=dims)
+        context = pipeline.PassContext(frame_axis, settings=settings)
+        return pipeline.run(pipeline.THREAD_STATE_MATCHED, pipeline.PassResult(chunk_gm), context).artifacts["step_program"]
+
+    def _input_roles(self, full_gm, frame_axis, patch, flat, in_spec, calls) -> tuple[list, tuple]:
+        """How each flat input is chunked: tensors from the dataflow (refusing inputs whose role the
+        graph does not give), then python ints, which fixed-shape graphs bake in: an int that could
+        count frames (a multiple of the frame count) is tried both ways in chunk traces."""
+        frames, sizes = _call_frames(frame_axis, self.hybrid.plan.video_shape, patch, flat)
+        context = pipeline.PassContext(frame_axis, settings={"frames": frames, "sizes": sizes})
+        roles = pipeline.run(pipeline.INFER_INPUT_FRAMES, pipeline.PassResult(full_gm), context).artifacts["input_frames"]
+        if len(roles.dims) != len(flat):
+            raise ConversionError(f"stream: the graph takes {len(roles.dims)} inputs, the call gives {len(flat)}")
+        if roles.unknown:
+            name, why = roles.unknown[0]
+            more = f" ({len(roles.unknown) - 1} more inputs likewise)" if len(roles.unknown) > 1 else ""
+            raise ConversionError(f"stream cannot tell whether input {name!r} carries the frame axis: {why}{more}; "
+                                  "chunking it by its size could be silently wrong, so the model is not streamed")
+        dims = list(roles.dims)
+        if not any(isinstance(d, FrameDim) for d in dims):
+            raise ConversionError("stream: no input of the model reaches the converted sites' frames")
+        frames = _frames(flat, dims)
+        self._roles[id(full_gm)] = (dims, roles.constants)  # read by the error of a failed chunk trace
+        per_frame = {d.per_frame for d in dims if isinstance(d, FrameDim)} | {c.tokens_per_frame for c in calls}
+        counts = {i: _count_candidates(x, frames, per_frame) for i, x in enumerate(flat) if _is_count(x)}
+        counts = {i: c for i, c in counts.items() if c}
+        if counts:  # python ints the graph baked in: decided by chunk traces
+            length = min(calls[0].chunk_frames, frames)
+            dims = self._resolve_counts(full_gm, frame_axis, flat, dims, in_spec, counts, length,
+                                        roles, frames)
+        return dims, roles.constants
+
+    def _resolve_counts(self, full_gm, frame_axis, flat, dims, in_spec, counts, length, roles, frames) -> list:
+        """Ints that could count frames (``num_frames``, ``seq_len``): each way (kept, or scaled to the
+        chunk) is traced at one chunk; the role is the one way that traces and matches the whole-video
+        graph (kept when both give the same chunk graph). Otherwise stream refuses, naming the int."""
+        if len(counts) > 3:
+            raise ConversionError(f"stream: {len(counts)} int inputs could count frames ("
+                                  + ", ".join(roles.names[i] for i in counts) + "); their roles cannot be derived")
+        video_shape = self.hybrid.plan.video_shape
+        indices = sorted(counts)
+        outcomes = []
+        for choice in itertools.product(*[[None] + counts[i] for i in indices]):
+            trial = list(dims)
+            for i, role in zip(indices, choice):
+                trial[i] = role
+            try:
+                program = self._matched_program(full_gm, frame_axis, flat, trial, in_spec, frames, length, video_shape)
+            except (ConversionError, ShapeError):
+                continue
+            outcomes.append((choice, trial, program.module.code))
+        if not outcomes:
+            names = ", ".join(f"{roles.names[i]}={flat[i]}" for i in indices)
+            raise ConversionError(f"stream: no role of the int inputs {names} (kept, or counted per frame) gives a "
+                                  "chunk graph that matches the whole video's; the model is not streamed")
+        kept = [trial for choice, trial, _ in outcomes if all(c is None for c in choice)]
+        if len({code for *_, code in outcomes}) == 1 and kept:
+            return kept[0]  # the ints do not change the chunk graph
+        if len(outcomes) > 1:
+            names = ", ".join(f"{roles.names[i]}={flat[i]}" for i in indices)
+            raise ConversionError(f"stream cannot tell the role of the int inputs {names}: kept and counted per "
+                                  "frame both trace a chunk, to different graphs; the model is not streamed")
+        return outcomes[0][1]
 
     def program(self, *args, **kwargs) -> StepProgram:
         """The :class:`StepProgram` of this call's first chunk (every chunk's, unless the export is static)."""
@@ -280,16 +361,24 @@ class StepModule(torch.nn.Module):
 
 
 class FrameCount:
-    """An int input that is the frame count (LTX-Video's ``num_frames``): per_frame * chunk frames."""
+    """An int input that counts frames: ``per_frame * frames + extra`` (LTX-Video's ``num_frames``,
+    a token count ``seq_len``, a joint length ``max_seqlen`` = video tokens + text); a chunk gets
+    ``per_frame * chunk frames + extra``."""
 
-    def __init__(self, per_frame: int):
-        self.per_frame = per_frame
+    def __init__(self, per_frame: int, extra: int = 0):
+        self.per_frame, self.extra = per_frame, extra
 
     def take(self, value, start: int, stop: int) -> int:
-        return self.per_frame * (stop - start)
+        return self.per_frame * (stop - start) + self.extra
+
+    def __eq__(self, other):
+        return isinstance(other, FrameCount) and (self.per_frame, self.extra) == (other.per_frame, other.extra)
+
+    def __hash__(self):
+        return hash((self.per_frame, self.extra))
 
     def __repr__(self):
-        return f"FrameCount(per_frame={self.per_frame})"
+        return f"FrameCount(per_frame={self.per_frame}, extra={self.extra})"
 
 
 class _Plan:
@@ -322,7 +411,7 @@ def dim_to_json(fd):
     if fd is None:
         return None
     if isinstance(fd, FrameCount):
-        return {"count": fd.per_frame}
+        return {"count": fd.per_frame, "extra": fd.extra}
     return {"dim": fd.dim, "per_frame": fd.per_frame, "extra": fd.extra, "extra_after": fd.extra_after}
 
 
@@ -330,7 +419,7 @@ def dim_from_json(value):
     if value is None:
         return None
     if "count" in value:
-        return FrameCount(value["count"])
+        return FrameCount(value["count"], value.get("extra", 0))
     return FrameDim(value["dim"], value["per_frame"], value["extra"], value.get("extra_after", 0))
 
 
@@ -381,36 +470,49 @@ def _static_frame_inputs(flat: list, dims: list, frame_axis) -> bool:
                and x.shape[frame_axis.dim] == video.shape[frame_axis.dim] for i, (x, fd) in enumerate(zip(flat, dims)))
 
 
-def _guess_input_dims(flat: list, frame_axis, video_shape, tokens_per_frame: set, patch: int) -> tuple[list, int]:
-    """(dim per flat input, token frames) for fixed-shape exports, by sizes: the frame input's time
-    dim; the same dim of inputs of its rank with the same size (control videos); a dim of size
-    M * T (pre-patchified tokens, per-token rotary tables); ints equal to the input frame count."""
-    video = None
+def _call_frames(frame_axis, video_shape, patch: int, flat: list) -> tuple[int | None, dict]:
+    """(token frames of this call, {frame symbol: input frames} when the graph has one): from the
+    frame input the export found, else ``video_shape``, else None (the pass reads its sites)."""
     if frame_axis is not None and frame_axis.flat_index is not None and frame_axis.flat_index < len(flat):
-        video = flat[frame_axis.flat_index]
-        frames_in = video.shape[frame_axis.dim]
-    elif video_shape is not None:
-        frames_in = video_shape[0] * patch
-    else:
-        raise ConversionError("stream cannot tell which input holds time: pass video_shape=(frames, h, w) "
-                              "to rc.transform")
-    if frames_in % patch:
-        raise ShapeError(f"the video has {frames_in} frames, not a multiple of the temporal patch {patch}")
-    frames = frames_in // patch
-    token_counts = {m * frames: m for m in tokens_per_frame}
-    dims = []
-    for x in flat:
-        fd = None
-        if isinstance(x, torch.Tensor):
-            if video is not None and x.dim() == video.dim() and x.shape[frame_axis.dim] == frames_in:
-                fd = FrameDim(frame_axis.dim, patch)
-            else:
-                hits = [d for d, size in enumerate(x.shape) if size in token_counts and size > 1]
-                fd = FrameDim(hits[0], token_counts[x.shape[hits[0]]]) if len(hits) == 1 else None
-        elif isinstance(x, int) and not isinstance(x, bool) and x == frames_in and video is None:
-            fd = FrameCount(patch)
-        dims.append(fd)
-    return dims, frames
+        size = flat[frame_axis.flat_index].shape[frame_axis.dim]
+        if size % patch:
+            raise ShapeError(f"the video has {size} frames, not a multiple of the temporal patch {patch}")
+        return size // patch, ({frame_axis.symbol: size} if frame_axis.symbol is not None else {})
+    if video_shape is not None:
+        return video_shape[0], {}
+    return None, {}
+
+
+def _fixed_length_hint(roles, frames: int) -> str:
+    """Why a model may run at its example length only: constants holding exactly that many frames."""
+    if roles is None:
+        return ""
+    fixed = [name for name, fr in roles[1] if fr.plain]
+    if not fixed:
+        return ""
+    return (f"; the model's constant {fixed[0]!r} holds exactly {frames} frames and reaches the converted sites "
+            "unsliced, so its code runs at that frame count only")
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _count_candidates(x: int, frames: int | None, per_frame: set[int]) -> list:
+    """The frame-count roles a python int could have: x = per_frame * frames (+ extra, for the
+    per-frame counts of the inputs and sites: tokens per frame, input frames per token frame)."""
+    if not frames:
+        return []
+    roles = [FrameCount(x // frames)] if x % frames == 0 else []
+    return roles + [FrameCount(p, x - p * frames) for p in sorted(per_frame) if 0 < x - p * frames]
+
+
+def _unflatten_call(flat: list, in_spec) -> tuple[tuple, dict]:
+    """(args, kwargs) of a call from its flat inputs in the export's order."""
+    if in_spec is None:
+        return tuple(flat), {}
+    args, kwargs = pytree.tree_unflatten(flat, in_spec)
+    return tuple(args), dict(kwargs)
 
 
 def site_state_nbytes(site) -> int:

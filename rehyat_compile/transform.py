@@ -301,6 +301,9 @@ class HybridModel(nn.Module):
         analysis_key, (pristine, frame_axis, sites) = self._analysis(args, kwargs, video_shape)
         report = InspectReport(sites, frame_axis, type(self.original).__name__)
         chosen = _selected(sites, self.plan.layers)
+        if self.plan.traced:  # the first trace fixed which sites are converted; later traces follow it
+            planned = {site.name for site in self.plan.sites}
+            chosen = [site for site in chosen if site.name in planned]
         if not chosen:
             raise ConversionError("no attention site can be converted:\n" + str(report))
         self._ensure_feature_maps(chosen)

@@ -10,9 +10,7 @@ from models import MODELS
 
 # every joint model of rehyat_compile/zoo.py (EXPECTED kind "joint")
 JOINT = ["hunyuan-video", "cogvideox-1.0", "cogvideox-1.5", "mochi", "easyanimate", "consisid", "motif-video",
-         "helios", pytest.param("hunyuan-video-framepack", marks=pytest.mark.xfail(
-             strict=True, reason="its index and history inputs are cut per chunk by their sizes, not by what the graph "
-             "does with them: the chunk trace fails (the open part of the streaming issue)"))]
+         "helios"]  # and hunyuan-video-framepack: refused, below
 
 
 def _convert(name, frames, chunk_frames, overlap_frames):
@@ -50,6 +48,18 @@ def test_joint_causal_conversion_equals_its_stream_and_ignores_later_frames(name
     torch.testing.assert_close(after.narrow(axis.dim, 0, first_chunk), before.narrow(axis.dim, 0, first_chunk),
                                rtol=0, atol=1e-6)
     assert not torch.allclose(after, before)
+
+
+def test_framepack_causal_conversion_is_refused_before_it_runs_naming_the_blocking_node():
+    """HunyuanVideo-Framepack concatenates its video and history tokens at sizes computed from data
+    (unbacked sizes in the export): which entries are frames cannot be followed through that cat, so
+    the causal conversion, which must run chunk by chunk, refuses when called (one chunk still runs)."""
+    hybrid, args, kwargs, _ = _convert("hunyuan-video-framepack", 5, 2, 1)
+    with torch.no_grad(), pytest.raises(rc.ConversionError, match=r"cat_\d+ \(aten.cat.default\).*data-dependent size"):
+        hybrid(*args, **kwargs)
+    one_chunk = hybrid.with_options(chunk_frames=5)
+    with torch.no_grad():
+        assert torch.isfinite(_first(one_chunk(*args, **kwargs))).all()
 
 
 @pytest.mark.slow
