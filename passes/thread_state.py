@@ -618,18 +618,39 @@ def _check_no_global_mixer(chunk_graph: fx.Graph, data: set, full_nodes: dict) -
                 _refuse_global_mixer(node)
 
 
-def _check_same_program(chunk: fx.Graph, full: fx.Graph) -> None:
-    """Both traces must run the same ops in the same order (sizes aside): nodes are matched by name,
-    and a python branch on a size would otherwise pair different computations silently."""
-    def ops(graph):  # tensor ops; size arithmetic and getitems vary with the sizes themselves
-        return [n for n in graph.nodes if n.op == "call_function" and n.target not in _DROPPED
-                and isinstance(n.target, torch._ops.OpOverload) and n.target not in _SHAPE_READERS]
+def _is_size_arithmetic(node: fx.Node) -> bool:
+    """Nodes whose count varies with the sizes themselves: python arithmetic on sizes, size reads,
+    getitems (an unbind along frames has one per frame), the export's checks."""
+    target = node.target
+    if target is operator.getitem or target in _DROPPED or target in _SHAPE_READERS:
+        return True
+    module = getattr(target, "__module__", "") or ""
+    return not isinstance(target, torch._ops.OpOverload) and (
+        module in ("_operator", "operator", "math", "builtins") or "sym" in getattr(target, "__name__", ""))
+
+
+def pair_nodes(chunk: fx.Graph, full: fx.Graph) -> dict[str, fx.Node]:
+    """{chunk node name: whole-video node}: the two traces must run the same ops in the same order
+    (sizes aside; a python branch on a size would otherwise pair different computations), paired by
+    position; getitems through their pair's source, the rest (inputs, attributes, size arithmetic)
+    by name. Raises ConversionError naming the first op where they differ."""
+    def ops(graph):
+        return [n for n in graph.nodes if n.op in ("call_function", "call_module") and not _is_size_arithmetic(n)]
     a, b = ops(chunk), ops(full)
     if [n.target for n in a] != [n.target for n in b]:
         first = next((i for i, (x, y) in enumerate(zip(a, b)) if x.target != y.target), min(len(a), len(b)))
         where = a[first].name if first < len(a) else b[first].name
         raise ConversionError(f"the chunk and whole-video graphs differ from node {where} on ({len(a)} vs {len(b)} "
                               "ops): the model's code branches on the frame count or on an input that counts frames")
+    pairs = {n.name: n for n in full.nodes}
+    pairs.update({x.name: y for x, y in zip(a, b)})
+    getitems = {(u.args[0], u.args[1]): u for u in full.nodes if u.target is operator.getitem}
+    for node in chunk.nodes:
+        if node.target is operator.getitem and node.args[0].name in pairs:
+            match = getitems.get((pairs[node.args[0].name], node.args[1]))
+            if match is not None:
+                pairs[node.name] = match
+    return pairs
 
 
 def _check_same_sites(chunk: fx.Graph, full: fx.Graph) -> None:
@@ -654,7 +675,9 @@ def thread_state_matched(chunk_gm: fx.GraphModule, full_gm: fx.GraphModule, chun
                          input_dims: list[FrameDim | None], patch: int = 1) -> StepProgram:
     """The step program for exports with fixed shapes: ``chunk_gm`` is the converted graph traced on
     one chunk (``chunk_frames`` token frames), ``full_gm`` on the whole video (``frames``), both
-    from the same code, so nodes match by name. Every tensor the chunk graph computes from shapes and
+    from the same code, so their nodes pair up (:func:`pair_nodes`: the same ops in the same order).
+    It refuses other converted sites or layouts in the chunk trace, and attention, reductions or
+    matrix products over frames. Every tensor the chunk graph computes from shapes and
     constants is evaluated in both; where the two differ, the whole-video one becomes a table
     (sliced per chunk when one dim grows with the frames, passed whole otherwise). ``input_dims``:
     how each flat input is chunked (the caller decided it). The program serves chunks of exactly
@@ -665,8 +688,7 @@ def thread_state_matched(chunk_gm: fx.GraphModule, full_gm: fx.GraphModule, chun
     data = data_nodes(chunk_gm.graph)
     _check_sites(chunk_gm.graph)
     _check_same_sites(chunk_gm.graph, full_gm.graph)
-    _check_same_program(chunk_gm.graph, full_gm.graph)
-    full_nodes = {n.name: n for n in full_gm.graph.nodes}
+    full_nodes = pair_nodes(chunk_gm.graph, full_gm.graph)
     _check_no_global_mixer(chunk_gm.graph, data, full_nodes)
     frontier = _frontier(chunk_gm.graph, data)
     missing = [n.name for n in frontier if n.name not in full_nodes]
@@ -698,5 +720,5 @@ def thread_state_matched(chunk_gm: fx.GraphModule, full_gm: fx.GraphModule, chun
                        out_spec=out_spec, patch=patch, table_names=[t.name for t in tables])
 
 
-__all__ = ["FrameDim", "SiteState", "StepProgram", "data_nodes", "frame_dim_of", "frame_symbols", "hybrid_step", "thread_state",
-           "thread_state_matched"]
+__all__ = ["FrameDim", "SiteState", "StepProgram", "data_nodes", "frame_dim_of", "frame_symbols", "hybrid_step",
+           "mixing_axes", "pair_nodes", "thread_state", "thread_state_matched"]

@@ -168,10 +168,7 @@ class StreamRunner(torch.nn.Module):
         if len(roles.dims) != len(flat):
             raise ConversionError(f"stream: the graph takes {len(roles.dims)} inputs, the call gives {len(flat)}")
         if roles.unknown:
-            name, why = roles.unknown[0]
-            more = f" ({len(roles.unknown) - 1} more inputs likewise)" if len(roles.unknown) > 1 else ""
-            raise ConversionError(f"stream cannot tell whether input {name!r} carries the frame axis: {why}{more}; "
-                                  "chunking it by its size could be silently wrong, so the model is not streamed")
+            raise ConversionError(_unknown_roles_message(roles.unknown))
         dims = list(roles.dims)
         if not any(isinstance(d, FrameDim) for d in dims):
             raise ConversionError("stream: no input of the model reaches the converted sites' frames")
@@ -481,6 +478,17 @@ def _call_frames(frame_axis, video_shape, patch: int, flat: list) -> tuple[int |
     if video_shape is not None:
         return video_shape[0], {}
     return None, {}
+
+
+def _unknown_roles_message(unknown) -> str:
+    """One sentence per reason (the node the walk stopped at), naming the inputs it leaves without a role."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in unknown:
+        by_reason.setdefault(why, []).append(name)
+    parts = [f"input{'s' if len(names) > 1 else ''} {', '.join(repr(n) for n in names[:4])}"
+             f"{f' and {len(names) - 4} more' if len(names) > 4 else ''}: {why}" for why, names in by_reason.items()]
+    return ("stream cannot tell which inputs carry the frame axis (" + "; ".join(parts) + "); chunking them by "
+            "their sizes could be silently wrong, so the model is not streamed")
 
 
 def _fixed_length_hint(roles, frames: int) -> str:
