@@ -630,19 +630,27 @@ def _is_size_arithmetic(node: fx.Node) -> bool:
 
 
 def pair_nodes(chunk: fx.Graph, full: fx.Graph) -> dict[str, fx.Node]:
-    """{chunk node name: whole-video node}: the two traces must run the same ops in the same order
-    (sizes aside; a python branch on a size would otherwise pair different computations), paired by
-    position; getitems through their pair's source, the rest (inputs, attributes, size arithmetic)
-    by name. Raises ConversionError naming the first op where they differ."""
-    def ops(graph):
-        return [n for n in graph.nodes if n.op in ("call_function", "call_module") and not _is_size_arithmetic(n)]
-    a, b = ops(chunk), ops(full)
+    """{chunk node name: whole-video node} for the data nodes of both traces (those that read input
+    values): the two must run the same data ops in the same order (sizes aside; a python branch on
+    a size would otherwise pair different computations), paired by position; getitems through
+    their pair's source; inputs by position. What is computed from shapes and constants alone may
+    differ (a table read from a buffer at one length, computed at another):
+    :func:`_counterpart` pairs it through the data op that reads it. Raises ConversionError naming
+    the first data op where the traces differ."""
+    datas = data_nodes(chunk), data_nodes(full)
+
+    def ops(graph, data):
+        return [n for n in graph.nodes if n in data and n.op in ("call_function", "call_module")
+                and not _is_size_arithmetic(n)]
+    a, b = ops(chunk, datas[0]), ops(full, datas[1])
     if [n.target for n in a] != [n.target for n in b]:
         first = next((i for i, (x, y) in enumerate(zip(a, b)) if x.target != y.target), min(len(a), len(b)))
         where = a[first].name if first < len(a) else b[first].name
         raise ConversionError(f"the chunk and whole-video graphs differ from node {where} on ({len(a)} vs {len(b)} "
-                              "ops): the model's code branches on the frame count or on an input that counts frames")
+                              "ops on input values): the model's code branches on the frame count or on an input "
+                              "that counts frames")
     pairs = {n.name: n for n in full.nodes}
+    pairs.update({x.name: y for x, y in zip(chunk.find_nodes(op="placeholder"), full.find_nodes(op="placeholder"))})
     pairs.update({x.name: y for x, y in zip(a, b)})
     getitems = {(u.args[0], u.args[1]): u for u in full.nodes if u.target is operator.getitem}
     for node in chunk.nodes:
@@ -651,6 +659,18 @@ def pair_nodes(chunk: fx.Graph, full: fx.Graph) -> dict[str, fx.Node]:
             if match is not None:
                 pairs[node.name] = match
     return pairs
+
+
+def _counterpart(node: fx.Node, pairs: dict, data: set) -> fx.Node | None:
+    """The whole-video node in the place of chunk node ``node`` (a table): the same argument of the
+    paired data op that reads it, else the node of the same name."""
+    for user in node.users:
+        if user in data and user.name in pairs:
+            mine = torch.utils._pytree.tree_leaves((user.args, user.kwargs))
+            theirs = torch.utils._pytree.tree_leaves((pairs[user.name].args, pairs[user.name].kwargs))
+            if len(mine) == len(theirs) and isinstance(theirs[mine.index(node)], fx.Node):
+                return theirs[mine.index(node)]
+    return pairs.get(node.name)
 
 
 def _check_same_sites(chunk: fx.Graph, full: fx.Graph) -> None:
@@ -691,11 +711,11 @@ def thread_state_matched(chunk_gm: fx.GraphModule, full_gm: fx.GraphModule, chun
     full_nodes = pair_nodes(chunk_gm.graph, full_gm.graph)
     _check_no_global_mixer(chunk_gm.graph, data, full_nodes)
     frontier = _frontier(chunk_gm.graph, data)
-    missing = [n.name for n in frontier if n.name not in full_nodes]
+    counterparts = [_counterpart(n, full_nodes, data) for n in frontier]
+    missing = [n.name for n, c in zip(frontier, counterparts) if c is None]
     if missing:
-        raise ConversionError(f"the chunk and whole-video graphs differ (no {missing[0]} in the whole-video graph); "
-                              "the model's code branches on the frame count")
-    counterparts = [full_nodes[n.name] for n in frontier]
+        raise ConversionError(f"the chunk and whole-video graphs differ (no counterpart of {missing[0]} in the "
+                              "whole-video graph); the model's code branches on the frame count")
     with torch.no_grad():
         chunk_vals = _table_module(chunk_gm, frontier)(*chunk_inputs)
         full_vals = _table_module(full_gm, counterparts)(*full_inputs)
