@@ -417,7 +417,7 @@ class HybridModel(nn.Module):
         if programs is None:
             with torch.no_grad():
                 self._dynamo_analysed(tuple(args), {} if kwargs is None else kwargs)
-            raise self._whole_graph_refusal()
+            raise self.whole_graph_refusal()
         return programs
 
     def _exported_programs(self, args, kwargs, video_shape=_PLAN_VIDEO_SHAPE):
@@ -457,9 +457,9 @@ class HybridModel(nn.Module):
         self._ensure_feature_maps(chosen)
         return self._rewritten(aten, frame_axis, chosen, self.plan.options)[0]
 
-    def _dynamo_analysed(self, args, kwargs) -> list[Site]:
-        """The analysis run of this call structure (captures its graphs); the first fixes the plan.
-        Returns the converted sites of this structure."""
+    def _dynamo_analysed(self, args, kwargs) -> tuple[list[Site], FrameAxis]:
+        """The analysis run of this call structure (captures its graphs; cached per structure); the
+        first fixes the plan. Returns the converted sites of this structure and the call's frame axis."""
         dynamo = self._dynamo
         sites, frame_axis = dynamo.analyse(args, kwargs, structure_key(args, kwargs, self._mode()))
         report = _dynamo_report(sites, frame_axis, self.original, dynamo)
@@ -472,10 +472,12 @@ class HybridModel(nn.Module):
                   for s in chosen]
         if not self.plan.traced:
             self.plan = replace(self.plan, frame_axis=frame_axis, sites=tuple(chosen), report=report, capture="dynamo")
-        return chosen
+        return chosen, frame_axis
 
-    def _whole_graph_refusal(self, what: str = "one whole graph of the model (streaming, distillation taps, "
-                                                "rc.cost, builds)") -> ConversionError:
+    def whole_graph_refusal(self, what: str = "one whole graph of the model (streaming, distillation taps, "
+                                               "rc.cost, builds)") -> ConversionError:
+        """The ConversionError for what a Dynamo-captured model cannot do: ``what`` needs one whole
+        graph; names the export failure and the graph breaks."""
         dynamo = self._dynamo
         breaks = "; ".join(dynamo.breaks) if dynamo.breaks else "none recorded"
         return ConversionError(
@@ -484,19 +486,20 @@ class HybridModel(nn.Module):
             f"{what}, which a graph break splits. Graph breaks: {breaks}", code="cannot-export")
 
     def _dynamo_forward(self, args, kwargs):
-        sites = self._dynamo_analysed(args, kwargs)
-        frames = self._call_frames(args, kwargs)
+        sites, frame_axis = self._dynamo_analysed(args, kwargs)
+        frames = frame_axis.frames
         if (self.plan.options.causal and any(is_joint(s) for s in sites)
                 and (frames is None or frames > self.plan.options.chunk_frames)):
-            raise self._whole_graph_refusal(
+            raise self.whole_graph_refusal(
                 "to run chunk by chunk (causal=True with joint attention: a copy of the extra tokens per chunk, "
                 "docs/hybrid_attention.md) a step program of one whole graph; transform with causal=False for "
                 "global extra tokens, or chunk_frames >= the frame count")
         out = self._dynamo(args, kwargs)
-        if not self._dynamo.converted_ran:
-            raise ConversionError("Dynamo ran this call without the converted graphs (it fell back to eager code, "
-                                  "e.g. past torch._dynamo's recompile limit): the output would be the original "
-                                  "model's", code="cannot-export")
+        if self._dynamo.converted_ran < len(sites):  # every converted site runs at least once per call
+            raise ConversionError(f"Dynamo ran this call with {self._dynamo.converted_ran} of the {len(sites)} "
+                                  "converted sites (it fell back to eager code for the others, e.g. past "
+                                  "torch._dynamo's recompile limit): the output would not be the converted model's",
+                                  code="cannot-export")
         return out
 
     def graph_module(self, *args, **kwargs) -> fx.GraphModule:

@@ -35,12 +35,13 @@ def rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor) -
         cos, sin = angles.cos(), angles.sin()
         x_i = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(2)
         output.append(torch.cat([x_i, x[i, seq_len:]]))
-    return torch.stack(output)
+    return torch.stack(output).float()
 
 
 def flash_attention(q, k, v):
-    """q, k, v [B, L, H, D] -> [B, L, H, D] (the official SDPA fallback: transposes around SDPA)."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    """q, k, v [B, L, H, D] -> [B, L, H, D] (the official SDPA fallback: q, k cast to v's dtype,
+    transposes around SDPA)."""
+    q, k, v = q.to(v.dtype).transpose(1, 2), k.to(v.dtype).transpose(1, 2), v.transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).contiguous()
 
 
@@ -112,7 +113,7 @@ class OfficialStyleDiT(nn.Module):
         frames = grid_sizes[0, 0].item()  # Open-Sora-style read of a shape tensor
         if frames < 1:
             raise ValueError("empty video")
-        e = self.time_embedding(self.sinusoidal(t))
+        e = self.time_embedding(self.sinusoidal(t).to(x.dtype))
         context = self.text_embedding(context)
         for block in self.blocks:
             x = block(x, e, grid_sizes, self.freqs, context)
