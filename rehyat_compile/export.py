@@ -24,8 +24,8 @@ Fallback
 If the model's code specialises the frame axis (python ints from shapes, data-dependent control
 flow) or the dynamic export raises, the model is exported statically; ``FrameAxis.dynamic`` is then
 False, ``FrameAxis.reason`` says why, and layout inference relies on ``video_shape=(frames, h, w)``
-(token grid after patching) given by the user. When the static export fails too it is tried once
-more under ``torch.no_grad`` (FlexAttention exports on CPU only without grad). A model that cannot
+(token grid after patching) given by the user. When the static export fails too for a reason about
+autograd, it is tried once more under ``torch.no_grad`` (FlexAttention exports on CPU only without grad). A model that cannot
 be exported at all raises :class:`~rehyat_compile.errors.ConversionError` (code "cannot-export")
 naming the export error; ``rc.inspect`` / ``rc.transform`` then capture it through Dynamo
 (:mod:`rehyat_compile.dynamo_capture`).
@@ -217,6 +217,13 @@ def _export(model, args, kwargs, dynamic_shapes=None) -> ExportedProgram:
         return run()
 
 
+def _fails_for_grad(exc: Exception) -> bool:
+    """An export error about autograd (FlexAttention on CPU: "does not support backward ... set the
+    input requires_grad to False"): the one kind a no-grad export may avoid."""
+    text = str(exc)
+    return "backward" in text or "requires_grad" in text
+
+
 def _export_inference(model, args, kwargs, first: Exception) -> ExportedProgram:
     """The static export under ``torch.no_grad``: what fails only because export traces with grad
     (FlexAttention on CPU: "does not support backward") reaches its graph this way. Raises the
@@ -226,8 +233,13 @@ def _export_inference(model, args, kwargs, first: Exception) -> ExportedProgram:
         with torch.no_grad():
             return _export(model, args, kwargs)
     except Exception:
-        raise ConversionError(f"model cannot be exported with torch.export: {type(first).__name__}: "
-                              f"{str(first).splitlines()[0] if str(first) else ''}", code="cannot-export") from first
+        raise _cannot_export(first) from first
+
+
+def _cannot_export(exc: Exception) -> ConversionError:
+    """The whole-model refusal, naming the export error (code "cannot-export")."""
+    return ConversionError(f"model cannot be exported with torch.export: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}", code="cannot-export")
 
 
 def _placeholder_dim(ep: ExportedProgram, tensor_index: int, dim: int):
@@ -284,6 +296,8 @@ def export_video_model(model, args, kwargs=None, *, frames=None, video_shape=Non
     try:
         ep = _export(model, args, kwargs)
     except Exception as exc:
+        if not _fails_for_grad(exc):
+            raise _cannot_export(exc) from exc
         attributes.restore()
         ep = _export_inference(model, args, kwargs, exc)
         reason = (reason + "; " if reason else "") + "exported under torch.no_grad (the export with grad failed)"

@@ -206,6 +206,7 @@ class ConversionPlan:
     sites: tuple[Site, ...] = ()
     report: InspectReport | None = None
     capture: str = "export"  # "dynamo" once torch.export failed and the model was captured by torch.compile
+    export_error: str = ""  # why torch.export failed (capture "dynamo")
     max_captures: int = DEFAULT_MAX_CAPTURES
 
     @property
@@ -423,6 +424,8 @@ class HybridModel(nn.Module):
     def _exported_programs(self, args, kwargs, video_shape=_PLAN_VIDEO_SHAPE):
         """The export path's programs, or None once the model goes through Dynamo capture (torch.export
         refused it on the first trace)."""
+        if self._dynamo is None and self.plan.capture == "dynamo":  # a copy of a captured model: capture again
+            self._dynamo = self._new_dynamo(self.plan.export_error)
         if self._dynamo is not None:
             return None
         kwargs = {} if kwargs is None else kwargs
@@ -471,7 +474,8 @@ class HybridModel(nn.Module):
         chosen = [replace(s, chunk_frames=o.chunk_frames, overlap_frames=o.overlap_frames, causal=o.causal)
                   for s in chosen]
         if not self.plan.traced:
-            self.plan = replace(self.plan, frame_axis=frame_axis, sites=tuple(chosen), report=report, capture="dynamo")
+            self.plan = replace(self.plan, frame_axis=frame_axis, sites=tuple(chosen), report=report, capture="dynamo",
+                                export_error=dynamo.export_error)
         return chosen, frame_axis
 
     def whole_graph_refusal(self, what: str = "one whole graph of the model (streaming, distillation taps, "

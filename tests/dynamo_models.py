@@ -70,32 +70,50 @@ class CrossAttention(SelfAttention):
         return self.o(flash_attention(q, k, v).flatten(2))
 
 
+class JointSelfAttention(SelfAttention):
+    """Self-attention over [video tokens, text tokens] (joint attention, HunyuanVideo-style; RoPE on the
+    video only); returns the video tokens' output."""
+
+    def forward(self, x, grid_sizes, freqs, context):
+        b, s, n, d = *x.shape[:2], self.heads, self.head_dim
+        q = rope_apply(self.norm_q(self.q(x)).view(b, s, n, d), grid_sizes, freqs)
+        k = rope_apply(self.norm_k(self.k(x)).view(b, s, n, d), grid_sizes, freqs)
+        v = self.v(x).view(b, s, n, d)
+        qt, kt, vt = (f(context).view(b, -1, n, d) for f in (self.norm_q, self.norm_k, nn.Identity()))
+        out = flash_attention(torch.cat([q, qt.float()], 1), torch.cat([k, kt.float()], 1), torch.cat([v, vt], 1))
+        return self.o(out[:, :s].flatten(2))
+
+
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, joint: bool = False):
         super().__init__()
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, elementwise_affine=False) for _ in range(3))
-        self.self_attn, self.cross_attn = SelfAttention(dim, heads), CrossAttention(dim, heads)
+        self.joint = joint
+        self.self_attn = (JointSelfAttention if joint else SelfAttention)(dim, heads)
+        self.cross_attn = CrossAttention(dim, heads)
         self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 3, dim) / dim ** 0.5)
 
     def forward(self, x, e, grid_sizes, freqs, context):
         shift, scale, gate = (self.modulation + e.unsqueeze(1)).chunk(3, dim=1)
-        x = x + gate * self.self_attn(self.norm1(x) * (1 + scale) + shift, grid_sizes, freqs)
+        extra = (context,) if self.joint else ()
+        x = x + gate * self.self_attn(self.norm1(x) * (1 + scale) + shift, grid_sizes, freqs, *extra)
         x = x + self.cross_attn(self.norm3(x), context)
         return x + self.ffn(self.norm2(x))
 
 
 class OfficialStyleDiT(nn.Module):
-    """x [B, C, F, H, W] (latent video), t [B] (timesteps), context [B, L, text_dim] -> [B, C, F, H, W]."""
+    """x [B, C, F, H, W] (latent video), t [B] (timesteps), context [B, L, text_dim] -> [B, C, F, H, W].
+    ``joint=True``: the self-attention runs over [video, text] tokens (extra tokens after the video)."""
 
     def __init__(self, in_dim: int = 4, dim: int = 32, heads: int = 2, layers: int = 2, text_dim: int = 16,
-                 patch_size=(1, 2, 2)):
+                 patch_size=(1, 2, 2), joint: bool = False):
         super().__init__()
         self.patch_size, self.in_dim = patch_size, in_dim
         self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=patch_size, stride=patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(16, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, heads, joint) for _ in range(layers))
         self.head = nn.Linear(dim, in_dim * patch_size[0] * patch_size[1] * patch_size[2])
         d = dim // heads
         self.freqs = torch.cat([rope_params(64, d - 4 * (d // 6)), rope_params(64, 2 * (d // 6)),
@@ -128,10 +146,10 @@ class OfficialStyleDiT(nn.Module):
         return torch.stack(out)
 
 
-def make_official_style(frames: int = 5, *, batch: int = 1, seed: int = 0, layers: int = 2):
+def make_official_style(frames: int = 5, *, batch: int = 1, seed: int = 0, layers: int = 2, joint: bool = False):
     """(model, args, kwargs): the official-style DiT (eval, seeded) and a [batch, 4, frames, 8, 8] video."""
     torch.manual_seed(seed)
-    model = OfficialStyleDiT(layers=layers).eval()
+    model = OfficialStyleDiT(layers=layers, joint=joint).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, 4, frames, 8, 8, generator=gen)
     return model, (x, torch.full((batch,), 500), torch.randn(batch, 6, 16, generator=gen)), {}

@@ -123,6 +123,14 @@ def test_another_frame_count_recaptures_within_the_bound(official):
         hybrid(args5[0], *args[1:])
 
 
+def test_video_shape_lays_out_captured_graphs_and_follows_the_call_frame_count(official):
+    model, args, kwargs, _ = official
+    _, args6, _ = make_official_style(6)
+    report = rc.inspect(model, (args6[0], *args[1:]), kwargs, video_shape=(4, 4, 4))
+    assert [s.video for s in report.rewritable] == [(0, 6, 16)] * 2  # h, w from video_shape, frames from the call
+    assert report.frame_axis.video_shape == (6, 4, 4)
+
+
 def test_layers_selects_one_instance_of_a_shared_graph(official):
     model, args, kwargs, reference = official
     hybrid = rc.transform(model, args, kwargs, chunk_frames=2, layers=["blocks.1.self_attn"])
@@ -140,6 +148,39 @@ def test_stream_and_cost_of_a_captured_model_are_refused_naming_the_graph_breaks
     assert refused.value.code == "cannot-export" and "streaming" in str(refused.value)
     with pytest.raises(ConversionError, match=r"rc.cost.*Graph breaks: .*item\(\)"):
         rc.cost(hybrid, args, kwargs)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "8"])
+def test_max_captures_must_be_a_positive_int(official, bad):
+    with pytest.raises(ValueError, match="max_captures must be an int >= 1"):
+        rc.transform(official[0], max_captures=bad)
+
+
+def test_copies_and_checkpoints_of_a_captured_model_capture_again(official, tmp_path):
+    import copy
+    model, args, kwargs, _ = official
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=2)
+    with torch.no_grad():
+        out = hybrid(*args, **kwargs)
+        copied = copy.deepcopy(hybrid)
+        assert copied.capture == "dynamo" and torch.equal(copied(*args, **kwargs), out)
+        rc.save_hybrid(hybrid, tmp_path / "hybrid.safetensors")
+        loaded = rc.load_hybrid(model, tmp_path / "hybrid.safetensors", args, kwargs)
+        assert loaded.capture == "dynamo" and torch.equal(loaded(*args, **kwargs), out)
+
+
+def test_joint_attention_of_a_captured_model_converts_globally_and_refuses_causal_chunks():
+    model, args, kwargs = make_official_style(4, joint=True, layers=1)
+    with torch.no_grad():
+        reference = model(*args, **kwargs)
+        whole = rc.transform(model, args, kwargs, chunk_frames=4, causal=False)
+        (site,) = whole.sites
+        assert site.kind == "joint" and site.video == (0, 4, 16) and site.extra_after == 6  # text after the video
+        torch.testing.assert_close(whole(*args, **kwargs), reference, rtol=1e-5, atol=1e-5)
+        assert _rel(whole.with_options(chunk_frames=2)(*args, **kwargs), reference) > 1e-4
+        causal = rc.transform(model, args, kwargs, chunk_frames=2, causal=True)
+        with pytest.raises(ConversionError, match=r"causal=False.*Graph breaks: .*tolist"):
+            causal(*args, **kwargs)  # each chunk needs its own copy of the text: a step program of one graph
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
