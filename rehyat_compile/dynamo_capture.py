@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, replace
+import weakref
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch._dynamo
@@ -41,6 +42,7 @@ from .declines import Decline
 from .errors import ConversionError
 from .export import FrameAxis, find_frame_input, temporal_patch
 from .passes import pipeline
+from .passes.infer_video_layout import reaches_without_attention
 from .site import Site, site_key
 
 MODULE_TAG = "rehyat_module"  # node.meta["custom"][MODULE_TAG] = (frame local, module path below it)
@@ -198,11 +200,41 @@ def named_sites(sites, prefixes: dict[str, str], default_local: str, graph: int)
     return tuple(out)
 
 
-def graph_frame_axis(call_axis: FrameAxis, example_inputs, video) -> FrameAxis:
-    """The call's static frame axis for one graph: ``flat_index`` is the position of the video
-    tensor among the graph's inputs (None when the graph does not read it directly)."""
-    index = next((i for i, t in enumerate(example_inputs) if t is video), None)
-    return replace(call_axis, flat_index=index)
+class VideoTensors:
+    """The tensors of the call in flight that hold the video tokens: the video input, then each
+    captured graph's outputs that the video reaches without passing an attention (the residual
+    stream, not the text after a joint attention). A later graph reads which of its inputs is the
+    video from this (:func:`graph_frame_axis`), as an exported graph reads its frame input placeholder.
+    Held weakly: a freed tensor's id is never mistaken for a new one."""
+
+    def __init__(self, video=None):
+        self._alive = weakref.WeakValueDictionary()
+        if video is not None:
+            self.add(video)
+
+    def add(self, tensor) -> None:
+        if isinstance(tensor, torch.Tensor):
+            self._alive[id(tensor)] = tensor
+
+    def __contains__(self, tensor) -> bool:
+        return isinstance(tensor, torch.Tensor) and self._alive.get(id(tensor)) is tensor
+
+
+def graph_frame_axis(call_axis: FrameAxis, example_inputs, videos: VideoTensors) -> FrameAxis:
+    """The call's static frame axis for one graph: ``flat_index`` is the position of the first input
+    holding video tokens (None when the graph reads none), ``video_inputs`` the positions of all."""
+    held = tuple(i for i, t in enumerate(example_inputs) if t in videos)
+    return replace(call_axis, flat_index=held[0] if held else None, video_inputs=held)
+
+
+def video_outputs(aten: fx.GraphModule, video_inputs) -> tuple[bool, ...]:
+    """Per flat output of ``aten``: whether an input in ``video_inputs`` (placeholder positions) reaches
+    it without passing an attention."""
+    placeholders = list(aten.graph.find_nodes(op="placeholder"))
+    sources = [placeholders[i] for i in video_inputs if i < len(placeholders)]
+    output = next(n for n in aten.graph.nodes if n.op == "output")
+    return tuple(isinstance(x, fx.Node) and any(reaches_without_attention(x, p) for p in sources)
+                 for x in pytree.tree_leaves(output.args[0]))
 
 
 def call_frame_axis(model, args, kwargs, frames, video_shape, reason: str) -> tuple[FrameAxis, object]:
@@ -263,7 +295,8 @@ class CapturedGraph:
     pristine), ``frame_axis`` (static, of the call it was captured in), ``sites`` (named
     ``"@<local>.<path>"`` until :func:`named_sites` places them), ``sources`` (parameter inputs, see
     :func:`parameter_sources`), ``self_local`` (:func:`frame_self`), ``break_reason`` (the graph break
-    that ended it, :func:`break_reason`), ``error`` (why it could not be re-exported, "" when it was)."""
+    that ended it, :func:`break_reason`), ``error`` (why it could not be re-exported, "" when it was),
+    ``video_outputs`` (:func:`video_outputs`)."""
 
     index: int
     aten: fx.GraphModule | None
@@ -273,6 +306,16 @@ class CapturedGraph:
     self_local: str
     break_reason: str = ""
     error: str = ""
+    video_outputs: tuple[bool, ...] = ()
+
+
+@dataclass
+class _Call:
+    """The call in flight: its frame axis, the tensors holding video, the model's parameter names."""
+
+    axis: FrameAxis
+    videos: VideoTensors
+    parameter_paths: dict = field(default_factory=dict)
 
 
 class _GraphRunner:
@@ -309,14 +352,14 @@ class DynamoConversion:
         self.programs: dict = {}  # (graph index, instance) -> (GraphModule or None, converted sites)
         self.converted_ran = 0
         self._recording: list | None = None
-        self._call = None  # (FrameAxis, video tensor, parameter paths) of the call in flight
+        self._call: _Call | None = None
         self._compiled = torch.compile(model, backend=self._backend, dynamic=False)
 
     # -- backend ------------------------------------------------------------------------------
     def _backend(self, gm: fx.GraphModule, example_inputs):
         index = len(self.graphs)
-        call_axis, video, _ = self._call
-        axis = graph_frame_axis(call_axis, example_inputs, video)
+        videos = self._call.videos
+        axis = graph_frame_axis(self._call.axis, example_inputs, videos)
         sources, reason = parameter_sources(gm), break_reason(gm)
         if reason and reason not in self.breaks:
             self.breaks.append(reason)
@@ -328,11 +371,12 @@ class DynamoConversion:
                                              frame_self(sources), reason, error))
             return _GraphRunner(self, index, gm.forward)
         sites = tuple(pipeline.analyse(aten, axis, self.model))
-        self.graphs.append(CapturedGraph(index, aten, axis, sites, sources, frame_self(sources), reason))
+        carried = video_outputs(aten, axis.video_inputs)
+        self.graphs.append(CapturedGraph(index, aten, axis, sites, sources, frame_self(sources), reason, "", carried))
         return _GraphRunner(self, index, gm.forward)
 
     def _instance(self, graph: CapturedGraph, args) -> tuple:
-        prefixes = instance_prefixes(graph.sources, args, self._call[2])
+        prefixes = instance_prefixes(graph.sources, args, self._call.parameter_paths)
         return tuple(sorted(prefixes.items()))
 
     def run_graph(self, index: int, eager, args):
@@ -342,7 +386,7 @@ class DynamoConversion:
         sites = named_sites(graph.sites, dict(instance), graph.self_local, index)
         if self._recording is not None:
             self._recording.append(sites)
-            return eager(*args)
+            return self._carry_video(graph, eager(*args))
         key = (index, instance)
         if key not in self.programs:
             chosen = list(self.choose(list(sites))) if self.render is not None else []
@@ -350,9 +394,16 @@ class DynamoConversion:
             self.programs[key] = (program, tuple(chosen))
         program, chosen = self.programs[key]
         if program is None:
-            return eager(*args)
+            return self._carry_video(graph, eager(*args))
         self.converted_ran += len(chosen)
-        return program(*args)
+        return self._carry_video(graph, program(*args))
+
+    def _carry_video(self, graph: CapturedGraph, out):
+        """Record the outputs of ``graph`` that hold video tokens (for the graphs after it); returns ``out``."""
+        for carries, tensor in zip(graph.video_outputs, pytree.tree_leaves(out)):
+            if carries:
+                self._call.videos.add(tensor)
+        return out
 
     # -- calls -------------------------------------------------------------------------------
     def _run(self, args, kwargs):
@@ -375,7 +426,7 @@ class DynamoConversion:
                 f"Dynamo capture: this call needs a new capture (frame count {axis.frames}), and "
                 f"{len(self.structures)} were made already (the bound, max_captures={self.max_captures}); shapes are "
                 "static per capture, call with a frame count used before", code="cannot-export")
-        self._call = (axis, video, parameter_paths(self.model))
+        self._call = _Call(axis, VideoTensors(video), parameter_paths(self.model))
         self._recording = []
         try:
             self._run(args, kwargs)
@@ -401,7 +452,7 @@ class DynamoConversion:
         """Run the converted model (every chosen site of every captured graph as the hybrid op)."""
         args, kwargs = unmarked(args, kwargs)
         axis, video = self._call_axis(args, kwargs)
-        self._call = (axis, video, parameter_paths(self.model))
+        self._call = _Call(axis, VideoTensors(video), parameter_paths(self.model))
         self.converted_ran = 0
         try:
             return self._run(args, kwargs)
@@ -430,6 +481,6 @@ def structure_key(args, kwargs, mode=()) -> tuple:
     return str(spec), key, mode
 
 
-__all__ = ["CapturedGraph", "DynamoConversion", "aten_graph", "break_reason", "call_frame_axis", "frame_self",
-           "graph_frame_axis", "instance_prefixes", "named_sites", "parameter_sources", "site_module",
-           "split_local_path", "structure_key", "tag_modules", "unexported_sites", "unmarked"]
+__all__ = ["CapturedGraph", "DynamoConversion", "VideoTensors", "aten_graph", "break_reason", "call_frame_axis",
+           "frame_self", "graph_frame_axis", "instance_prefixes", "named_sites", "parameter_sources", "site_module",
+           "split_local_path", "structure_key", "tag_modules", "unexported_sites", "unmarked", "video_outputs"]

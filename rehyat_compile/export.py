@@ -60,6 +60,7 @@ class FrameAxis:
     video_shape: tuple[int, int, int] | None = None
     reason: str = ""
     flat_index: int | None = None  # position of the frame input among the flattened (args, kwargs) leaves
+    video_inputs: tuple[int, ...] = ()  # Dynamo-captured graphs: every input holding video tokens (flat_index first)
 
     @property
     def dynamic(self) -> bool:

@@ -146,13 +146,15 @@ class OfficialStyleDiT(nn.Module):
         return torch.stack(out)
 
 
-def make_official_style(frames: int = 5, *, batch: int = 1, seed: int = 0, layers: int = 2, joint: bool = False):
-    """(model, args, kwargs): the official-style DiT (eval, seeded) and a [batch, 4, frames, 8, 8] video."""
+def make_official_style(frames: int = 5, *, batch: int = 1, seed: int = 0, layers: int = 2, joint: bool = False,
+                        text: int = 6):
+    """(model, args, kwargs): the official-style DiT (eval, seeded), a [batch, 4, frames, 8, 8] video,
+    timesteps and ``text`` tokens of context."""
     torch.manual_seed(seed)
     model = OfficialStyleDiT(layers=layers, joint=joint).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, 4, frames, 8, 8, generator=gen)
-    return model, (x, torch.full((batch,), 500), torch.randn(batch, 6, 16, generator=gen)), {}
+    return model, (x, torch.full((batch,), 500), torch.randn(batch, text, 16, generator=gen)), {}
 
 
 class NoAttention(nn.Module):

@@ -170,12 +170,14 @@ def test_copies_and_checkpoints_of_a_captured_model_capture_again(official, tmp_
 
 
 def test_joint_attention_of_a_captured_model_converts_globally_and_refuses_causal_chunks():
-    model, args, kwargs = make_official_style(4, joint=True, layers=1)
+    """8 text tokens after 4 x 16 video tokens: 72 tokens also split evenly into 4 "frames" of 18, so only
+    the dataflow across captured graphs (which inputs hold the video, VideoTensors) gives the layout."""
+    model, args, kwargs = make_official_style(4, joint=True, layers=1, text=8)
     with torch.no_grad():
         reference = model(*args, **kwargs)
         whole = rc.transform(model, args, kwargs, chunk_frames=4, causal=False)
         (site,) = whole.sites
-        assert site.kind == "joint" and site.video == (0, 4, 16) and site.extra_after == 6  # text after the video
+        assert site.kind == "joint" and site.video == (0, 4, 16) and site.extra_after == 8  # text after the video
         torch.testing.assert_close(whole(*args, **kwargs), reference, rtol=1e-5, atol=1e-5)
         assert _rel(whole.with_options(chunk_frames=2)(*args, **kwargs), reference) > 1e-4
         causal = rc.transform(model, args, kwargs, chunk_frames=2, causal=True)
@@ -183,7 +185,7 @@ def test_joint_attention_of_a_captured_model_converts_globally_and_refuses_causa
             causal(*args, **kwargs)  # each chunk needs its own copy of the text: a step program of one graph
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(frames=st.integers(2, 4), chunk=st.integers(1, 5), data=st.data())
 def test_official_style_one_chunk_is_exact_and_fewer_frames_per_chunk_differ(official, frames, chunk, data):
     model = official[0]
