@@ -355,7 +355,7 @@ class HybridModel(nn.Module):
         report = InspectReport(sites, frame_axis, type(self.original).__name__)
         chosen = _selected(sites, self.plan.layers)
         if not chosen:
-            raise ConversionError("no attention site can be converted:\n" + str(report))
+            raise _nothing_to_convert(report)
         self._ensure_feature_maps(chosen)
         return self._install(analysis_key, chosen, report)
 
@@ -468,7 +468,7 @@ class HybridModel(nn.Module):
         report = _dynamo_report(sites, frame_axis, self.original, dynamo)
         chosen = _selected(sites, self.plan.layers)
         if not chosen:
-            raise ConversionError("no attention site can be converted:\n" + str(report), code=_common_code(sites))
+            raise _nothing_to_convert(report, code=_common_code(sites))
         self._ensure_feature_maps(chosen)
         o = self.plan.options
         chosen = [replace(s, chunk_frames=o.chunk_frames, overlap_frames=o.overlap_frames, causal=o.causal)
@@ -584,6 +584,14 @@ def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict]:
     out = new.graph_copy(graph, node_map)
     new.output(out)
     return new, node_map
+
+
+def _nothing_to_convert(report: InspectReport, code: str | None = None) -> ConversionError:
+    """The refusal of a model none of whose sites converts: the inspect table in the message, the
+    report itself as ``error.report``."""
+    error = ConversionError("no attention site can be converted:\n" + str(report), code=code)
+    error.report = report
+    return error
 
 
 def _common_code(sites) -> str | None:

@@ -150,6 +150,17 @@ def test_stream_and_cost_of_a_captured_model_are_refused_naming_the_graph_breaks
         rc.cost(hybrid, args, kwargs)
 
 
+def test_a_call_that_runs_without_its_converted_graphs_is_an_error_not_the_original_output(official):
+    model, args, kwargs, _ = official
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=2)
+    with torch.no_grad():
+        hybrid(*args, **kwargs)
+        for key in hybrid._dynamo.programs:  # as if Dynamo had run these frames as eager python
+            hybrid._dynamo.programs[key] = (None, ())
+        with pytest.raises(ConversionError, match="0 of the 2 converted sites"):
+            hybrid(*args, **kwargs)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "8"])
 def test_max_captures_must_be_a_positive_int(official, bad):
     with pytest.raises(ValueError, match="max_captures must be an int >= 1"):
@@ -233,16 +244,16 @@ def test_official_style_runs_the_fused_kernel_on_cuda(monkeypatch):
 
 def test_hunyuan_video_1_5_is_captured_and_declined_naming_the_blocking_constructs():
     model, args, kwargs = MODELS["hunyuan-video-1.5"]()
-    report = rc.inspect(model, args, kwargs)
+    with pytest.raises(ConversionError, match="no attention site can be converted") as refused:
+        rc.transform(model, args, kwargs)
+    assert refused.value.code == "query-dependent-mask"
+    report = refused.value.report  # what rc.inspect reports
     assert report.capture == "dynamo"
     assert any("if is_t2v" in b for b in report.breaks)  # the python branch on tensor values
     names = sorted(s.name for s in report.sites)
     assert names == ["context_embedder.token_refiner.refiner_blocks.0.attn", "transformer_blocks.0.attn",
                      "transformer_blocks.1.attn"]
     assert {s.code for s in report.sites} == {"query-dependent-mask"}  # mask_i & mask_j: not a key mask
-    with pytest.raises(ConversionError, match="no attention site can be converted") as refused:
-        rc.transform(model, args, kwargs)
-    assert refused.value.code == "query-dependent-mask"
 
 
 # ---- (c) FlexAttention models ------------------------------------------------------------
