@@ -280,7 +280,8 @@ def unmarked(args, kwargs) -> tuple[tuple, dict]:
 def parameter_paths(model: nn.Module) -> dict[int, str]:
     """id(parameter or buffer) -> its qualified name in ``model`` (first name of a shared tensor)."""
     out: dict[int, str] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
         out.setdefault(id(t), name)
     return out
 

@@ -25,9 +25,10 @@ If the model's code specialises the frame axis (python ints from shapes, data-de
 flow) or the dynamic export raises, the model is exported statically; ``FrameAxis.dynamic`` is then
 False, ``FrameAxis.reason`` says why, and layout inference relies on ``video_shape=(frames, h, w)``
 (token grid after patching) given by the user. When the static export fails too for a reason about
-autograd, it is tried once more under ``torch.no_grad`` (FlexAttention exports on CPU only without grad). A model that cannot
-be exported at all raises :class:`~rehyat_compile.errors.ConversionError` (code "cannot-export")
-naming the export error; ``rc.inspect`` / ``rc.transform`` then capture it through Dynamo
+autograd, it is tried once more under ``torch.no_grad`` (FlexAttention exports on CPU only without
+grad); models that export with grad keep the graph they always had. A model that cannot be exported
+at all raises :class:`~rehyat_compile.errors.ConversionError` (code "cannot-export") naming the
+export error; ``rc.inspect`` / ``rc.transform`` then capture it through Dynamo
 (:mod:`rehyat_compile.dynamo_capture`).
 """
 from __future__ import annotations
