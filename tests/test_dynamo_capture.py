@@ -6,11 +6,14 @@ Tc >= T and differs at Tc=2, To=1; HunyuanVideo-1.5 is captured and its sites de
 construct named; the FlexAttention models are declined with "flex-attention"; a model without
 attention and one Dynamo cannot capture give clear errors.
 """
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import rehyat_compile as rc
+from rehyat_compile import kernels
 from rehyat_compile.dynamo_capture import (instance_prefixes, named_sites, site_module, split_local_path)
 from rehyat_compile.errors import ConversionError
 from rehyat_compile.site import Site
@@ -63,6 +66,13 @@ def official():
     return model, args, kwargs, reference
 
 
+@pytest.fixture(scope="module")
+def chunked(official):
+    """The official-style model converted with Tc=2, To=1 (shared by tests that do not change it)."""
+    model, args, kwargs, _ = official
+    return rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1)
+
+
 def test_official_style_model_cannot_export_and_is_captured_through_dynamo(official):
     model, args, kwargs, _ = official
     report = rc.inspect(model, args, kwargs)
@@ -100,14 +110,15 @@ def test_official_style_exact_at_one_chunk_and_differs_with_chunking(official):
     assert sorted(ops) == ["blocks.0.self_attn", "blocks.1.self_attn"]
 
 
-def test_official_style_trains_feature_maps_through_captured_graphs(official):
+def test_official_style_trains_feature_maps_through_captured_graphs(official, chunked):
     model, args, kwargs, _ = official
-    hybrid = rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1)
+    hybrid = chunked
     hybrid(*args, **kwargs).square().mean().backward()
     grads = [p.grad for p in hybrid.feature_maps.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     assert model.blocks[0].self_attn.q.weight.grad is not None
     model.zero_grad()
+    hybrid.zero_grad()
 
 
 def test_another_frame_count_recaptures_within_the_bound(official):
@@ -140,9 +151,9 @@ def test_layers_selects_one_instance_of_a_shared_graph(official):
     assert _rel(out, reference) > 1e-4 and list(hybrid.feature_maps) == ["blocks_1_self_attn"]
 
 
-def test_stream_and_cost_of_a_captured_model_are_refused_naming_the_graph_breaks(official):
+def test_stream_and_cost_of_a_captured_model_are_refused_naming_the_graph_breaks(official, chunked):
     model, args, kwargs, _ = official
-    hybrid = rc.transform(model, args, kwargs, chunk_frames=2)
+    hybrid = chunked
     with pytest.raises(ConversionError, match=r"Graph breaks: .*tolist") as refused:
         rc.stream(hybrid)(*args, **kwargs)
     assert refused.value.code == "cannot-export" and "streaming" in str(refused.value)
@@ -167,10 +178,9 @@ def test_max_captures_must_be_a_positive_int(official, bad):
         rc.transform(official[0], max_captures=bad)
 
 
-def test_copies_and_checkpoints_of_a_captured_model_capture_again(official, tmp_path):
-    import copy
+def test_copies_and_checkpoints_of_a_captured_model_capture_again(official, chunked, tmp_path):
     model, args, kwargs, _ = official
-    hybrid = rc.transform(model, args, kwargs, chunk_frames=2)
+    hybrid = chunked
     with torch.no_grad():
         out = hybrid(*args, **kwargs)
         copied = copy.deepcopy(hybrid)
@@ -217,7 +227,6 @@ def test_official_style_one_chunk_is_exact_and_fewer_frames_per_chunk_differ(off
 def test_official_style_runs_the_fused_kernel_on_cuda(monkeypatch):
     """bf16 on CUDA: every converted site of the captured graphs runs the fused Triton kernel, and agrees
     with the same conversion in fp32 on the CPU (same φ)."""
-    from rehyat_compile import kernels
     model, args, kwargs = make_official_style(4)
     cpu = rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1)
     with torch.no_grad():
