@@ -283,15 +283,17 @@ def _parents_in_range(node: fx.Node, window):
     return [(p, None) for p in node.all_input_nodes]
 
 
-def reaches_without_attention(node: fx.Node, source: fx.Node, limit: int = 4000) -> bool:
-    """Whether ``source`` flows into ``node`` on a path that passes through no attention: the video
-    reaches its own tokens through the patch embedding (and every residual after it), text tokens
-    reach the video only through a joint attention. Token ranges are followed through slices of
-    concatenations (text sliced back off a joint [text, video] sequence does not reach the video)."""
+def reaches_without_attention(node: fx.Node, source, limit: int = 4000) -> bool:
+    """Whether ``source`` (a node, or a tuple of nodes: any of them) flows into ``node`` on a path that
+    passes through no attention: the video reaches its own tokens through the patch embedding (and
+    every residual after it), text tokens reach the video only through a joint attention. Token ranges
+    are followed through slices of concatenations (text sliced back off a joint [text, video] sequence
+    does not reach the video)."""
+    sources = source if isinstance(source, tuple) else (source,)
     seen, stack = {(node, None)}, [(node, None)]
     while stack and len(seen) < limit:
         current, window = stack.pop()
-        if current is source:
+        if any(current is s for s in sources):
             return True
         if _consumes_attention(current):
             continue

@@ -106,10 +106,15 @@ def _classify(result: PassResult, ctx: PassContext) -> PassResult:
     return _each_open_site(result, lambda s: classify_site(s, ctx.symbol, ctx.patch))
 
 
-def _frame_input(gm: fx.GraphModule, frame_axis) -> fx.Node | None:
-    """The placeholder of the input that holds time (FrameAxis.flat_index), if any."""
+def _frame_input(gm: fx.GraphModule, frame_axis):
+    """The placeholder of the input that holds time (FrameAxis.flat_index), if any; for a graph
+    captured through Dynamo with several inputs holding video tokens (FrameAxis.video_inputs), the
+    tuple of their placeholders."""
     index = getattr(frame_axis, "flat_index", None)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    several = [placeholders[i] for i in getattr(frame_axis, "video_inputs", ()) if i < len(placeholders)]
+    if len(several) > 1:
+        return tuple(several)
     return placeholders[index] if index is not None and index < len(placeholders) else None
 
 

@@ -605,6 +605,11 @@ def cost(model, args=(), kwargs=None, *, frames=None, chunk_frames: int | None =
         if chunk_frames is not None:
             raise ValueError("chunk_frames is for streaming step graphs; a HybridModel runs the whole video "
                              "(cost it without chunk_frames)")
+        if model.capture == "dynamo":
+            raise model.whole_graph_refusal(
+                "for rc.cost one graph of the whole model with the frame axis symbolic: the captured graphs are "
+                "static per frame count (so each would cost as a constant in T) and the python between graph "
+                "breaks is not costed")
         # its rewritten graph is already exported with the frame axis symbolic (and knows its sites)
         program = _Program.unlifted(model.graph_module(*args, **kwargs))
     elif exported:

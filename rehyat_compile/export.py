@@ -24,8 +24,12 @@ Fallback
 If the model's code specialises the frame axis (python ints from shapes, data-dependent control
 flow) or the dynamic export raises, the model is exported statically; ``FrameAxis.dynamic`` is then
 False, ``FrameAxis.reason`` says why, and layout inference relies on ``video_shape=(frames, h, w)``
-(token grid after patching) given by the user. A model that cannot be exported at all raises
-:class:`~rehyat_compile.errors.ConversionError` naming the export error.
+(token grid after patching) given by the user. When the static export fails too for a reason about
+autograd, it is tried once more under ``torch.no_grad`` (FlexAttention exports on CPU only without
+grad); models that export with grad keep the graph they always had. A model that cannot be exported
+at all raises :class:`~rehyat_compile.errors.ConversionError` (code "cannot-export") naming the
+export error; ``rc.inspect`` / ``rc.transform`` then capture it through Dynamo
+(:mod:`rehyat_compile.dynamo_capture`).
 """
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ class FrameAxis:
     video_shape: tuple[int, int, int] | None = None
     reason: str = ""
     flat_index: int | None = None  # position of the frame input among the flattened (args, kwargs) leaves
+    video_inputs: tuple[int, ...] = ()  # Dynamo-captured graphs: every input holding video tokens (flat_index first)
 
     @property
     def dynamic(self) -> bool:
@@ -264,6 +269,31 @@ def _export(model, args, kwargs, dynamic_shapes=None) -> ExportedProgram:
         caches.restore()
 
 
+def _fails_for_grad(exc: Exception) -> bool:
+    """An export error about autograd (FlexAttention on CPU: "does not support backward ... set the
+    input requires_grad to False"): the one kind a no-grad export may avoid."""
+    text = str(exc)
+    return "backward" in text or "requires_grad" in text
+
+
+def _export_inference(model, args, kwargs, first: Exception) -> ExportedProgram:
+    """The static export under ``torch.no_grad``: what fails only because export traces with grad
+    (FlexAttention on CPU: "does not support backward") reaches its graph this way. Raises the
+    cannot-export ConversionError naming ``first`` (the export with grad) when this fails too."""
+    args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, (tuple(args), kwargs))
+    try:
+        with torch.no_grad():
+            return _export(model, args, kwargs)
+    except Exception:
+        raise _cannot_export(first) from first
+
+
+def _cannot_export(exc: Exception) -> ConversionError:
+    """The whole-model refusal, naming the export error (code "cannot-export")."""
+    return ConversionError(f"model cannot be exported with torch.export: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}", code="cannot-export")
+
+
 def _placeholder_dim(ep: ExportedProgram, tensor_index: int, dim: int):
     """Shape entry ``dim`` of the ``tensor_index``-th user input placeholder of ``ep``."""
     inputs = [n for n in ep.graph.nodes if n.op == "placeholder"][len(ep.graph_signature.inputs_to_parameters)
@@ -314,11 +344,15 @@ def export_video_model(model, args, kwargs=None, *, frames=None, video_shape=Non
             reason = "the model's code specialises the frame axis (shapes used as python ints)"
     # Fresh input tensors: a failed symbolic export can leave the old ones memoised as symbolic fakes.
     args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, (tuple(args), kwargs))
+    attributes = _ModuleAttributes(model)
     try:
         ep = _export(model, args, kwargs)
     except Exception as exc:
-        raise ConversionError(f"model cannot be exported with torch.export: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}", code="cannot-export") from exc
+        if not _fails_for_grad(exc):
+            raise _cannot_export(exc) from exc
+        attributes.restore()
+        ep = _export_inference(model, args, kwargs, exc)
+        reason = (reason + "; " if reason else "") + "exported under torch.no_grad (the export with grad failed)"
     if found is None:
         return ep, FrameAxis(None, None, None, patch, None, video_shape, reason)
     name, tensor, dim = found

@@ -37,6 +37,7 @@ class Site:
     chunk_frames: int | None = None  # set on converted sites (HybridModel.sites)
     overlap_frames: int | None = None
     causal: bool | None = None
+    graph: int | None = None  # index of the Dynamo-captured graph holding the site (None: one exported graph)
     match: object = field(default=None, repr=False, compare=False)
 
     @property
@@ -90,4 +91,5 @@ class Site:
                 "extra_after": None if layout is None else layout.extra_after,
                 "frame_major": self.frame_major, "rewritable": self.rewritable, "reason": self.reason,
                 "code": self.code, "scale": self.scale, "chunk_frames": self.chunk_frames,
-                "overlap_frames": self.overlap_frames, "causal": self.causal}
+                "overlap_frames": self.overlap_frames, "causal": self.causal} | (
+                    {} if self.graph is None else {"graph": self.graph})

@@ -41,6 +41,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .dynamo_capture import DEFAULT_MAX_CAPTURES, DynamoConversion, structure_key
 from .errors import ConversionError
 from .export import FrameAxis, check_video_shape, export_video_model
 from .feature_map import FeatureMap
@@ -62,11 +63,44 @@ def _analysed(model, args, kwargs, video_shape, frames=None):
     return gm, frame_axis, sites
 
 
+def _call_arguments(args, kwargs) -> tuple[tuple, dict]:
+    args = () if args is None else (tuple(args) if isinstance(args, (tuple, list)) else (args,))
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise TypeError(f"kwargs must be a dict or None, got {type(kwargs).__name__}")
+    return args, {} if kwargs is None else kwargs
+
+
 def inspect(model, args=(), kwargs=None, *, video_shape=None, frames=None) -> InspectReport:
-    """Export ``model(*args, **kwargs)`` and report every attention site and the decision about it."""
+    """Export ``model(*args, **kwargs)`` and report every attention site and the decision about it.
+
+    When ``torch.export`` cannot take the model, it is captured through Dynamo instead (it runs once,
+    under ``torch.no_grad``, as ``torch.compile`` with graph breaks) and the report lists the sites of
+    every captured graph (``report.capture == "dynamo"``; rehyat_compile/dynamo_capture.py)."""
     video_shape = check_video_shape(video_shape)
-    _, frame_axis, sites = _analysed(model, args, kwargs, video_shape, frames)
+    try:
+        _, frame_axis, sites = _analysed(model, args, kwargs, video_shape, frames)
+    except ConversionError as err:
+        if err.code != "cannot-export":
+            raise
+        args, kwargs = _call_arguments(args, kwargs)
+        conversion = DynamoConversion(model, _export_failure(err), frames=frames, video_shape=video_shape)
+        with torch.no_grad():
+            sites, frame_axis = conversion.analyse(args, kwargs, structure_key(args, kwargs))
+        return _dynamo_report(sites, frame_axis, model, conversion)
     return InspectReport(sites, frame_axis, type(model).__name__)
+
+
+def _export_failure(err: ConversionError) -> str:
+    """The export error of a cannot-export refusal, without its lead-in."""
+    return str(err).removeprefix("model cannot be exported with torch.export: ")
+
+
+def _dynamo_report(sites, frame_axis, model, conversion: DynamoConversion) -> InspectReport:
+    if not conversion.graphs:
+        raise ConversionError(f"model cannot be captured: torch.export failed ({conversion.export_error}) and Dynamo "
+                              "captured no graph (the whole forward ran as eager python)", code="cannot-export")
+    return InspectReport(sites, frame_axis, type(model).__name__, capture="dynamo", graphs=len(conversion.graphs),
+                         captures=conversion.captures, breaks=conversion.breaks)
 
 
 class PhiPair(nn.Module):
@@ -171,6 +205,9 @@ class ConversionPlan:
     frame_axis: FrameAxis | None = None
     sites: tuple[Site, ...] = ()
     report: InspectReport | None = None
+    capture: str = "export"  # "dynamo" once torch.export failed and the model was captured by torch.compile
+    export_error: str = ""  # why torch.export failed (capture "dynamo")
+    max_captures: int = DEFAULT_MAX_CAPTURES
 
     @property
     def traced(self) -> bool:
@@ -182,7 +219,8 @@ class ConversionPlan:
         return {"chunk_frames": o.chunk_frames, "overlap_frames": o.overlap_frames, "causal": o.causal,
                 "feature_dim": o.feature_dim, "layers": [s.name for s in self.sites],
                 "video_shape": None if self.video_shape is None else list(self.video_shape),
-                "sites": [s.to_dict() | {"key": s.key} for s in self.sites]}
+                "sites": [s.to_dict() | {"key": s.key} for s in self.sites]} | (
+                    {} if self.capture == "export" else {"capture": self.capture})
 
 
 class _Traces:
@@ -197,15 +235,20 @@ class HybridModel(nn.Module):
     """The converted model; see the module docstring."""
 
     def __init__(self, model: nn.Module, *, video_shape=None, chunk_frames=3, overlap_frames=1, causal=True,
-                 layers=None, feature_dim=None, frames=None, _plan: ConversionPlan | None = None):
+                 layers=None, feature_dim=None, frames=None, max_captures=DEFAULT_MAX_CAPTURES,
+                 _plan: ConversionPlan | None = None):
         super().__init__()
         self.original = model
         self.feature_maps = nn.ModuleDict()
+        if isinstance(max_captures, bool) or not isinstance(max_captures, int) or max_captures < 1:
+            raise ValueError(f"max_captures must be an int >= 1, got {max_captures!r}")
         self.plan = _plan or ConversionPlan(check_options(chunk_frames, overlap_frames, causal, feature_dim),
-                                            check_layers(layers), check_video_shape(video_shape), frames)
+                                            check_layers(layers), check_video_shape(video_shape), frames,
+                                            max_captures=max_captures)
         self._traces = _Traces()
         self._programs: dict = {}  # structure key -> (hybrid GraphModule, teacher GraphModule, sites)
         self._runner = None  # the StreamRunner a joint causal conversion runs as (see forward)
+        self._dynamo = None  # the DynamoConversion once torch.export failed (see _exported_programs)
 
     # -- attribute pass-through: the hybrid stands in for the original (pipe.transformer) --------
     def __getattr__(self, name):
@@ -239,11 +282,21 @@ class HybridModel(nn.Module):
         """JSON-serialisable record of the conversion (for save/load)."""
         return self.plan.to_dict()
 
+    @property
+    def capture(self) -> str:
+        """"export" (one exported graph per input structure) or "dynamo" (graphs between graph breaks)."""
+        return "dynamo" if self._dynamo is not None else self.plan.capture
+
+    @property
+    def captures(self) -> int | None:
+        """Dynamo captures made so far (one per call structure: frame count); None for exported models."""
+        return None if self._dynamo is None else self._dynamo.captures
+
     # -- copies, pickling, state dicts ---------------------------------------------------------
     def __getstate__(self):
         # traced graphs hold fake tensors and generated classes: drop them, a copy traces again
         state = self.__dict__.copy()
-        state["_traces"], state["_programs"], state["_runner"] = _Traces(), {}, None
+        state["_traces"], state["_programs"], state["_runner"], state["_dynamo"] = _Traces(), {}, None, None
         plan = state["plan"]
         state["plan"] = replace(plan, sites=tuple(replace(s, match=None) for s in plan.sites), report=None)
         return state
@@ -305,7 +358,7 @@ class HybridModel(nn.Module):
             planned = {site.name for site in self.plan.sites}
             chosen = [site for site in chosen if site.name in planned]
         if not chosen:
-            raise ConversionError("no attention site can be converted:\n" + str(report))
+            raise _nothing_to_convert(report)
         self._ensure_feature_maps(chosen)
         return self._install(analysis_key, chosen, report)
 
@@ -331,15 +384,17 @@ class HybridModel(nn.Module):
     def _render(self, pristine, frame_axis, chosen) -> tuple:
         """(hybrid graph, teacher graph, converted sites): the pipeline's rewrite pass on fresh copies of
         the pristine graph, once with the plan's options and once as softmax (the teacher)."""
-        out = []
-        for options in (self.plan.options, None):
-            gm, sites = self._fresh_graph(pristine, chosen)
-            result = pipeline.run(pipeline.REWRITE, pipeline.PassResult(gm, tuple(sites)),
-                                  pipeline.PassContext(frame_axis, self.original, options))
-            _redirect_parameters(gm, self.original)
-            out.append((gm, list(result.sites)))
-        (gm, sites), (teacher_gm, _) = out
+        (gm, sites), (teacher_gm, _) = (self._rewritten(pristine, frame_axis, chosen, options)
+                                        for options in (self.plan.options, None))
         return gm, teacher_gm, sites
+
+    def _rewritten(self, pristine, frame_axis, chosen, options) -> tuple[fx.GraphModule, list[Site]]:
+        """The pipeline's rewrite pass on a fresh copy of ``pristine`` (``options=None``: the teacher)."""
+        gm, sites = self._fresh_graph(pristine, chosen)
+        result = pipeline.run(pipeline.REWRITE, pipeline.PassResult(gm, tuple(sites)),
+                              pipeline.PassContext(frame_axis, self.original, options))
+        _redirect_parameters(gm, self.original)
+        return gm, list(result.sites)
 
     def with_options(self, *, chunk_frames=None, overlap_frames=None, causal=None) -> "HybridModel":
         """A sibling with other chunking that shares the original, the feature maps and the exports."""
@@ -351,6 +406,8 @@ class HybridModel(nn.Module):
                                                            frame_axis=None))
         sibling.feature_maps = self.feature_maps
         sibling._traces = self._traces
+        if self._dynamo is not None:  # captured through Dynamo: the sibling captures for itself, no export again
+            sibling._dynamo = sibling._new_dynamo(self._dynamo.export_error)
         for _, _, sites, analysis_key in list(self._programs.values()):  # the structures self has run
             converted = {s.name for s in sites}
             chosen = [s for s in self._traces.analyses[analysis_key][2] if s.name in converted]
@@ -358,12 +415,99 @@ class HybridModel(nn.Module):
         return sibling
 
     def _programs_for(self, args, kwargs, video_shape=_PLAN_VIDEO_SHAPE):
+        """(hybrid graph, teacher graph, sites, analysis key) of the one exported graph for this input
+        structure; for a model captured through Dynamo, a ConversionError naming its graph breaks."""
+        programs = self._exported_programs(args, kwargs, video_shape)
+        if programs is None:
+            with torch.no_grad():
+                self._dynamo_analysed(tuple(args), {} if kwargs is None else kwargs)
+            raise self.whole_graph_refusal()
+        return programs
+
+    def _exported_programs(self, args, kwargs, video_shape=_PLAN_VIDEO_SHAPE):
+        """The export path's programs, or None once the model goes through Dynamo capture (torch.export
+        refused it on the first trace)."""
+        if self._dynamo is None and self.plan.capture == "dynamo":  # a copy of a captured model: capture again
+            self._dynamo = self._new_dynamo(self.plan.export_error)
+        if self._dynamo is not None:
+            return None
         kwargs = {} if kwargs is None else kwargs
         video_shape = self.plan.video_shape if video_shape is _PLAN_VIDEO_SHAPE else check_video_shape(video_shape)
         key = _structure_key(args, kwargs, self.plan.frame_axis, (self._mode(), video_shape))
-        if key not in self._programs:
+        if key in self._programs:
+            return self._programs[key]
+        try:
             return self._build(args, kwargs, video_shape)
-        return self._programs[key]
+        except ConversionError as err:
+            if err.code != "cannot-export" or self.plan.traced:
+                raise
+            failure = _export_failure(err)
+        self._dynamo = self._new_dynamo(failure)
+        return None
+
+    def _new_dynamo(self, export_error: str) -> DynamoConversion:
+        plan = self.plan
+        return DynamoConversion(self.original, export_error, frames=plan.frames, video_shape=plan.video_shape,
+                                render=self._dynamo_program, choose=self._dynamo_choice,
+                                max_captures=plan.max_captures)
+
+    # -- Dynamo capture (rehyat_compile/dynamo_capture.py) ---------------------------------------
+    def _dynamo_choice(self, sites: list[Site]) -> list[Site]:
+        """The sites of one (captured graph, module instance) to convert: rewritable and selected."""
+        layers = self.plan.layers
+        return [s for s in sites if s.rewritable and (layers is None or any(x in (s.name, s.module, s.key)
+                                                                                for x in layers))]
+
+    def _dynamo_program(self, aten: fx.GraphModule, frame_axis: FrameAxis, chosen: list[Site]) -> fx.GraphModule:
+        """One captured graph with ``chosen`` rewritten to the hybrid op (the same REWRITE pass)."""
+        self._ensure_feature_maps(chosen)
+        return self._rewritten(aten, frame_axis, chosen, self.plan.options)[0]
+
+    def _dynamo_analysed(self, args, kwargs) -> tuple[list[Site], FrameAxis]:
+        """The analysis run of this call structure (captures its graphs; cached per structure); the
+        first fixes the plan. Returns the converted sites of this structure and the call's frame axis."""
+        dynamo = self._dynamo
+        sites, frame_axis = dynamo.analyse(args, kwargs, structure_key(args, kwargs, self._mode()))
+        report = _dynamo_report(sites, frame_axis, self.original, dynamo)
+        chosen = _selected(sites, self.plan.layers)
+        if not chosen:
+            raise _nothing_to_convert(report, code=_common_code(sites))
+        self._ensure_feature_maps(chosen)
+        o = self.plan.options
+        chosen = [replace(s, chunk_frames=o.chunk_frames, overlap_frames=o.overlap_frames, causal=o.causal)
+                  for s in chosen]
+        if not self.plan.traced:
+            self.plan = replace(self.plan, frame_axis=frame_axis, sites=tuple(chosen), report=report, capture="dynamo",
+                                export_error=dynamo.export_error)
+        return chosen, frame_axis
+
+    def whole_graph_refusal(self, what: str = "one whole graph of the model (streaming, distillation taps, "
+                                               "rc.cost, builds)") -> ConversionError:
+        """The ConversionError for what a Dynamo-captured model cannot do: ``what`` needs one whole
+        graph; names the export failure and the graph breaks."""
+        dynamo = self._dynamo
+        breaks = "; ".join(dynamo.breaks) if dynamo.breaks else "none recorded"
+        return ConversionError(
+            f"this model was captured through Dynamo because torch.export failed ({dynamo.export_error}): "
+            f"{len(dynamo.graphs)} graphs, the code between its graph breaks running as eager python; this needs "
+            f"{what}, which a graph break splits. Graph breaks: {breaks}", code="cannot-export")
+
+    def _dynamo_forward(self, args, kwargs):
+        sites, frame_axis = self._dynamo_analysed(args, kwargs)
+        frames = frame_axis.frames
+        if (self.plan.options.causal and any(is_joint(s) for s in sites)
+                and (frames is None or frames > self.plan.options.chunk_frames)):
+            raise self.whole_graph_refusal(
+                "to run chunk by chunk (causal=True with joint attention: a copy of the extra tokens per chunk, "
+                "docs/hybrid_attention.md) a step program of one whole graph; transform with causal=False for "
+                "global extra tokens, or chunk_frames >= the frame count")
+        out = self._dynamo(args, kwargs)
+        if self._dynamo.converted_ran < len(sites):  # every converted site runs at least once per call
+            raise ConversionError(f"Dynamo ran this call with {self._dynamo.converted_ran} of the {len(sites)} "
+                                  "converted sites (it fell back to eager code for the others, e.g. past "
+                                  "torch._dynamo's recompile limit): the output would not be the converted model's",
+                                  code="cannot-export")
+        return out
 
     def graph_module(self, *args, **kwargs) -> fx.GraphModule:
         """The rewritten GraphModule for this input structure (built on first use)."""
@@ -411,7 +555,10 @@ class HybridModel(nn.Module):
         return video.shape[fa.dim] // fa.patch if isinstance(video, torch.Tensor) else None
 
     def forward(self, *args, **kwargs):
-        graph, _, sites, _ = self._programs_for(args, kwargs)  # one cache lookup per call
+        programs = self._exported_programs(args, kwargs)  # one cache lookup per call
+        if programs is None:
+            return self._dynamo_forward(args, kwargs)
+        graph, _, sites, _ = programs
         if self._runs_recurrently(sites, args, kwargs):
             return self._recurrent(args, kwargs)
         return graph(*args, **kwargs)
@@ -440,6 +587,20 @@ def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict]:
     out = new.graph_copy(graph, node_map)
     new.output(out)
     return new, node_map
+
+
+def _nothing_to_convert(report: InspectReport, code: str | None = None) -> ConversionError:
+    """The refusal of a model none of whose sites converts: the inspect table in the message, the
+    report itself as ``error.report``."""
+    error = ConversionError("no attention site can be converted:\n" + str(report), code=code)
+    error.report = report
+    return error
+
+
+def _common_code(sites) -> str | None:
+    """The decline code every site shares (e.g. all "flex-attention"), else None."""
+    codes = {s.code for s in sites}
+    return codes.pop() if len(codes) == 1 and None not in codes else None
 
 
 def is_joint(site: Site) -> bool:
@@ -491,19 +652,26 @@ def _tap_sites(gm: fx.GraphModule, args, kwargs) -> dict:
 
 
 def transform(model, args=None, kwargs=None, *, video_shape=None, chunk_frames=3, overlap_frames=1, causal=True,
-              layers=None, feature_dim=None, frames=None) -> HybridModel:
+              layers=None, feature_dim=None, frames=None, max_captures=DEFAULT_MAX_CAPTURES) -> HybridModel:
     """Convert every (or the ``layers``-selected) softmax video attention of ``model`` to the hybrid op.
 
     With ``args``/``kwargs`` given the export happens now (errors surface here); otherwise on the
     first call. Raises ConversionError when nothing can be converted (with the inspect table).
+    A model torch.export cannot take is captured through Dynamo (rehyat_compile/dynamo_capture.py):
+    with example inputs it runs once now, under ``torch.no_grad``; each new frame count is captured
+    again on its call, at most ``max_captures`` times.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     hybrid = HybridModel(model, video_shape=video_shape, chunk_frames=chunk_frames, overlap_frames=overlap_frames,
-                         causal=causal, layers=layers, feature_dim=feature_dim, frames=frames)
+                         causal=causal, layers=layers, feature_dim=feature_dim, frames=frames,
+                         max_captures=max_captures)
     if args is not None or kwargs is not None:
         args = () if args is None else (args if isinstance(args, (tuple, list)) else (args,))
-        hybrid._programs_for(tuple(args), {} if kwargs is None else kwargs)
+        kwargs = {} if kwargs is None else kwargs
+        if hybrid._exported_programs(tuple(args), kwargs) is None:
+            with torch.no_grad():
+                hybrid._dynamo_analysed(tuple(args), kwargs)
     return hybrid
 
 

@@ -304,8 +304,8 @@ def make_kandinsky5(frames=5):
 
 def make_hunyuan_video_1_5(frames=5):
     """HunyuanVideo 1.5 (T2V: zero image embeddings). Not exportable: ``if torch.all(image_embeds == 0)``
-    is python control flow on data, which torch.export cannot trace (kept as the real-model example of
-    a clear "cannot be exported" error)."""
+    is python control flow on data, which torch.export cannot trace; captured through Dynamo instead
+    (a graph break there), its attentions are declined: the mask ``m_i & m_j`` depends on the query."""
     from diffusers import HunyuanVideo15Transformer3DModel
     model = _seeded(HunyuanVideo15Transformer3DModel, in_channels=CH, out_channels=CH, num_attention_heads=HEADS,
                     attention_head_dim=HEAD_DIM, num_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1,
@@ -318,7 +318,30 @@ def make_hunyuan_video_1_5(frames=5):
         return_dict=False)
 
 
-MODELS.update({"kandinsky5": make_kandinsky5, "hunyuan-video-1.5": make_hunyuan_video_1_5})
+def make_anyflow_far(frames=5):
+    """AnyFlow-FAR: causal FlexAttention (a BlockMask over chunk_partition) in its self-attention; exports
+    only under torch.no_grad on CPU ("FlexAttention does not support backward on CPU"); declined."""
+    from diffusers import AnyFlowFARTransformer3DModel
+    partition = [1] + [2] * ((frames - 1) // 2) + ([1] if (frames - 1) % 2 else [])
+    model = _seeded(AnyFlowFARTransformer3DModel, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
+                    in_channels=CH, out_channels=CH, text_dim=32, freq_dim=16, ffn_dim=64, num_layers=1,
+                    rope_max_seq_len=64, chunk_partition=tuple(partition))
+    return model, (_video(frames, channels_first=False),), dict(
+        timestep=torch.full((1, frames), 500.0), r_timestep=torch.full((1, frames), 400.0),
+        encoder_hidden_states=_randn(1, TEXT, 32, seed=2), chunk_partition=partition, return_dict=False)
+
+
+def make_kandinsky6_sr(frames=2):
+    """Kandinsky 6 super-resolution: NABLA sparse attention through FlexAttention (a BlockMask from q/k
+    statistics); channels-last [B, T, H, W, 2C+1] latents with an 8x8 token grid; declined."""
+    from diffusers import Kandinsky6SRTransformer3DModel
+    model = _seeded(Kandinsky6SRTransformer3DModel, in_visual_dim=CH, out_visual_dim=CH, time_dim=32,
+                    patch_size=(1, 1, 1), model_dim=INNER, ff_dim=64, num_visual_blocks=1, axes_dims=(4, 6, 6))
+    return model, (_randn(1, frames, 8, 8, 2 * CH + 1),), dict(timestep=torch.tensor([500.0]), return_dict=False)
+
+
+MODELS.update({"kandinsky5": make_kandinsky5, "hunyuan-video-1.5": make_hunyuan_video_1_5,
+               "anyflow-far": make_anyflow_far, "kandinsky6-sr": make_kandinsky6_sr})
 FRAMES: dict = {}  # frames= for models whose time axis the default rule does not find (none at present)
 
 

@@ -33,6 +33,8 @@ def row(name: str) -> str:
         return f"| {name} | {type(model).__name__} | - | 0 | - | - | - | - | - | {getattr(error, 'code', None) or error} |"
     fa = report.frame_axis
     axis = "symbolic" if fa.dynamic else "static" + (" + video_shape" if name in VIDEO_SHAPE else "")
+    if report.capture == "dynamo":  # torch.export failed: graphs captured between graph breaks
+        axis = f"dynamo ({report.graphs} graphs), static"
     if name in FRAMES:
         axis += f" (frames={FRAMES[name]})"
     ok = report.rewritable
