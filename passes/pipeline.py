@@ -8,6 +8,8 @@ the hybrid graph; ``rc.distill`` runs :data:`FORCE_SOFTMAX`; ``rc.build`` runs :
 on the exported program it compiles; ``rc.cost`` costs the graphs these produce.
 
     canonicalize -> find -> classify -> layout -> rewrite -> { thread_state | force_softmax | portable }
+    portable -> legalize_split -> legalize_softmax -> legalize_permute_rank -> legalize_reshape_rank
+                                                                              (HTP, backends/qnn.py)
 
 A pass is a function ``(PassResult, PassContext) -> PassResult``: the result carries the graph, the
 sites (immutable :class:`~rehyat_compile.site.Site` s, each accepted or declined with a
@@ -161,6 +163,37 @@ def _portable(result: PassResult, ctx: PassContext) -> PassResult:
     return replace(result, graph=decompose_for_backends(result.graph))
 
 
+def _on_program(rewrite):
+    """A pass running ``rewrite(fx.Graph) -> int`` on a :data:`PORTABLE` result's program in place;
+    the count of changed nodes is kept as artifact ``<rewrite name>``."""
+    def run(result: PassResult, ctx: PassContext) -> PassResult:
+        module = result.graph.graph_module
+        changed = rewrite(module.graph)
+        module.recompile()
+        return result.with_artifact(rewrite.__name__, changed)
+    return run
+
+
+def legalize_permute_rank(graph: fx.Graph) -> int:
+    from .legalize_permute_rank import compose_permutes, lower_permute_rank
+    return compose_permutes(graph) + lower_permute_rank(graph)
+
+
+def legalize_reshape_rank(graph: fx.Graph) -> int:
+    from .legalize_reshape_rank import fold_reshape_chains
+    return fold_reshape_chains(graph)
+
+
+def legalize_softmax(graph: fx.Graph) -> int:
+    from .legalize_softmax import drop_softmax_guards, multiplicative_masks
+    return drop_softmax_guards(graph) + multiplicative_masks(graph)
+
+
+def legalize_split(graph: fx.Graph) -> int:
+    from .legalize_split import split_as_slices
+    return split_as_slices(graph)
+
+
 CANONICALIZE = Pass("canonicalize", _canonicalize, "normalise spellings (views, einsum, bmm, div by a number)")
 FIND = Pass("find", _find, "one site per softmax / SDPA / flex_attention node, per linear-attention module")
 CLASSIFY = Pass("classify", _classify, "self vs cross-attention, causal, factorised; head dims, masks")
@@ -171,10 +204,19 @@ THREAD_STATE_MATCHED = Pass("thread_state_matched", _thread_state_matched,
                             "the step program of a fixed-shape export, from a chunk trace and a whole trace")
 FORCE_SOFTMAX = Pass("force_softmax", _force_softmax, "every site as the teacher's softmax, recording q, k, v, out")
 PORTABLE = Pass("portable", _portable, "the hybrid op and composite ops in standard aten ops for the backends")
+LEGALIZE_SPLIT = Pass("legalize_split", _on_program(legalize_split), "splits as slices (HTP takes no sequence ops)")
+LEGALIZE_SOFTMAX = Pass("legalize_softmax", _on_program(legalize_softmax),
+                        "softmax guards dropped, -inf masks multiplicative (no infinities to quantise)")
+LEGALIZE_PERMUTE_RANK = Pass("legalize_permute_rank", _on_program(legalize_permute_rank),
+                             "permutes composed, coalesced to rank <= 5 (HTP's limit)")
+LEGALIZE_RESHAPE_RANK = Pass("legalize_reshape_rank", _on_program(legalize_reshape_rank),
+                             "reshape chains folded so no rank-6+ tensor is left between them")
 
 ANALYSIS = (CANONICALIZE, FIND, CLASSIFY, LAYOUT)
 CONVERSION = ANALYSIS + (REWRITE,)
-VARIANTS = {"stream": (THREAD_STATE, THREAD_STATE_MATCHED), "distill": (FORCE_SOFTMAX,), "build": (PORTABLE,)}
+HTP = (LEGALIZE_SPLIT, LEGALIZE_SOFTMAX, LEGALIZE_PERMUTE_RANK, LEGALIZE_RESHAPE_RANK)  # after PORTABLE, for the qnn backend
+VARIANTS = {"stream": (THREAD_STATE, THREAD_STATE_MATCHED), "distill": (FORCE_SOFTMAX,), "build": (PORTABLE,),
+            "htp": HTP}
 PIPELINE = CONVERSION + tuple(p for group in VARIANTS.values() for p in group)  # every pass, in order
 
 
@@ -194,4 +236,4 @@ def analyse(gm: fx.GraphModule, frame_axis, model=None) -> list[Site]:
     return list(run(ANALYSIS, gm, PassContext(frame_axis, model)).sites)
 
 
-__all__ = ["ANALYSIS", "CONVERSION", "PIPELINE", "VARIANTS", "Pass", "PassContext", "PassResult", "analyse", "run"]
+__all__ = ["ANALYSIS", "CONVERSION", "HTP", "PIPELINE", "VARIANTS", "Pass", "PassContext", "PassResult", "analyse", "run"]
