@@ -6,7 +6,8 @@ writes an EPContext ONNX model pointing at the prepared ``*_qnn.bin``. On a phon
 that pair; here the same pair runs on QNN's HTP simulator (x86). Steps (docs/backends.md, QNN):
 
 1. legalise the portable program for HTP (:data:`rehyat_compile.passes.pipeline.HTP`: splits as
-   slices, every tensor rank <= 5); a tensor still above rank 5 raises ConversionError naming it;
+   slices, softmax without infinities, every tensor rank <= 5; ``HTP_QUANTIZED`` also softplus as one
+   op and RMS norms as LayerNorms); a tensor still above rank 5 raises ConversionError naming it;
 2. export ONNX (``backends/onnx.py``), weights as initializers;
 3. ``precision``: ``fp16`` runs the fp32 model in fp16 on HTP (``enable_htp_fp16_precision``);
    ``w8a16`` is a QDQ model from ``onnxruntime.quantization``'s QNN tooling (uint8 weights, uint16
@@ -109,13 +110,15 @@ def _session_options(soc: HtpSoc, precision: str, *, fallback: bool, context: Pa
 # Build
 # ---------------------------------------------------------------------------------------------
 
-def legalize(flat: FlatProgram) -> dict:
-    """Run :data:`~rehyat_compile.passes.pipeline.HTP` on ``flat.program`` in place; returns the
-    changed-node counts per pass. ConversionError naming every node still above HTP's rank."""
+def legalize(flat: FlatProgram, precision: str = "fp16") -> dict:
+    """Run :data:`~rehyat_compile.passes.pipeline.HTP` (``HTP_QUANTIZED`` for w8a16) on
+    ``flat.program`` in place; returns the changed-node counts per pass. ConversionError naming
+    every node still above HTP's rank."""
     from ..passes import pipeline
     from ..passes.legalize_permute_rank import HTP_MAX_RANK
     from ..passes.legalize_reshape_rank import high_rank_nodes
-    result = pipeline.run(pipeline.HTP, pipeline.PassResult(flat.program))
+    passes = pipeline.HTP if precision == "fp16" else pipeline.HTP_QUANTIZED
+    result = pipeline.run(passes, pipeline.PassResult(flat.program))
     left = high_rank_nodes(flat.program.graph_module.graph)
     if left:
         listed = "; ".join(f"{name} ({op}, shape {list(shape)})" for name, op, shape in left[:10])
@@ -196,7 +199,7 @@ def build_entry(flat: FlatProgram, spec: Target, out_dir: Path, name: str) -> di
     """``<name>.onnx`` (legalised, fp32), ``<name>.w8a16.onnx`` (QDQ) for w8a16, and per SoC
     ``<name>.<soc>.ctx.onnx`` + ``<name>.<soc>.ctx_qnn.bin``."""
     socs, precision = socs_of(spec), precision_of(spec)
-    legalize(flat)
+    legalize(flat, precision)
     files = {"onnx": f"{name}.onnx"}
     onnx_backend.save(onnx_backend.export_onnx(flat), out_dir / files["onnx"])
     model = out_dir / files["onnx"]
