@@ -9,17 +9,9 @@ import torch
 from torch import nn
 
 from rehyat_compile.backends.portable import portable_program
+from test_canonicalize import Fn  # a function as an nn.Module
 
 aten = torch.ops.aten
-
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def portable(fn, *args) -> torch.export.ExportedProgram:
