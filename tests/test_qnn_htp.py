@@ -3,12 +3,12 @@ built for Qualcomm HTP v73 / v75 / v79 (SM8550 / SM8650 / SM8750) in fp16 and w8
 HTP simulator with CPU fallback disabled, against fp32 PyTorch; the ONNX target on ONNX Runtime's
 CPU provider; bad options and an op HTP cannot take reported by name.
 
-Tolerances (max |error| over outputs of magnitude <= ~2.2; benchmarks/qnn_htp_accuracy.py measures
-the same on held-out inputs, benchmarks/results/qnn_htp_accuracy.json):
-fp16 measured 0.0195 whole graph and 0.018 / 0.0195 for step chunks 0 / 1 on every SoC -> FP16_TOL 0.05;
-w8a16 measured 0.11 whole graph and 0.063 / 0.11 per chunk -> W8A16_TOL 0.25 (16-bit activations,
-8-bit weights: ~5 % of the output range). The carried linear state s, z (|s| <= ~2.3, |z| <= ~5.5):
-fp16 within 0.021 / 0.018, w8a16 within ~0.06 -> STATE_TOL as the outputs'.
+Tolerances (max |error|; outputs up to ~2.3, linear state s up to ~2.6, z up to ~5.5). Measured on these
+tests' inputs (the build's example, which w8a16 is also calibrated on), the same on every SoC:
+fp16 whole graph 0.0195, step chunks 0 / 1 0.019 / 0.019, state s / z 0.022 / 0.016 -> FP16_TOL 0.05;
+w8a16 whole graph 0.144, step chunks 0.012 / 0.012, state s 0.039 / 0.093, z 0.066 / 0.162 -> W8A16_TOL 0.25
+(16-bit activations, 8-bit weights). On held-out inputs (benchmarks/qnn_htp_accuracy.py,
+benchmarks/results/qnn_htp_accuracy.json) fp16 is the same and w8a16 reaches 0.11 (outputs) and 0.29 (s).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ FP16_TOL = 0.05
 W8A16_TOL = 0.25
 TOL = {"fp16": FP16_TOL, "w8a16": W8A16_TOL}
 ALL_SOCS = {"soc": tuple(HTP_SOCS)}
-ONNX_TOL = 1e-4  # ORT CPU fp32 vs eager: measured 3.5e-7 (docs/backends.md); reassociation headroom
+ONNX_TOL = 1e-4  # ORT CPU fp32 vs eager: measured 7.2e-7 (whole and streamed); as the other fp32 targets
 
 
 @pytest.fixture(scope="module")
