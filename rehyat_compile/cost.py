@@ -590,7 +590,8 @@ def cost(model, args=(), kwargs=None, *, frames=None, chunk_frames: int | None =
     path, the hybrid op's chunk-parallel form), so score and probability matrices are materialised
     as on most phone GPUs, and FLOPs are those of the decomposed ops; "portable" is "math" with the
     hybrid op's prefix sums as a triangular matmul: the decomposition the ahead-of-time backends
-    (TVM, IREE, QNN HTP; ``backends/portable.py``) compile.
+    (TVM, IREE, QNN HTP; ``backends/portable.py``) compile (its [chunks, chunks] matrix makes bytes
+    formally quadratic in T, with a small coefficient).
     """
     kwargs = dict(kwargs or {})
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
