@@ -12,7 +12,7 @@ index (each even channel read one row early; the x86 build of the same TIR is ri
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
@@ -181,12 +181,16 @@ class _AllInputs(torch.nn.Module):
 class FlatProgram:
     """A function of weights and inputs, all explicit: ``program`` (an ExportedProgram whose every
     placeholder is a user input, weights first), ``weights`` (name -> tensor, in argument order),
-    and the specs of the inputs and outputs. Backends compile this; ``rc.load`` feeds it."""
+    and the specs of the inputs and outputs. Backends compile this; ``rc.load`` feeds it.
+    ``calibration``: example input tuples (inputs only, in ``inputs`` order) of the calls this graph
+    serves, for quantised builds; the example call unless the builder knows more (a step graph:
+    every chunk of the example video, states fed through)."""
 
     program: torch.export.ExportedProgram
     weights: dict[str, torch.Tensor]
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    calibration: list = field(default_factory=list)
 
     @property
     def arguments(self) -> list[TensorSpec]:
@@ -257,4 +261,4 @@ def flat_program(program: torch.export.ExportedProgram, args: tuple, kwargs: dic
         lifted = torch.export.export(flat, (*weights.values(), *flat_args))
     outputs = _with_state(["output"] * len(results), results, [f"output{i}" for i in range(len(results))],
                           [f"next_{n}" for n in state_names])
-    return FlatProgram(lifted, weights, inputs, outputs)
+    return FlatProgram(lifted, weights, inputs, outputs, [tuple(t.detach().clone() for t in flat_args)])

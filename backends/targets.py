@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-BACKENDS = ("tvm", "mlir", "iree")
+BACKENDS = ("tvm", "mlir", "iree", "onnx", "qnn")
 
 
 class NotRunnableHere(RuntimeError):
@@ -36,6 +36,26 @@ class Target:
 
 AARCH64_LINUX = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
 
+
+@dataclass(frozen=True)
+class HtpSoc:
+    """A Snapdragon SoC as QNN's HTP backend names it: ``soc_model`` id and HTP architecture
+    (``soc_model`` / ``htp_arch`` provider options; ids from QNN's SoC table, e.g. ExecuTorch's
+    ``backends/qualcomm`` and LiteRT's ``vendors/qualcomm/core/schema/soc_table.h``)."""
+
+    name: str
+    product: str
+    soc_model: int
+    htp_arch: int
+
+
+HTP_SOCS: dict[str, HtpSoc] = {s.name: s for s in (
+    HtpSoc("sm8550", "Snapdragon 8 Gen 2", 43, 73),
+    HtpSoc("sm8650", "Snapdragon 8 Gen 3", 57, 75),
+    HtpSoc("sm8750", "Snapdragon 8 Elite", 69, 79),
+)}
+HTP_PRECISIONS = ("fp16", "w8a16")  # w8a16: 8-bit weights, 16-bit activations (QDQ, backends/qnn.py)
+
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("cpu", "x86-64 CPU through LLVM (runs here)", ("tvm", "mlir"), mobile=False,
            tvm_device={"kind": "llvm"}),
@@ -50,6 +70,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            ("tvm",), mobile=True, tvm_device="qcom/hexagon-v75",
            options={"versions": ("v68", "v73", "v75")}),
     Target("aarch64", "64-bit Arm CPU (Linux): host .so", ("tvm",), mobile=True, tvm_device=AARCH64_LINUX),
+    Target("onnx", "ONNX model (weights inside), runs on ONNX Runtime's CPU provider", ("onnx",), mobile=False),
+    Target("qnn-htp", "Qualcomm Hexagon NPU (HTP) through ONNX Runtime's QNN EP: ONNX, EPContext ONNX + QNN "
+           "context binary per SoC; runs on QNN's HTP simulator here", ("qnn",), mobile=True,
+           options={"soc": tuple(HTP_SOCS), "precision": "fp16"}),
 )}
 
 def with_options(spec: Target, options: dict | None) -> Target:

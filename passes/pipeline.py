@@ -8,6 +8,8 @@ whole-video graph, then :data:`THREAD_STATE_MATCHED` on a chunk trace) on the hy
 on the exported program it compiles; ``rc.cost`` costs the graphs these produce.
 
     canonicalize -> find -> classify -> layout -> rewrite -> { thread_state | force_softmax | portable }
+    portable -> [legalize_softplus -> legalize_rms_norm] -> legalize_split -> legalize_softmax -> legalize_permute_rank
+             -> legalize_reshape_rank               (HTP / HTP_QUANTIZED, backends/qnn.py)
 
 A pass is a function ``(PassResult, PassContext) -> PassResult``: the result carries the graph, the
 sites (immutable :class:`~rehyat_compile.site.Site` s, each accepted or declined with a
@@ -173,6 +175,47 @@ def _portable(result: PassResult, ctx: PassContext) -> PassResult:
     return replace(result, graph=decompose_for_backends(result.graph))
 
 
+def _on_program(rewrite):
+    """A pass running ``rewrite(fx.Graph) -> int`` on a :data:`PORTABLE` result's program in place;
+    the count of changed nodes is kept as artifact ``<rewrite name>``."""
+    def run(result: PassResult, ctx: PassContext) -> PassResult:
+        module = result.graph.graph_module
+        changed = rewrite(module.graph)
+        module.recompile()
+        return result.with_artifact(rewrite.__name__, changed)
+    return run
+
+
+def legalize_permute_rank(graph: fx.Graph) -> int:
+    from .legalize_permute_rank import compose_permutes, lower_permute_rank
+    return compose_permutes(graph) + lower_permute_rank(graph)
+
+
+def legalize_reshape_rank(graph: fx.Graph) -> int:
+    from .legalize_reshape_rank import fold_reshape_chains
+    return fold_reshape_chains(graph)
+
+
+def legalize_softmax(graph: fx.Graph) -> int:
+    from .legalize_softmax import drop_softmax_guards, multiplicative_masks
+    return drop_softmax_guards(graph) + multiplicative_masks(graph)
+
+
+def legalize_softplus(graph: fx.Graph) -> int:
+    from .legalize_softplus import softplus_as_one_op
+    return softplus_as_one_op(graph)
+
+
+def legalize_rms_norm(graph: fx.Graph) -> int:
+    from .legalize_rms_norm import rms_norm_as_layer_norm
+    return rms_norm_as_layer_norm(graph)
+
+
+def legalize_split(graph: fx.Graph) -> int:
+    from .legalize_split import split_as_slices
+    return split_as_slices(graph)
+
+
 CANONICALIZE = Pass("canonicalize", _canonicalize, "normalise spellings (views, einsum, bmm, div by a number)")
 FIND = Pass("find", _find, "one site per softmax / SDPA / flex_attention node, per linear-attention module")
 CLASSIFY = Pass("classify", _classify, "self vs cross-attention, causal, factorised; head dims, masks")
@@ -185,10 +228,27 @@ THREAD_STATE_MATCHED = Pass("thread_state_matched", _thread_state_matched,
                             "the step program of a fixed-shape export, from a chunk trace and a whole trace")
 FORCE_SOFTMAX = Pass("force_softmax", _force_softmax, "every site as the teacher's softmax, recording q, k, v, out")
 PORTABLE = Pass("portable", _portable, "the hybrid op and composite ops in standard aten ops for the backends")
+LEGALIZE_SPLIT = Pass("legalize_split", _on_program(legalize_split), "splits as slices (HTP takes no sequence ops)")
+LEGALIZE_SOFTMAX = Pass("legalize_softmax", _on_program(legalize_softmax),
+                        "softmax guards dropped, -inf masks multiplicative (no infinities to quantise)")
+LEGALIZE_SOFTPLUS = Pass("legalize_softplus", _on_program(legalize_softplus),
+                         "decomposed softplus back as one Softplus (HTP's quantised Log is wrong)")
+LEGALIZE_RMS_NORM = Pass("legalize_rms_norm", _on_program(legalize_rms_norm),
+                         "x * rsqrt(mean(x^2) + eps) as LayerNorm([x, -x])[..., :n] (HTP's quantised Reciprocal is off)")
+LEGALIZE_PERMUTE_RANK = Pass("legalize_permute_rank", _on_program(legalize_permute_rank),
+                             "permutes composed, coalesced to rank <= 5 (HTP's limit)")
+LEGALIZE_RESHAPE_RANK = Pass("legalize_reshape_rank", _on_program(legalize_reshape_rank),
+                             "reshape chains folded so no rank-6+ tensor is left between them")
 
 ANALYSIS = (CANONICALIZE, FIND, CLASSIFY, LAYOUT)
 CONVERSION = ANALYSIS + (REWRITE,)
-VARIANTS = {"stream": (THREAD_STATE, INFER_INPUT_FRAMES, THREAD_STATE_MATCHED), "distill": (FORCE_SOFTMAX,), "build": (PORTABLE,)}
+HTP = (LEGALIZE_SPLIT, LEGALIZE_SOFTMAX, LEGALIZE_PERMUTE_RANK, LEGALIZE_RESHAPE_RANK)  # after PORTABLE
+# Quantised HTP builds also need softplus as one op and RMS norms as LayerNorms; fp16 keeps the decomposed form (HTP's fp16
+# Softplus measured 10x less accurate: 0.013 vs 0.0014 on the feature map's softplus).
+HTP_QUANTIZED = (LEGALIZE_SOFTPLUS, LEGALIZE_RMS_NORM) + HTP  # after PORTABLE, for the qnn backend
+VARIANTS = {"stream": (THREAD_STATE, INFER_INPUT_FRAMES, THREAD_STATE_MATCHED), "distill": (FORCE_SOFTMAX,),
+            "build": (PORTABLE,),
+            "htp": HTP_QUANTIZED}
 PIPELINE = CONVERSION + tuple(p for group in VARIANTS.values() for p in group)  # every pass, in order
 
 
@@ -208,4 +268,4 @@ def analyse(gm: fx.GraphModule, frame_axis, model=None) -> list[Site]:
     return list(run(ANALYSIS, gm, PassContext(frame_axis, model)).sites)
 
 
-__all__ = ["ANALYSIS", "CONVERSION", "PIPELINE", "VARIANTS", "Pass", "PassContext", "PassResult", "analyse", "run"]
+__all__ = ["ANALYSIS", "CONVERSION", "HTP", "HTP_QUANTIZED", "PIPELINE", "VARIANTS", "Pass", "PassContext", "PassResult", "analyse", "run"]

@@ -92,11 +92,15 @@ def _stream_step_entries(model, args: tuple, kwargs: dict) -> tuple[dict[str, Fl
                          f"(*outputs, *next_state); {type(model).__name__} is neither: {err}") from err
     states = tuple(names["states_in"])
     arg_names = names["inputs"] + names["tables"] + list(states)
+    calls = runner.step_inputs(*args, **kwargs)
     entries = {}
     for name, (module, example_inputs) in (("step", (step, example)), ("step_last", last)):
         if module is not None:
-            entries[name] = flat_program(portable_program(module, tuple(example_inputs)), tuple(example_inputs),
-                                         state_names=states, state_inputs=True, arg_names=arg_names)
+            flat = flat_program(portable_program(module, tuple(example_inputs)), tuple(example_inputs),
+                                state_names=states, state_inputs=True, arg_names=arg_names)
+            length = calls[0][0] if name == "step" else calls[-1][0]  # the first chunk is full unless the video is short
+            flat.calibration = [inputs for frames, inputs in calls if frames == length]
+            entries[name] = flat
     return entries, (step, tuple(example), {}, names["chunk_frames"])
 
 
@@ -186,6 +190,9 @@ def build(model, args=(), kwargs=None, *, target: str, backend: str | None = Non
     Returns the loaded artifact (``rc.load(out_dir)``)."""
     spec, backend = resolve(target, backend)
     spec = with_options(spec, target_options)
+    check_options = getattr(_backend(backend), "check_options", None)  # a backend's own option values
+    if check_options is not None:
+        check_options(spec)
     if not isinstance(streaming, bool):
         raise TypeError(f"streaming must be a bool, got {type(streaming).__name__}")
     if out_dir is None:

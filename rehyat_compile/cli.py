@@ -163,13 +163,14 @@ def cmd_build(opts):
     import rehyat_compile as rc
     model, args, kwargs, name = load_model(opts.model, opts.preset, opts.config, opts.frames)
     hybrid = rc.transform(model, args, kwargs, **_conversion_options(opts))
+    target_options = {k: v for k, v in (("soc", opts.soc), ("precision", opts.precision)) if v is not None}
     art = rc.build(hybrid, args, kwargs, target=opts.target, backend=opts.backend, out_dir=opts.out_dir,
-                   streaming=opts.streaming)
+                   streaming=opts.streaming, target_options=target_options or None)
     manifest = json.loads((Path(opts.out_dir) / "manifest.json").read_text())
     result = {"model": name, "out_dir": str(opts.out_dir), "manifest": manifest}
 
     def show():
-        CONSOLE.print(f"built {name} for {opts.target} ({opts.backend}{', streaming' if opts.streaming else ''}) "
+        CONSOLE.print(f"built {name} for {opts.target} ({art.backend}{', streaming' if opts.streaming else ''}) "
                       f"into {opts.out_dir}: {', '.join(sorted(manifest.get('files', {})))}")
         if getattr(art, "verification", None):
             CONSOLE.print(f"verified: {art.verification}")
@@ -307,8 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="ahead-of-time build for a target, verified where an emulator exists")
     _add_model_args(p)
     _add_conversion_args(p)
-    p.add_argument("--target", required=True, help="cpu, cuda, adreno, adreno-vulkan, hexagon or aarch64")
-    p.add_argument("--backend", default="tvm", help="tvm or mlir (adreno-vulkan uses IREE)")
+    p.add_argument("--target", required=True,
+                   help="cpu, cuda, adreno, adreno-vulkan, hexagon, aarch64, onnx or qnn-htp")
+    p.add_argument("--backend", default=None, help="tvm or mlir (default: the target's own; adreno-vulkan uses "
+                   "IREE, onnx and qnn-htp their own)")
+    p.add_argument("--soc", nargs="+", default=None, help="qnn-htp: SoCs (sm8550 sm8650 sm8750; default all)")
+    p.add_argument("--precision", default=None, help="qnn-htp: fp16 (default) or w8a16")
     p.add_argument("--out-dir", required=True, help="folder for the library, kernels and manifest.json")
     p.add_argument("--streaming", action="store_true", help="build the recurrent step graph (constant memory)")
     p.set_defaults(func=cmd_build)

@@ -293,13 +293,14 @@ class _OpCounter(TorchDispatchMode):
     """Records the cost of every op that reaches dispatch, following FlopCounterMode's rule: try to
     decompose first (CompositeImplicit ops), count what cannot be decomposed."""
 
-    def __init__(self, sym: _Symbols, unfuse_hybrid: bool = False):
+    def __init__(self, sym: _Symbols, unfuse_hybrid: bool = False, prefix: str = "cumsum"):
         super().__init__()
         self.sym = sym
         self.ops: list[_OpCost] = []
         self.opaque = False  # while True, ops pass through uncounted (a node costed as a whole)
-        # attention="math": the hybrid op runs as its chunk-parallel aten form (materialised windows)
-        self.hybrid_decomposition = decompositions()[HYBRID_OP] if unfuse_hybrid else None
+        # attention="math"/"portable": the hybrid op runs as its chunk-parallel aten form (materialised
+        # windows), prefix sums as cumsum or (portable, what the AOT backends compile) a triangular matmul
+        self.hybrid_decomposition = decompositions(prefix)[HYBRID_OP] if unfuse_hybrid else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -505,9 +506,10 @@ def _walk(program: _Program, substitution: dict, attention: str):
     gm = program.gm
     fake_mode = program.fake_mode()
     sym = _Symbols(substitution)
-    counter = _OpCounter(sym, unfuse_hybrid=attention == "math")
+    counter = _OpCounter(sym, unfuse_hybrid=attention in ("math", "portable"),
+                         prefix="matmul" if attention == "portable" else "cumsum")
     interp = _CostInterpreter(gm, counter, fake_mode, fused_attention=attention == "fused")
-    backend = sdpa_kernel([SDPBackend.MATH]) if attention == "math" else contextlib.nullcontext()
+    backend = sdpa_kernel([SDPBackend.MATH]) if attention in ("math", "portable") else contextlib.nullcontext()
     with fake_mode, backend, torch.no_grad(), counter:
         interp.run(*[n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
 
@@ -586,12 +588,15 @@ def cost(model, args=(), kwargs=None, *, frames=None, chunk_frames: int | None =
     (FLOPs by their registered formulas; they read q, k, v (and phi_q, phi_k) and write the output,
     no score matrix in memory); "math" runs both as their unfused aten decompositions (SDPA's math
     path, the hybrid op's chunk-parallel form), so score and probability matrices are materialised
-    as on most phone GPUs, and FLOPs are those of the decomposed ops.
+    as on most phone GPUs, and FLOPs are those of the decomposed ops; "portable" is "math" with the
+    hybrid op's prefix sums as a triangular matmul: the decomposition the ahead-of-time backends
+    (TVM, IREE, QNN HTP; ``backends/portable.py``) compile (its [chunks, chunks] matrix makes bytes
+    formally quadratic in T, with a small coefficient).
     """
     kwargs = dict(kwargs or {})
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
-    if attention not in ("fused", "math"):
-        raise ValueError(f"attention must be 'fused' or 'math', got {attention!r}")
+    if attention not in ("fused", "math", "portable"):
+        raise ValueError(f"attention must be 'fused', 'math' or 'portable', got {attention!r}")
     if chunk_frames is not None:
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a positive int (latent frames per step), got {chunk_frames!r}")

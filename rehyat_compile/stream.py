@@ -226,8 +226,9 @@ class StreamRunner(torch.nn.Module):
         return tuple(_TablesOn(program.table_module, self.table_device).run(*flat))
 
     # -- running ----------------------------------------------------------------------------------
-    def _run_chunks(self, plan: "_Plan"):
-        """Yields (program, flat outputs) per chunk."""
+    def _chunk_calls(self, plan: "_Plan"):
+        """Yields (program, chunk frames, the step program's arguments, its outputs) per chunk, states
+        fed through."""
         device = _device(plan.flat)
         tables: dict[int, tuple] = {}
         states = None
@@ -238,11 +239,24 @@ class StreamRunner(torch.nn.Module):
                 tables[id(program)] = self._tables(program, plan.flat)
             if states is None:
                 states = [t for site in program.sites for t in site.initial(device)]
-            inputs = _chunk(plan.flat, program.input_dims, start, stop)
-            chunk_tables = _chunk(tables[id(program)], program.table_dims, start, stop, device)
-            outs = program.module(*inputs, *chunk_tables, *states)
+            arguments = [*_chunk(plan.flat, program.input_dims, start, stop),
+                         *_chunk(tables[id(program)], program.table_dims, start, stop, device), *states]
+            outs = program.module(*arguments)
             states = list(outs[program.n_outputs:])
+            yield program, stop - start, arguments, outs
+
+    def _run_chunks(self, plan: "_Plan"):
+        """Yields (program, flat outputs) per chunk."""
+        for program, _, _, outs in self._chunk_calls(plan):
             yield program, list(outs[:program.n_outputs])
+
+    def step_inputs(self, *args, **kwargs) -> list[tuple[int, tuple]]:
+        """(chunk frames, the step module's tensor inputs) for every chunk of this call, in order,
+        each chunk's states those the chunk before it returned: what a step graph sees in use (the
+        calibration data of quantised builds)."""
+        with torch.no_grad():
+            return [(length, tuple(a.detach().clone() for a in arguments if isinstance(a, torch.Tensor)))
+                    for _, length, arguments, _ in self._chunk_calls(self.plan(*args, **kwargs))]
 
     def iter_chunks(self, *args, **kwargs):
         """One output per chunk, each in the model's output structure restricted to that chunk."""

@@ -23,7 +23,7 @@ from rehyat_compile.backends.targets import TARGETS  # noqa: E402
 from models import make_wan_t2v  # noqa: E402
 
 BUILDS = [("cpu", "tvm"), ("cpu", "mlir"), ("cuda", "tvm"), ("adreno", "tvm"), ("adreno-vulkan", "iree"),
-          ("aarch64", "tvm"), ("hexagon", "tvm")]
+          ("aarch64", "tvm"), ("hexagon", "tvm"), ("onnx", "onnx"), ("qnn-htp", "qnn")]
 
 
 def check(art, hybrid, args, kwargs, ref) -> str:

@@ -72,6 +72,7 @@ def test_build_json_manifest_for_cpu(capsys, tmp_path):
     (["inspect", "no_such_module_xyz:make"], "cannot load"),
     (["inspect", "diffusers:WanTransformer3DModel"], "--config"),
     (["build", "--preset", "wan2.1-tiny", "--target", "tpu", "--out-dir", "x"], "cpu"),
+    (["build", "--preset", "wan2.1-tiny", "--target", "qnn-htp", "--soc", "sm9999", "--out-dir", "x"], "sm8650"),
 ])
 def test_errors_say_what_to_do_next(capsys, argv, words):
     code, result = run_json(capsys, *argv)
