@@ -60,6 +60,24 @@ def fused_step_unavailable(q, k, v, fq, fk, state) -> str | None:
     return reason
 
 
+def fused_feature_map_unavailable(fmap, x) -> str | None:
+    """Why a :class:`~rehyat_compile.feature_map.FeatureMap` call will not run the fused Triton kernel
+    (None when it will); tracing and autograd take the PyTorch form silently."""
+    if _traced(x):
+        return "traced"
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in fmap.parameters())):
+        return "gradients needed"
+    if os.environ.get("REHYAT_DISABLE_TRITON", "0") not in ("", "0"):
+        return "REHYAT_DISABLE_TRITON is set"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    from .triton_feature_map import feature_map_unsupported_reason
+    reason = feature_map_unsupported_reason(fmap, x)
+    if reason is not None:
+        _log_fallback_once(reason, "FeatureMap", "PyTorch form")
+    return reason
+
+
 def hybrid_attention_cuda(q, k, v, fq, fk, tokens_per_frame, chunk_frames, overlap_frames, causal,
                           extra_before, extra_after, scale):
     """CUDA implementation of the op: the fused Triton kernel, or the PyTorch form with a log line."""
