@@ -10,8 +10,9 @@ error against the converted one from the same run (bf16 tolerance: relative L2 e
 forms compute one function, docs/hybrid_attention.md, and differ by bf16 rounding only). At the
 ``--profile-frames`` lengths a torch.profiler pass gives each form's kernel launches per step (CUDA
 runtime launch calls, a CUDA graph replay counting one) and the GPU-busy fraction (union of kernel
-intervals over the step's wall time). ``--compile`` adds torch.compile columns for the original and
-converted models. ``--stream-only`` lengths run only the streamed form and the original.
+intervals over the step's wall time). ``--compile`` adds torch.compile columns (original, converted,
+streamed with ``rc.stream(..., compile=True)``), compared compiled with compiled. ``--stream-only``
+lengths run only the streamed form and the original.
 
     python benchmarks/bench_wan_step.py                       # 81 121 161 321 frames, on the GPU
     python benchmarks/bench_wan_step.py --video-frames 81 --layers 2 --device cpu --height 16 --width 16
@@ -45,7 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--chunk-frames", type=int, default=3)
     p.add_argument("--overlap-frames", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--compile", action="store_true", help="add torch.compile columns (original, converted)")
+    p.add_argument("--compile", action="store_true",
+                   help="add torch.compile columns (original, converted, streamed: rc.stream(..., compile=True))")
+    p.add_argument("--only", nargs="*", default=None, help="run only these forms (orig conv strm orig+c conv+c strm+c)")
+    p.add_argument("--profile-table", default=None, help="write each profiled form's top GPU kernels to this file")
     p.add_argument("--skip-original-above", type=int, default=10**9,
                    help="do not run the original model beyond this many pixel frames")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -108,8 +112,9 @@ def _union_ns(intervals) -> int:
     return busy
 
 
-def profile(fn, device) -> tuple[int, int, float]:
-    """(launch calls, GPU kernels, GPU-busy fraction) of one call of fn() under torch.profiler."""
+def profile(fn, device, table=None, title="") -> tuple[int, int, float]:
+    """(launch calls, GPU kernels, GPU-busy fraction) of one call of fn() under torch.profiler;
+    ``table``: a file to append the top GPU kernels to."""
     from torch.profiler import ProfilerActivity
     with torch.no_grad():
         fn()
@@ -126,6 +131,10 @@ def profile(fn, device) -> tuple[int, int, float]:
         elif e.device_type == torch.autograd.DeviceType.CUDA:
             kernels.append((e.time_range.start, e.time_range.end))  # microseconds
     busy = _union_ns(kernels) * 1e-6 / wall if kernels else float("nan")
+    if table is not None:
+        with open(table, "a") as f:
+            f.write(f"\n== {title}: wall {wall * 1e3:.1f} ms\n")
+            f.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
     return launches, len(kernels), busy
 
 
@@ -159,11 +168,17 @@ def main(argv=None):
              "strm": lambda a, kw: runner(*a, **kw)}
     if args.compile:
         compiled_model, compiled_hybrid = torch.compile(model), torch.compile(hybrid)
-        forms["orig+c"] = lambda a, kw: compiled_model(*a, **kw)
-        forms["conv+c"] = lambda a, kw: compiled_hybrid(*a, **kw)
+        compiled_runner = rc.stream(hybrid, compile=True)
+        forms.update({"orig+c": lambda a, kw: compiled_model(*a, **kw), "conv+c": lambda a, kw: compiled_hybrid(*a, **kw),
+                      "strm+c": lambda a, kw: compiled_runner(*a, **kw)})
+    if args.only:
+        forms = {k: (v if k in args.only else None) for k, v in forms.items()}
+    pairs = [("", "orig", "conv", "strm")] + ([("c ", "orig+c", "conv+c", "strm+c")] if args.compile else [])
     header = f"{'frames':>6} {'latent':>6} {'tokens':>7} " + " ".join(f"{k + ' ms':>9}" for k in forms)
-    header += f" {'conv x':>7} {'strm x':>7} {'s/c':>5} " + " ".join(f"{k + ' GiB':>9}" for k in forms)
-    print(header + f" {'strm/wts':>8} {'err L2':>8} {'err max':>8} {'ok':>3}", flush=True)
+    header += "".join(f" {p + 'conv x':>8} {p + 'strm x':>8} {p + 's/c':>6}" for p, *_ in pairs) + " "
+    header += " ".join(f"{k + ' GiB':>10}" for k in forms)
+    print(header + f" {'strm/wts':>8}" + "".join(f" {p + 'err L2':>9} {p + 'err max':>9}" for p, *_ in pairs)
+          + f" {'ok':>3}", flush=True)
     rows, profiles = [], {}
     for frames in args.video_frames + args.stream_only:
         a, kw = inputs(frames, args, device)
@@ -171,27 +186,28 @@ def main(argv=None):
         tokens = latent * (args.height // 2) * (args.width // 2)
         result = {}
         for key, fn in forms.items():
-            skip = (key.startswith("orig") and frames > args.skip_original_above) or \
+            skip = fn is None or (key.startswith("orig") and frames > args.skip_original_above) or \
                    (frames in args.stream_only and key not in ("orig", "strm"))
             result[key] = (float("nan"), float("nan"), None) if skip else measure(lambda: fn(a, kw), device,
                                                                                    args.repeats)
-            if frames in args.profile_frames and not skip and key in ("orig", "conv", "strm"):
-                profiles[(frames, key)] = profile(lambda: fn(a, kw), device)
-        err = rel_error(result["strm"][2], result["conv"][2])
+            if frames in args.profile_frames and not skip:
+                profiles[(frames, key)] = profile(lambda: fn(a, kw), device, args.profile_table, f"{frames} frames {key}")
         t = {k: v[0] for k, v in result.items()}
         m = {k: v[1] for k, v in result.items()}
-        ok = "yes" if err[0] <= BF16_TOLERANCE else ("-" if err[0] != err[0] else "NO")
+        errs = [rel_error(result[s_][2], result[c][2]) for _, _, c, s_ in pairs]
+        ok = all(e[0] <= BF16_TOLERANCE for e in errs if e[0] == e[0])
         line = f"{frames:>6} {latent:>6} {tokens:>7} " + " ".join(f"{t[k] * 1e3:>9.0f}" for k in forms)
-        line += f" {t['orig'] / t['conv']:>7.2f} {t['orig'] / t['strm']:>7.2f} {t['conv'] / t['strm']:>5.2f} "
-        line += " ".join(f"{m[k] / gib:>9.2f}" for k in forms)
-        print(line + f" {(weights + m['strm']) / weights:>8.2f} {err[0]:>8.1e} {err[1]:>8.1e} {ok:>3}", flush=True)
-        rows.append((frames, t, m, err))
+        line += "".join(f" {t[o] / t[c]:>8.2f} {t[o] / t[s_]:>8.2f} {t[c] / t[s_]:>6.2f}" for _, o, c, s_ in pairs) + " "
+        line += " ".join(f"{m[k] / gib:>10.2f}" for k in forms)
+        line += f" {(weights + m['strm']) / weights:>8.2f}" + "".join(f" {e[0]:>9.1e} {e[1]:>9.1e}" for e in errs)
+        print(line + f" {'yes' if ok else 'NO':>3}", flush=True)
+        rows.append((frames, t, m, errs))
         del a, kw, result
     if profiles:
         print("torch.profiler, one step: launches = CUDA launch calls (a graph replay is one), kernels = GPU kernels, "
               "busy = GPU-busy fraction of the step's wall time")
         for (frames, key), (launches, kernels, busy) in profiles.items():
-            print(f"  {frames:>4} frames {key}: {launches:>6} launches {kernels:>6} kernels  busy {busy:.2f}")
+            print(f"  {frames:>4} frames {key:>6}: {launches:>6} launches {kernels:>6} kernels  busy {busy:.2f}")
     return rows, profiles
 
 

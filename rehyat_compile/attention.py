@@ -417,9 +417,27 @@ def _prepare_step(q, k, v, fq, fk, state, tokens_per_frame, chunk_frames, overla
 def hybrid_attention_step(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_frames, overlap_frames,
                           extra_before=0, extra_after=0, scale=None):
     """One chunk of the causal recurrent form. Inputs hold [extra_before, this chunk's frames,
-    extra_after] tokens; returns (output for those tokens, state for the next chunk). On CUDA (eager,
-    no gradient) it runs the fused Triton step (``kernels/triton_step.py``), elsewhere
-    :func:`hybrid_attention_step_torch`; both compute one function."""
+    extra_after] tokens; returns (output for those tokens, state for the next chunk). On CUDA (no
+    gradient) it runs the fused Triton step (``kernels/triton_step.py``) -- under torch.compile as one
+    ``rehyat::hybrid_attention_step`` node (``op.py``) --, elsewhere :func:`hybrid_attention_step_torch`;
+    all compute one function."""
+    layout, state, scale = _prepare_step(q, k, v, fq, fk, state, tokens_per_frame, chunk_frames, overlap_frames,
+                                         extra_before, extra_after, scale)
+    if q.device.type == "cuda" and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        from .op import hybrid_attention_step_compiled  # one opaque node for Inductor: the fused step stays
+        y, new = hybrid_attention_step_compiled(q, k, v, fq, fk, state, dict(
+            tokens_per_frame=tokens_per_frame, chunk_frames=chunk_frames, overlap_frames=overlap_frames,
+            extra_before=extra_before, extra_after=extra_after, scale=scale))
+        return y, _after_chunk(new, layout.frames(q.shape[2]), layout.chunk_frames)
+    return hybrid_attention_step_eager(q, k, v, fq, fk, state, tokens_per_frame=tokens_per_frame,
+                                       chunk_frames=chunk_frames, overlap_frames=overlap_frames,
+                                       extra_before=extra_before, extra_after=extra_after, scale=scale)
+
+
+def hybrid_attention_step_eager(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_frames, overlap_frames,
+                                extra_before=0, extra_after=0, scale=None):
+    """:func:`hybrid_attention_step` run now: the fused Triton step on CUDA where it applies, else
+    :func:`hybrid_attention_step_torch`."""
     layout, state, scale = _prepare_step(q, k, v, fq, fk, state, tokens_per_frame, chunk_frames, overlap_frames,
                                          extra_before, extra_after, scale)
     if q.device.type == "cuda":

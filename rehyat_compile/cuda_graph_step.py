@@ -10,7 +10,9 @@
   :class:`GraphedStep` with static input and state buffers, and replayed per chunk. The captured
   graph ends by copying the new states into its state buffers, so the state a replay returns is
   already where the next replay reads it (no copy between chunks);
-* elsewhere, or where a capture fails (logged once), the chunk part runs eagerly: the same function.
+* elsewhere, or where a capture fails (logged once), the chunk part runs eagerly: the same function;
+* ``compile=True`` runs the chunk part through ``torch.compile`` (Inductor fuses the element-wise work;
+  the fused Triton step stays one node), inside the CUDA graph where there is one.
 
 The graphs share one memory pool: nothing they allocate is read after the replay that made it (chunk
 outputs are cloned, states live in the static buffers), so replays of different graphs cannot clobber
@@ -85,10 +87,12 @@ class GraphedStep:
 class StepRunner:
     """Per-runner cache of hoisted programs and captured graphs; :meth:`call` starts one model call."""
 
-    def __init__(self, model: torch.nn.Module, cuda_graphs: bool | None = None):
+    def __init__(self, model: torch.nn.Module, cuda_graphs: bool | None = None, compile: bool = False):
         self.model = model
         self.cuda_graphs = cuda_graphs
+        self.compile = compile
         self._hoisted: dict[int, HoistedStep] = {}
+        self._compiled: dict[int, object] = {}
         self._graphs: dict[tuple, GraphedStep | None] = {}
         self._weights: tuple | None = None
         self._pool = None
@@ -97,6 +101,15 @@ class StepRunner:
         if id(program) not in self._hoisted:
             self._hoisted[id(program)] = hoist_chunk_invariant(program.module, invariant_inputs(program))
         return self._hoisted[id(program)]
+
+    def step_fn(self, program, step: HoistedStep):
+        """The chunk part to run: ``step.step``, or its torch.compile'd form (one static-shape compile per
+        chunk length; the fused step stays one ``rehyat::hybrid_attention_step`` node)."""
+        if not self.compile:
+            return step.step
+        if id(program) not in self._compiled:
+            self._compiled[id(program)] = torch.compile(step.step, dynamic=False)
+        return self._compiled[id(program)]
 
     def call(self, device: torch.device) -> "_Call":
         """The executor of one model call on ``device``."""
@@ -117,7 +130,7 @@ class StepRunner:
             n_in = len(program.input_dims) + len(program.table_dims)
             n_states = len(args) - n_in - step.n_hoisted
             try:
-                graph = GraphedStep(step.step, args, n_outputs=program.n_outputs,
+                graph = GraphedStep(self.step_fn(program, step), args, n_outputs=program.n_outputs,
                                     state_slice=slice(n_in, n_in + n_states), pool=self._pool)
                 self._pool = graph.pool() if self._pool is None else self._pool
             except Exception as err:  # a step that cannot be captured still runs, eagerly
@@ -146,7 +159,7 @@ class _Call:
             graph = self.runner.graphed(program, step, args)
             if graph is not None:
                 return graph(args)
-        return list(step.step(*args))
+        return list(self.runner.step_fn(program, step)(*args))
 
 
 __all__ = ["GraphedStep", "StepRunner", "graphs_enabled", "invariant_inputs"]

@@ -72,7 +72,7 @@ class StreamRunner(torch.nn.Module):
     weights), whose unknown attributes (``config``, ``dtype``, ``device``, ``cache_context`` ...) pass
     through to it and to the original model: a drop-in ``pipe.transformer`` that streams."""
 
-    def __init__(self, hybrid, *, table_device=None, cuda_graphs=None):
+    def __init__(self, hybrid, *, table_device=None, cuda_graphs=None, compile=False):
         if not hasattr(hybrid, "graph_module") or not hasattr(hybrid, "original"):
             raise TypeError(f"stream needs the model returned by rc.transform (a HybridModel), got "
                             f"{type(hybrid).__name__}")
@@ -89,7 +89,7 @@ class StreamRunner(torch.nn.Module):
         self.hybrid = hybrid
         self.table_device = None if table_device is None else torch.device(table_device)
         self._programs: dict[int, StepProgram] = {}
-        self._steps = StepRunner(hybrid, cuda_graphs)  # hoisting + CUDA graphs (cuda_graph_step.py)
+        self._steps = StepRunner(hybrid, cuda_graphs, compile)  # hoisting, CUDA graphs, compile: cuda_graph_step.py
 
     def __getattr__(self, name):
         return _pass_through(self, name)
@@ -441,10 +441,11 @@ def _propagate_meta(module: fx.GraphModule, example: tuple) -> None:
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
-def stream(hybrid, *, table_device=None, cuda_graphs=None) -> StreamRunner:
+def stream(hybrid, *, table_device=None, cuda_graphs=None, compile=False) -> StreamRunner:
     """A :class:`StreamRunner` for a causal ``rc.transform`` result (raises ConversionError otherwise).
-    ``cuda_graphs``: replay each step program as a CUDA graph (None: on CUDA, unless REHYAT_CUDA_GRAPHS=0)."""
-    return StreamRunner(hybrid, table_device=table_device, cuda_graphs=cuda_graphs)
+    ``cuda_graphs``: replay each step program as a CUDA graph (None: on CUDA, unless REHYAT_CUDA_GRAPHS=0);
+    ``compile``: run each step program through torch.compile."""
+    return StreamRunner(hybrid, table_device=table_device, cuda_graphs=cuda_graphs, compile=compile)
 
 
 __all__ = ["StreamRunner", "stream"]

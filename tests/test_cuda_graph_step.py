@@ -70,3 +70,21 @@ def test_new_weights_are_recaptured(wan_cuda):
         finally:
             proj.weight = old
     assert _rel(after, expected) < 1e-3 and _rel(after, before) > 1e-2
+
+
+def test_compiled_stream_keeps_the_fused_step_as_one_node_and_equals_eager(wan_cuda, monkeypatch):
+    from rehyat_compile import op
+    traced = []
+    original = op.hybrid_attention_step_compiled
+
+    def counting(*args, **kwargs):
+        traced.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(op, "hybrid_attention_step_compiled", counting)
+    hybrid, args, kwargs = wan_cuda
+    with torch.no_grad():
+        y_compiled = rc.stream(hybrid, compile=True)(*args, **kwargs)[0]
+        y_eager = rc.stream(hybrid, cuda_graphs=False)(*args, **kwargs)[0]
+    assert traced  # Dynamo traced the step op, not the PyTorch step
+    assert _rel(y_compiled, y_eager) < 1e-2
