@@ -423,7 +423,9 @@ def hybrid_attention_step(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_fra
     all compute one function."""
     layout, state, scale = _prepare_step(q, k, v, fq, fk, state, tokens_per_frame, chunk_frames, overlap_frames,
                                          extra_before, extra_after, scale)
-    if q.device.type == "cuda" and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    # Dynamo only (torch.compile): torch.export here is non-strict and must see PyTorch ops; some
+    # releases fold torch.compiler.is_exporting() to True under torch.compile, so it cannot tell them apart.
+    if q.device.type == "cuda" and torch.compiler.is_dynamo_compiling():
         from .op import hybrid_attention_step_compiled  # one opaque node for Inductor: the fused step stays
         y, new = hybrid_attention_step_compiled(q, k, v, fq, fk, state, dict(
             tokens_per_frame=tokens_per_frame, chunk_frames=chunk_frames, overlap_frames=overlap_frames,

@@ -83,6 +83,11 @@ def test_fused_step_equals_torch_step_over_chunks_with_an_invalid_first_overlap(
     _assert_same_steps([2, 2, 1])
 
 
+def test_fused_step_equals_torch_step_when_overlap_blocks_are_whole():
+    # M=16, To=1: the cache is one whole 16-key block (the interpreter's), skipped while invalid, then unmasked
+    _assert_same_steps([2, 2, 2], m=16)
+
+
 def test_fused_step_equals_torch_step_with_extra_tokens_before_and_after():
     _assert_same_steps([2, 2], extra_before=3, extra_after=2)
 

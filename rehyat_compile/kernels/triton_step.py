@@ -32,14 +32,22 @@ from .triton_hybrid import (HOST_TMA, LOG2E, POINTERS, _attend, _kv_block, _last
 @triton.jit
 def _attend_valid(acc, l_i, m_i, q, k_src, v_src, b, h, n_keys, s_k_n, s_v_n, valid_ptr, qk_scale,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, KV_MODE: tl.constexpr):
-    """Online softmax of q over keys [0, n_keys) of head (b, h) whose ``valid_ptr`` entry is nonzero."""
+    """Online softmax of q over keys [0, n_keys) of head (b, h) whose ``valid_ptr`` entry is nonzero.
+    A block of only valid keys takes the unmasked update, one with none is skipped (the cache holds
+    either: all of it is valid after the first chunk, none of it before)."""
     for start in range(0, n_keys, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         in_range = offs < n_keys
         valid = in_range & (tl.load(valid_ptr + offs, mask=in_range, other=0) != 0)
-        k = _kv_block(k_src, b, h, start, s_k_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, True)
-        v = _kv_block(v_src, b, h, start, s_v_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, True)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, valid, qk_scale, True)
+        n_valid = tl.sum(valid.to(tl.int32), 0)
+        if n_valid == BLOCK_N:
+            k = _kv_block(k_src, b, h, start, s_k_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, False)
+            v = _kv_block(v_src, b, h, start, s_v_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, False)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, valid, qk_scale, False)
+        elif n_valid > 0:
+            k = _kv_block(k_src, b, h, start, s_k_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, True)
+            v = _kv_block(v_src, b, h, start, s_v_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, True)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, valid, qk_scale, True)
     return acc, l_i, m_i
 
 
@@ -147,7 +155,7 @@ def _step_state_kernel(FK, V, FKO, VO, S_OUT, Z_OUT,
 
 
 _STEP_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                 for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]]
+                 for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)]]
 
 
 def _set_step_descriptor_blocks(nargs) -> None:
