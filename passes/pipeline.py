@@ -7,7 +7,7 @@ Every entry point runs these passes and no other copy of them: ``rc.inspect`` ru
 the hybrid graph; ``rc.distill`` runs :data:`FORCE_SOFTMAX`; ``rc.build`` runs :data:`PORTABLE`
 on the exported program it compiles; ``rc.cost`` costs the graphs these produce.
 
-    canonicalize -> find -> classify -> layout -> rewrite -> { thread_state | force_softmax | portable }
+    canonicalize -> find -> classify -> layout -> rewrite -> { thread_state -> hoist_chunk_invariant | force_softmax | portable }
 
 A pass is a function ``(PassResult, PassContext) -> PassResult``: the result carries the graph, the
 sites (immutable :class:`~rehyat_compile.site.Site` s, each accepted or declined with a
@@ -149,6 +149,14 @@ def _thread_state_matched(result: PassResult, ctx: PassContext) -> PassResult:
     return result.with_artifact("step_program", program)
 
 
+def _hoist_chunk_invariant(result: PassResult, ctx: PassContext) -> PassResult:
+    """artifacts: step_program in, hoisted_step out (the step's chunk-invariant part split off)."""
+    from ..cuda_graph_step import invariant_inputs
+    from .hoist_chunk_invariant import hoist_chunk_invariant
+    program = result.artifacts["step_program"]
+    return result.with_artifact("hoisted_step", hoist_chunk_invariant(program.module, invariant_inputs(program)))
+
+
 def _force_softmax(result: PassResult, ctx: PassContext) -> PassResult:
     """settings: record (site names or None for all), offload (device or None)."""
     from ..distill import softmax_forced
@@ -169,12 +177,14 @@ REWRITE = Pass("rewrite", _rewrite, "each chosen site becomes one rehyat::hybrid
 THREAD_STATE = Pass("thread_state", _thread_state, "the step program of one chunk, states explicit")
 THREAD_STATE_MATCHED = Pass("thread_state_matched", _thread_state_matched,
                             "the step program of a fixed-shape export, from a chunk trace and a whole trace")
+HOIST_CHUNK_INVARIANT = Pass("hoist_chunk_invariant", _hoist_chunk_invariant,
+                             "work the same for every chunk (text K/V, time embeddings) once per call")
 FORCE_SOFTMAX = Pass("force_softmax", _force_softmax, "every site as the teacher's softmax, recording q, k, v, out")
 PORTABLE = Pass("portable", _portable, "the hybrid op and composite ops in standard aten ops for the backends")
 
 ANALYSIS = (CANONICALIZE, FIND, CLASSIFY, LAYOUT)
 CONVERSION = ANALYSIS + (REWRITE,)
-VARIANTS = {"stream": (THREAD_STATE, THREAD_STATE_MATCHED), "distill": (FORCE_SOFTMAX,), "build": (PORTABLE,)}
+VARIANTS = {"stream": (THREAD_STATE, THREAD_STATE_MATCHED, HOIST_CHUNK_INVARIANT), "distill": (FORCE_SOFTMAX,), "build": (PORTABLE,)}
 PIPELINE = CONVERSION + tuple(p for group in VARIANTS.values() for p in group)  # every pass, in order
 
 

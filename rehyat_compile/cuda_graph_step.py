@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from .passes.hoist_chunk_invariant import HoistedStep, hoist_chunk_invariant
+from .passes.hoist_chunk_invariant import HoistedStep
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,10 @@ class StepRunner:
 
     def hoisted(self, program) -> HoistedStep:
         if id(program) not in self._hoisted:
-            self._hoisted[id(program)] = hoist_chunk_invariant(program.module, invariant_inputs(program))
+            from .passes import pipeline  # the pass runs where every pass runs (passes/pipeline.py)
+            result = pipeline.run(pipeline.HOIST_CHUNK_INVARIANT,
+                                  pipeline.PassResult(program.module).with_artifact("step_program", program))
+            self._hoisted[id(program)] = result.artifacts["hoisted_step"]
         return self._hoisted[id(program)]
 
     def step_fn(self, program, step: HoistedStep):
