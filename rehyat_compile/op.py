@@ -31,13 +31,24 @@ def _hybrid_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: 
                                    chunk_frames=chunk_frames, overlap_frames=overlap_frames, causal=causal,
                                    extra_before=extra_before, extra_after=extra_after, scale=scale,
                                    validate=False)
-    return out.contiguous()
+    return as_bnhd(out)
+
+
+def empty_bnhd(q: torch.Tensor) -> torch.Tensor:
+    """An empty [B, H, N, D] tensor like q whose memory is [B, N, H, D]: the layout the model's
+    ``transpose(1, 2).reshape(B, N, H*D)`` after attention reads without a copy."""
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+
+
+def as_bnhd(y: torch.Tensor) -> torch.Tensor:
+    """``y`` ([B, H, N, D]) in the layout of :func:`empty_bnhd` (a copy only when it is not)."""
+    return y if y.transpose(1, 2).is_contiguous() else empty_bnhd(y).copy_(y)
 
 
 @_hybrid_attention_op.register_fake
 def _(q, k, v, fq, fk, tokens_per_frame, chunk_frames, overlap_frames, causal, extra_before, extra_after,
       scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return empty_bnhd(q)
 
 
 def _setup_context(ctx, inputs, output):
@@ -72,11 +83,7 @@ STEP_OP_NAME = "rehyat::hybrid_attention_step"
 def _step_outputs(y, state) -> tuple:
     """(y as [B, N, H, D] memory seen as [B, H, N, D], the six state tensors contiguous, own storage): one layout
     whatever form computed them, so the fake implementation can promise it."""
-    if y.transpose(1, 2).is_contiguous():
-        y_out = y
-    else:
-        y_out = y.new_empty(y.shape[0], y.shape[2], y.shape[1], y.shape[3]).transpose(1, 2).copy_(y)
-    return (y_out, *(t if t.is_contiguous() and t.storage_offset() == 0 else t.clone(memory_format=torch.contiguous_format)
+    return (as_bnhd(y), *(t if t.is_contiguous() and t.storage_offset() == 0 else t.clone(memory_format=torch.contiguous_format)
                      for t in state))
 
 
@@ -97,8 +104,7 @@ def _hybrid_attention_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @_hybrid_attention_step_op.register_fake
 def _(q, k, v, fq, fk, s, z, k_overlap, v_overlap, fk_overlap, overlap_valid, tokens_per_frame, chunk_frames,
       overlap_frames, extra_before, extra_after, scale):
-    y = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
-    return (y, *(torch.empty_like(t, memory_format=torch.contiguous_format)
+    return (empty_bnhd(q), *(torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (s, z, k_overlap, v_overlap, fk_overlap, overlap_valid)))
 
 

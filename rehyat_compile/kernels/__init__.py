@@ -86,7 +86,8 @@ def hybrid_attention_cuda(q, k, v, fq, fk, tokens_per_frame, chunk_frames, overl
     reason = fused_kernel_unavailable(q, k, v, fq, fk)
     if reason is not None:
         _log_fallback_once(reason)
-        return hybrid_attention_chunked(q, k, v, fq, fk, validate=False, **layout).contiguous()
+        from ..op import as_bnhd
+        return as_bnhd(hybrid_attention_chunked(q, k, v, fq, fk, validate=False, **layout))
     from .triton_hybrid import hybrid_attention_fused
     return hybrid_attention_fused(q, k, v, fq, fk, **layout)
 
