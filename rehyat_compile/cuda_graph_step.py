@@ -6,7 +6,8 @@
   its invariant part (text/cross-attention K/V, time embeddings ...) runs on a call's first chunk and
   its values are handed to every chunk of that call;
 * on CUDA (``cuda_graphs=True``, the default there) the chunk part is captured once per input
-  signature -- the full chunk and the short last chunk each get their own graph -- as a
+  signature (shapes, not strides: every video length shares them) -- the full chunk and the short
+  last chunk each get their own graph, sharing one set of state buffers -- as a
   :class:`GraphedStep` with static input and state buffers, and replayed per chunk. The captured
   graph ends by copying the new states into its state buffers, so the state a replay returns is
   already where the next replay reads it (no copy between chunks);
@@ -45,20 +46,27 @@ def invariant_inputs(program) -> list[bool]:
 
 
 def _signature(args) -> tuple:
-    """What a captured graph is specialised to: shapes, dtypes and devices of tensors, other values."""
-    return tuple((tuple(a.shape), a.dtype, a.device, a.stride()) if isinstance(a, torch.Tensor) else ("v", repr(a))
-                 for a in args)
+    """What a captured graph is specialised to: shapes, dtypes and devices of tensors, other values.
+    Not strides: arguments are copied into the graph's own buffers, whatever their layout (a chunk of a
+    longer video is a view with other strides, and takes the same graph)."""
+    return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("v", repr(a)) for a in args)
 
 
 class GraphedStep:
     """``module(*args)`` captured as one CUDA graph: static copies of ``args`` (``state_slice``: the
     ones that are states, updated in place by each replay) and static outputs, of which the first
-    ``n_outputs`` are chunk outputs and the rest the new states, in ``state_slice`` order."""
+    ``n_outputs`` are chunk outputs and the rest the new states, in ``state_slice`` order.
+    ``state_buffers``: use these as the static states (another graph's: the full and the last chunk's
+    graphs share them, so the state passes from one to the other without a copy or a second copy held)."""
 
-    def __init__(self, module, args: list, *, n_outputs: int, state_slice: slice, pool=None):
+    def __init__(self, module, args: list, *, n_outputs: int, state_slice: slice, pool=None, state_buffers=None):
         self.n_outputs = n_outputs
         self.state_slice = state_slice
         self.static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        if state_buffers is not None:
+            for buffer, arg in zip(state_buffers, args[state_slice]):
+                buffer.copy_(arg)
+            self.static[state_slice] = list(state_buffers)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
@@ -96,6 +104,7 @@ class StepRunner:
         self._graphs: dict[tuple, GraphedStep | None] = {}
         self._weights: tuple | None = None
         self._pool = None
+        self._state_buffers: dict[tuple, list] = {}  # by the states' signature: shared between graphs
 
     def hoisted(self, program) -> HoistedStep:
         if id(program) not in self._hoisted:
@@ -121,6 +130,7 @@ class StepRunner:
             weights = tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
             if weights != self._weights:  # new weights: graphs captured on the old addresses are stale
                 self._graphs.clear()
+                self._state_buffers.clear()
                 self._pool = None
                 self._weights = weights
         return _Call(self, use_graphs)
@@ -132,10 +142,13 @@ class StepRunner:
         if key not in self._graphs:
             n_in = len(program.input_dims) + len(program.table_dims)
             n_states = len(args) - n_in - step.n_hoisted
+            states = slice(n_in, n_in + n_states)
+            shared = self._state_buffers.get(_signature(args[states]))
             try:
                 graph = GraphedStep(self.step_fn(program, step), args, n_outputs=program.n_outputs,
-                                    state_slice=slice(n_in, n_in + n_states), pool=self._pool)
+                                    state_slice=states, pool=self._pool, state_buffers=shared)
                 self._pool = graph.pool() if self._pool is None else self._pool
+                self._state_buffers.setdefault(_signature(args[states]), graph.static[states])
             except Exception as err:  # a step that cannot be captured still runs, eagerly
                 logger.warning("rc.stream: the step program could not be captured as a CUDA graph (%s: %s); "
                                "running it eagerly", type(err).__name__, str(err).splitlines()[0] if str(err) else "")

@@ -41,6 +41,8 @@ def test_graph_replay_equals_eager_stream_and_converted(wan_cuda):
     assert _rel(y_graph, y_conv) < 2e-2      # recurrent vs parallel form, both bf16
     # 7 frames in chunks of 2: a full-chunk graph and a last-chunk graph
     assert sum(g is not None for g in graphed._steps._graphs.values()) == 2
+    full, last = (g for g in graphed._steps._graphs.values())
+    assert all(x is y for x, y in zip(full.static[full.state_slice], last.static[last.state_slice]))  # shared states
 
 
 def test_second_call_replays_with_the_new_inputs(wan_cuda):
@@ -90,3 +92,15 @@ def test_compiled_stream_keeps_the_fused_step_as_one_node_and_equals_eager(wan_c
         y_eager = rc.stream(hybrid, cuda_graphs=False)(*args, **kwargs)[0]
     assert traced  # Dynamo traced the step op, not the PyTorch step
     assert _rel(y_compiled, y_eager) < 2e-2  # the benchmark's bf16 tolerance
+
+
+def test_a_longer_video_replays_the_same_graphs(wan_cuda):
+    hybrid, args, kwargs = wan_cuda
+    graphed, eager = rc.stream(hybrid, cuda_graphs=True), rc.stream(hybrid, cuda_graphs=False)
+    longer = (torch.cat([args[0], args[0][:, :, :2]], dim=2),)    # 9 frames: chunks of other strides
+    with torch.no_grad():
+        graphed(*args, **kwargs)
+        y_graph = graphed(*longer, **kwargs)[0]
+        y_eager = eager(*longer, **kwargs)[0]
+    assert _rel(y_graph, y_eager) < 1e-3
+    assert len(graphed._steps._graphs) == 2
