@@ -3,14 +3,24 @@
 The model is built from its config with random bf16 weights (no hub): dim 1536, 12 heads x 128,
 30 blocks, ffn 8960, text dim 4096, patch 1x2x2, 480x832 video (latent 60x104, 1560 tokens per
 latent frame). Converted: every self-attention, Tc=3, To=1. Streamed: the converted model run
-chunk by chunk (rc.stream). Prints time per step and peak memory of each, per video length.
+chunk by chunk (rc.stream: fused Triton step, chunk-invariant work hoisted, CUDA graphs on CUDA).
+
+Per video length it prints the time per step and peak memory of each form, and the streamed output's
+error against the converted one from the same run (bf16 tolerance: relative L2 error <= 2e-2; both
+forms compute one function, docs/hybrid_attention.md, and differ by bf16 rounding only). At the
+``--profile-frames`` lengths a torch.profiler pass gives each form's kernel launches per step (CUDA
+runtime launch calls, a CUDA graph replay counting one) and the GPU-busy fraction (union of kernel
+intervals over the step's wall time). ``--compile`` adds torch.compile columns (original, converted,
+streamed with ``rc.stream(..., compile=True)``), compared compiled with compiled. ``--stream-only``
+lengths run only the streamed form and the original.
 
     python benchmarks/bench_wan_step.py                       # 81 121 161 321 frames, on the GPU
-    python benchmarks/bench_wan_step.py --video-frames 81 --layers 2 --device cpu --height 60 --width 104
+    python benchmarks/bench_wan_step.py --video-frames 81 --layers 2 --device cpu --height 16 --width 16
 """
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 import torch
@@ -18,10 +28,17 @@ import torch
 import rehyat_compile as rc
 from rehyat_compile.zoo import make_wan_1_3b, wan_1_3b_inputs
 
+BF16_TOLERANCE = 2e-2  # relative L2 error of the streamed output against the converted one
+_LAUNCH = re.compile(r"^(cuda|cu)(LaunchKernel|LaunchKernelEx|LaunchKernelExC|GraphLaunch|LaunchCooperativeKernel)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--video-frames", type=int, nargs="+", default=[81, 121, 161, 321],
                    help="pixel frames; latent frames = (f - 1) / 4 + 1")
+    p.add_argument("--stream-only", type=int, nargs="*", default=[],
+                   help="pixel frames at which only the streamed form and the original run (long videos)")
+    p.add_argument("--profile-frames", type=int, nargs="*", default=[81])
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--height", type=int, default=60, help="latent height (480 px / 8)")
     p.add_argument("--width", type=int, default=104, help="latent width (832 px / 8)")
@@ -29,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--chunk-frames", type=int, default=3)
     p.add_argument("--overlap-frames", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--compile", action="store_true",
+                   help="add torch.compile columns (original, converted, streamed: rc.stream(..., compile=True))")
+    p.add_argument("--only", nargs="*", default=None, help="run only these forms (orig conv strm orig+c conv+c strm+c)")
+    p.add_argument("--profile-table", default=None, help="write each profiled form's top GPU kernels to this file")
     p.add_argument("--skip-original-above", type=int, default=10**9,
                    help="do not run the original model beyond this many pixel frames")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -44,26 +65,85 @@ def inputs(video_frames: int, args, device):
                            text_tokens=args.text_tokens, device=device, dtype=torch.bfloat16)
 
 
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def measure(fn, device, repeats):
-    """(median seconds, peak bytes above what was allocated before) of fn()."""
+    """(median seconds, peak bytes above what was allocated before the first call, first output) of
+    fn(). The first call warms up (Triton autotuning, CUDA graph capture) and is not timed; memory a
+    form keeps between calls (the stream's graph buffers) counts in its peak."""
+    nan = float("nan")
     with torch.no_grad():
-        out = fn()
-        del out
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            _sync(device)
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
+        try:
+            first = fn()
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return nan, nan, None
+        first = first[0] if isinstance(first, (tuple, list)) else first
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             out = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             times.append(time.perf_counter() - t0)
             del out
-    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else float("nan")
-    return sorted(times)[len(times) // 2], peak
+    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else nan
+    return sorted(times)[len(times) // 2], peak, first
+
+
+def _union_ns(intervals) -> int:
+    busy, end = 0, None
+    for start, stop in sorted(intervals):
+        if end is None or start > end:
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    return busy
+
+
+def profile(fn, device, table=None, title="") -> tuple[int, int, float]:
+    """(launch calls, GPU kernels, GPU-busy fraction) of one call of fn() under torch.profiler;
+    ``table``: a file to append the top GPU kernels to."""
+    from torch.profiler import ProfilerActivity
+    with torch.no_grad():
+        fn()
+        _sync(device)
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            wall = time.perf_counter() - t0
+    launches, kernels = 0, []
+    for e in prof.events():
+        if _LAUNCH.match(e.name):
+            launches += 1
+        elif e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.append((e.time_range.start, e.time_range.end))  # microseconds
+    busy = _union_ns(kernels) * 1e-6 / wall if kernels else float("nan")
+    if table is not None:
+        with open(table, "a") as f:
+            f.write(f"\n== {title}: wall {wall * 1e3:.1f} ms\n")
+            f.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+    return launches, len(kernels), busy
+
+
+def rel_error(out, ref) -> tuple[float, float]:
+    """(relative L2, max abs) error of out against ref."""
+    if out is None or ref is None:
+        return float("nan"), float("nan")
+    out, ref = out.float(), ref.float()
+    return ((out - ref).norm() / ref.norm()).item(), (out - ref).abs().max().item()
 
 
 def main(argv=None):
@@ -80,24 +160,55 @@ def main(argv=None):
     runner = rc.stream(hybrid)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     gib = 2**30
-    print(f"device {name}; Wan2.1-1.3B shapes, {args.layers} blocks, weights {weights / gib:.2f} GiB bf16, "
-          f"Tc={args.chunk_frames} To={args.overlap_frames}; peak = GPU memory above weights and inputs")
-    print(f"{'frames':>6} {'latent':>6} {'tokens':>7} {'orig ms':>9} {'conv ms':>9} {'strm ms':>9} "
-          f"{'conv x':>7} {'strm x':>7} {'orig GiB':>8} {'conv GiB':>8} {'strm GiB':>8} {'strm/wts':>8}")
-    for frames in args.video_frames:
+    print(f"device {name}; torch {torch.__version__}; Wan2.1-1.3B shapes, {args.layers} blocks, weights "
+          f"{weights / gib:.2f} GiB bf16, Tc={args.chunk_frames} To={args.overlap_frames}; peak = GPU memory above "
+          f"weights and inputs; strm/wts = (weights + streamed peak) / weights; err = streamed vs converted, relative "
+          f"L2 (bf16 tolerance {BF16_TOLERANCE:g}) and max abs")
+    forms = {"orig": lambda a, kw: model(*a, **kw), "conv": lambda a, kw: hybrid(*a, **kw),
+             "strm": lambda a, kw: runner(*a, **kw)}
+    if args.compile:
+        compiled_model, compiled_hybrid = torch.compile(model), torch.compile(hybrid)
+        compiled_runner = rc.stream(hybrid, compile=True)
+        forms.update({"orig+c": lambda a, kw: compiled_model(*a, **kw), "conv+c": lambda a, kw: compiled_hybrid(*a, **kw),
+                      "strm+c": lambda a, kw: compiled_runner(*a, **kw)})
+    if args.only:
+        forms = {k: (v if k in args.only else None) for k, v in forms.items()}
+    pairs = [("", "orig", "conv", "strm")] + ([("c ", "orig+c", "conv+c", "strm+c")] if args.compile else [])
+    header = f"{'frames':>6} {'latent':>6} {'tokens':>7} " + " ".join(f"{k + ' ms':>9}" for k in forms)
+    header += "".join(f" {p + 'conv x':>8} {p + 'strm x':>8} {p + 's/c':>6}" for p, *_ in pairs) + " "
+    header += " ".join(f"{k + ' GiB':>10}" for k in forms)
+    print(header + f" {'strm/wts':>8}" + "".join(f" {p + 'err L2':>9} {p + 'err max':>9}" for p, *_ in pairs)
+          + f" {'ok':>3}", flush=True)
+    rows, profiles = [], {}
+    for frames in args.video_frames + args.stream_only:
         a, kw = inputs(frames, args, device)
         latent = a[0].shape[2]
         tokens = latent * (args.height // 2) * (args.width // 2)
-        if frames <= args.skip_original_above:
-            t_orig, m_orig = measure(lambda: model(*a, **kw), device, args.repeats)
-        else:
-            t_orig, m_orig = float("nan"), float("nan")
-        t_conv, m_conv = measure(lambda: hybrid(*a, **kw), device, args.repeats)
-        t_strm, m_strm = measure(lambda: runner(*a, **kw), device, args.repeats)
-        print(f"{frames:>6} {latent:>6} {tokens:>7} {t_orig * 1e3:>9.0f} {t_conv * 1e3:>9.0f} {t_strm * 1e3:>9.0f} "
-              f"{t_orig / t_conv:>7.2f} {t_orig / t_strm:>7.2f} {m_orig / gib:>8.2f} {m_conv / gib:>8.2f} "
-              f"{m_strm / gib:>8.2f} {m_strm / weights:>8.2f}", flush=True)
-        del a, kw
+        result = {}
+        for key, fn in forms.items():
+            skip = fn is None or (key.startswith("orig") and frames > args.skip_original_above) or \
+                   (frames in args.stream_only and key not in ("orig", "strm"))
+            result[key] = (float("nan"), float("nan"), None) if skip else measure(lambda: fn(a, kw), device,
+                                                                                   args.repeats)
+            if frames in args.profile_frames and not skip:
+                profiles[(frames, key)] = profile(lambda: fn(a, kw), device, args.profile_table, f"{frames} frames {key}")
+        t = {k: v[0] for k, v in result.items()}
+        m = {k: v[1] for k, v in result.items()}
+        errs = [rel_error(result[s_][2], result[c][2]) for _, _, c, s_ in pairs]
+        ok = all(e[0] <= BF16_TOLERANCE for e in errs if e[0] == e[0])
+        line = f"{frames:>6} {latent:>6} {tokens:>7} " + " ".join(f"{t[k] * 1e3:>9.0f}" for k in forms)
+        line += "".join(f" {t[o] / t[c]:>8.2f} {t[o] / t[s_]:>8.2f} {t[c] / t[s_]:>6.2f}" for _, o, c, s_ in pairs) + " "
+        line += " ".join(f"{m[k] / gib:>10.2f}" for k in forms)
+        line += f" {(weights + m['strm']) / weights:>8.2f}" + "".join(f" {e[0]:>9.1e} {e[1]:>9.1e}" for e in errs)
+        print(line + f" {'yes' if ok else 'NO':>3}", flush=True)
+        rows.append((frames, t, m, errs))
+        del a, kw, result
+    if profiles:
+        print("torch.profiler, one step: launches = CUDA launch calls (a graph replay is one), kernels = GPU kernels, "
+              "busy = GPU-busy fraction of the step's wall time")
+        for (frames, key), (launches, kernels, busy) in profiles.items():
+            print(f"  {frames:>4} frames {key:>6}: {launches:>6} launches {kernels:>6} kernels  busy {busy:.2f}")
+    return rows, profiles
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Every entry point runs these passes and no other copy of them: ``rc.inspect`` ru
 whole-video graph, then :data:`THREAD_STATE_MATCHED` on a chunk trace) on the hybrid graph; ``rc.distill`` runs :data:`FORCE_SOFTMAX`; ``rc.build`` runs :data:`PORTABLE`
 on the exported program it compiles; ``rc.cost`` costs the graphs these produce.
 
-    canonicalize -> find -> classify -> layout -> rewrite -> { thread_state | force_softmax | portable }
+    canonicalize -> find -> classify -> layout -> rewrite
+        -> { (thread_state | infer_input_frames -> thread_state_matched) -> hoist_chunk_invariant
+           | force_softmax | portable }
     portable -> [legalize_softplus -> legalize_rms_norm] -> legalize_split -> legalize_softmax -> legalize_permute_rank
              -> legalize_reshape_rank               (HTP / HTP_QUANTIZED, backends/qnn.py)
 
@@ -163,6 +165,14 @@ def _thread_state_matched(result: PassResult, ctx: PassContext) -> PassResult:
     return result.with_artifact("step_program", program)
 
 
+def _hoist_chunk_invariant(result: PassResult, ctx: PassContext) -> PassResult:
+    """artifacts: step_program in, hoisted_step out (the step's chunk-invariant part split off)."""
+    from ..cuda_graph_step import invariant_inputs
+    from .hoist_chunk_invariant import hoist_chunk_invariant
+    program = result.artifacts["step_program"]
+    return result.with_artifact("hoisted_step", hoist_chunk_invariant(program.module, invariant_inputs(program)))
+
+
 def _force_softmax(result: PassResult, ctx: PassContext) -> PassResult:
     """settings: record (site names or None for all), offload (device or None)."""
     from ..distill import softmax_forced
@@ -226,6 +236,8 @@ INFER_INPUT_FRAMES = Pass("infer_input_frames", _infer_input_frames,
                           "which inputs of a fixed-shape graph carry the frame axis, from its dataflow")
 THREAD_STATE_MATCHED = Pass("thread_state_matched", _thread_state_matched,
                             "the step program of a fixed-shape export, from a chunk trace and a whole trace")
+HOIST_CHUNK_INVARIANT = Pass("hoist_chunk_invariant", _hoist_chunk_invariant,
+                             "work the same for every chunk (text K/V, time embeddings) once per call")
 FORCE_SOFTMAX = Pass("force_softmax", _force_softmax, "every site as the teacher's softmax, recording q, k, v, out")
 PORTABLE = Pass("portable", _portable, "the hybrid op and composite ops in standard aten ops for the backends")
 LEGALIZE_SPLIT = Pass("legalize_split", _on_program(legalize_split), "splits as slices (HTP takes no sequence ops)")
@@ -246,9 +258,8 @@ HTP = (LEGALIZE_SPLIT, LEGALIZE_SOFTMAX, LEGALIZE_PERMUTE_RANK, LEGALIZE_RESHAPE
 # Quantised HTP builds also need softplus as one op and RMS norms as LayerNorms; fp16 keeps the decomposed form (HTP's fp16
 # Softplus measured 10x less accurate: 0.013 vs 0.0014 on the feature map's softplus).
 HTP_QUANTIZED = (LEGALIZE_SOFTPLUS, LEGALIZE_RMS_NORM) + HTP  # after PORTABLE, for the qnn backend
-VARIANTS = {"stream": (THREAD_STATE, INFER_INPUT_FRAMES, THREAD_STATE_MATCHED), "distill": (FORCE_SOFTMAX,),
-            "build": (PORTABLE,),
-            "htp": HTP_QUANTIZED}
+VARIANTS = {"stream": (THREAD_STATE, INFER_INPUT_FRAMES, THREAD_STATE_MATCHED, HOIST_CHUNK_INVARIANT),
+            "distill": (FORCE_SOFTMAX,), "build": (PORTABLE,), "htp": HTP_QUANTIZED}
 PIPELINE = CONVERSION + tuple(p for group in VARIANTS.values() for p in group)  # every pass, in order
 
 

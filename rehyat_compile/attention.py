@@ -403,16 +403,66 @@ def _validate_state(state, k, v, fk, overlap_tokens: int) -> None:
             raise ShapeError(f"state.{name} must have shape {shape} for these inputs and overlap_frames, got {got}")
 
 
-def hybrid_attention_step(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_frames, overlap_frames,
-                          extra_before=0, extra_after=0, scale=None):
-    """One chunk of the causal recurrent form. Inputs hold [extra_before, this chunk's frames,
-    extra_after] tokens; returns (output for those tokens, state for the next chunk)."""
+def _prepare_step(q, k, v, fq, fk, state, tokens_per_frame, chunk_frames, overlap_frames, extra_before, extra_after,
+                  scale) -> tuple[HybridLayout, HybridState, float]:
+    """(layout, state -- the initial one for None --, scale) of a step call, its inputs validated."""
     layout = make_layout(tokens_per_frame, chunk_frames, overlap_frames, True, extra_before, extra_after)
     validate_inputs(q, k, v, fq, fk, layout, whole_video=False)
     overlap_tokens = layout.overlap_frames * layout.tokens_per_frame
     state = initial_state(k, v, fk, overlap_tokens) if state is None else state
     _validate_state(state, k, v, fk, overlap_tokens)
-    scale = resolve_scale(scale, q.shape[-1])
+    return layout, state, resolve_scale(scale, q.shape[-1])
+
+
+def hybrid_attention_step(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_frames, overlap_frames,
+                          extra_before=0, extra_after=0, scale=None):
+    """One chunk of the causal recurrent form. Inputs hold [extra_before, this chunk's frames,
+    extra_after] tokens; returns (output for those tokens, state for the next chunk). On CUDA (no
+    gradient) it runs the fused Triton step (``kernels/triton_step.py``) -- under torch.compile as one
+    ``rehyat::hybrid_attention_step`` node (``op.py``) --, elsewhere :func:`hybrid_attention_step_torch`;
+    all compute one function."""
+    layout, state, scale = _prepare_step(q, k, v, fq, fk, state, tokens_per_frame, chunk_frames, overlap_frames,
+                                         extra_before, extra_after, scale)
+    # Dynamo only (torch.compile): torch.export here is non-strict and must see PyTorch ops; some
+    # releases fold torch.compiler.is_exporting() to True under torch.compile, so it cannot tell them apart.
+    if q.device.type == "cuda" and torch.compiler.is_dynamo_compiling():
+        from .op import hybrid_attention_step_compiled  # one opaque node for Inductor: the fused step stays
+        y, new = hybrid_attention_step_compiled(q, k, v, fq, fk, state, dict(
+            tokens_per_frame=tokens_per_frame, chunk_frames=chunk_frames, overlap_frames=overlap_frames,
+            extra_before=extra_before, extra_after=extra_after, scale=scale))
+        return y, _after_chunk(new, layout.frames(q.shape[2]), layout.chunk_frames)
+    return hybrid_attention_step_eager(q, k, v, fq, fk, state, tokens_per_frame=tokens_per_frame,
+                                       chunk_frames=chunk_frames, overlap_frames=overlap_frames,
+                                       extra_before=extra_before, extra_after=extra_after, scale=scale)
+
+
+def hybrid_attention_step_eager(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_frames, overlap_frames,
+                                extra_before=0, extra_after=0, scale=None):
+    """:func:`hybrid_attention_step` run now: the fused Triton step on CUDA where it applies, else
+    :func:`hybrid_attention_step_torch`."""
+    layout, state, scale = _prepare_step(q, k, v, fq, fk, state, tokens_per_frame, chunk_frames, overlap_frames,
+                                         extra_before, extra_after, scale)
+    if q.device.type == "cuda":
+        from .kernels import fused_step_unavailable
+        if fused_step_unavailable(q, k, v, fq, fk, state) is None:
+            from .kernels.triton_step import hybrid_attention_step_fused
+            return hybrid_attention_step_fused(q, k, v, fq, fk, state, tokens_per_frame=tokens_per_frame,
+                                               chunk_frames=chunk_frames, extra_before=extra_before,
+                                               extra_after=extra_after, scale=scale)
+    return _step_torch(q, k, v, fq, fk, state, layout, scale)
+
+
+def hybrid_attention_step_torch(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_frames, overlap_frames,
+                                extra_before=0, extra_after=0, scale=None):
+    """:func:`hybrid_attention_step` in PyTorch ops on any device: the reference of the fused step."""
+    layout, state, scale = _prepare_step(q, k, v, fq, fk, state, tokens_per_frame, chunk_frames, overlap_frames,
+                                         extra_before, extra_after, scale)
+    return _step_torch(q, k, v, fq, fk, state, layout, scale)
+
+
+def _step_torch(q, k, v, fq, fk, state: HybridState, layout: HybridLayout, scale: float):
+    """The recurrent step on validated inputs and state, in PyTorch ops."""
+    overlap_tokens = layout.overlap_frames * layout.tokens_per_frame
 
     kb, k_video, ka = _split_tokens(k, layout)
     vb, v_video, va = _split_tokens(v, layout)

@@ -60,6 +60,15 @@ class FeatureMap(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.heads or x.shape[-1] != self.head_dim:
             raise ShapeError(f"FeatureMap input must be [B, H={self.heads}, N, D={self.head_dim}], "
                              f"got {tuple(x.shape)}")
+        if x.device.type == "cuda":  # the fused Triton kernel (kernels/triton_feature_map.py) where it applies
+            from .kernels import fused_feature_map_unavailable
+            if fused_feature_map_unavailable(self, x) is None:
+                from .kernels.triton_feature_map import feature_map_fused
+                return feature_map_fused(self, x)
+        return self.forward_torch(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """The map in PyTorch ops (any device, autograd): the reference of the fused kernel."""
         out_dtype = torch.promote_types(x.dtype, self.w1.dtype)
         h = ACTIVATIONS[self.activation](x.to(self.w1.dtype) @ self.w1 + self.b1)
         u = POSITIVE[self.positive](h @ self.w2 + self.b2)

@@ -16,7 +16,8 @@ import torch
 from torch import fx
 from torch.utils.flop_counter import register_flop_formula
 
-from .attention import hybrid_attention_chunked, make_layout, resolve_scale, validate_inputs
+from .attention import (HybridState, hybrid_attention_chunked, hybrid_attention_step_eager, make_layout, resolve_scale,
+                        validate_inputs)
 from .kernels import hybrid_attention_cuda
 
 OP_NAME = "rehyat::hybrid_attention"
@@ -30,13 +31,24 @@ def _hybrid_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: 
                                    chunk_frames=chunk_frames, overlap_frames=overlap_frames, causal=causal,
                                    extra_before=extra_before, extra_after=extra_after, scale=scale,
                                    validate=False)
-    return out.contiguous()
+    return as_bnhd(out)
+
+
+def empty_bnhd(q: torch.Tensor) -> torch.Tensor:
+    """An empty [B, H, N, D] tensor like q whose memory is [B, N, H, D]: the layout the model's
+    ``transpose(1, 2).reshape(B, N, H*D)`` after attention reads without a copy."""
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+
+
+def as_bnhd(y: torch.Tensor) -> torch.Tensor:
+    """``y`` ([B, H, N, D]) in the layout of :func:`empty_bnhd` (a copy only when it is not)."""
+    return y if y.transpose(1, 2).is_contiguous() else empty_bnhd(y).copy_(y)
 
 
 @_hybrid_attention_op.register_fake
 def _(q, k, v, fq, fk, tokens_per_frame, chunk_frames, overlap_frames, causal, extra_before, extra_after,
       scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return empty_bnhd(q)
 
 
 def _setup_context(ctx, inputs, output):
@@ -59,6 +71,48 @@ def _backward(ctx, grad):
 _hybrid_attention_op.register_autograd(_backward, setup_context=_setup_context)
 # CUDA: the fused Triton kernel where it applies, else this PyTorch form (kernels/__init__.py).
 _hybrid_attention_op.register_kernel("cuda")(hybrid_attention_cuda)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step form: one chunk of the recurrent form as one node under torch.compile
+# ---------------------------------------------------------------------------------------------
+
+STEP_OP_NAME = "rehyat::hybrid_attention_step"
+
+
+def _step_outputs(y, state) -> tuple:
+    """(y as [B, N, H, D] memory seen as [B, H, N, D], the six state tensors contiguous, own storage): one layout
+    whatever form computed them, so the fake implementation can promise it."""
+    return (as_bnhd(y), *(t if t.is_contiguous() and t.storage_offset() == 0 else t.clone(memory_format=torch.contiguous_format)
+                     for t in state))
+
+
+@torch.library.custom_op(STEP_OP_NAME, mutates_args=())
+def _hybrid_attention_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor,
+                              s: torch.Tensor, z: torch.Tensor, k_overlap: torch.Tensor, v_overlap: torch.Tensor,
+                              fk_overlap: torch.Tensor, overlap_valid: torch.Tensor, tokens_per_frame: int,
+                              chunk_frames: int, overlap_frames: int, extra_before: int, extra_after: int,
+                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                     torch.Tensor, torch.Tensor, torch.Tensor]:
+    state = HybridState(s, z, k_overlap, v_overlap, fk_overlap, overlap_valid)
+    y, new = hybrid_attention_step_eager(q, k, v, fq, fk, state, tokens_per_frame=tokens_per_frame,
+                                         chunk_frames=chunk_frames, overlap_frames=overlap_frames,
+                                         extra_before=extra_before, extra_after=extra_after, scale=scale)
+    return _step_outputs(y, new)
+
+
+@_hybrid_attention_step_op.register_fake
+def _(q, k, v, fq, fk, s, z, k_overlap, v_overlap, fk_overlap, overlap_valid, tokens_per_frame, chunk_frames,
+      overlap_frames, extra_before, extra_after, scale):
+    return (empty_bnhd(q), *(torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (s, z, k_overlap, v_overlap, fk_overlap, overlap_valid)))
+
+
+def hybrid_attention_step_compiled(q, k, v, fq, fk, state, layout: dict):
+    """``rc.hybrid_attention_step`` as one ``rehyat::hybrid_attention_step`` node (under torch.compile):
+    the fused step at run time on CUDA, the PyTorch step elsewhere. ``layout``: validated keywords."""
+    outs = _hybrid_attention_step_op(q, k, v, fq, fk, *state, **layout)
+    return outs[0], HybridState(*outs[1:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConversionError, ShapeError
 from .export import temporal_patch
+from .cuda_graph_step import StepRunner
 from .op import HybridCall, is_hybrid_node
 from .passes import pipeline
 from .passes.thread_state import STATE_FIELDS, FrameDim, StepProgram
@@ -78,7 +79,7 @@ class StreamRunner(torch.nn.Module):
     weights), whose unknown attributes (``config``, ``dtype``, ``device``, ``cache_context`` ...) pass
     through to it and to the original model: a drop-in ``pipe.transformer`` that streams."""
 
-    def __init__(self, hybrid, *, table_device=None):
+    def __init__(self, hybrid, *, table_device=None, cuda_graphs=None, compile=False):
         if not hasattr(hybrid, "graph_module") or not hasattr(hybrid, "original"):
             raise TypeError(f"stream needs the model returned by rc.transform (a HybridModel), got "
                             f"{type(hybrid).__name__}")
@@ -95,7 +96,8 @@ class StreamRunner(torch.nn.Module):
         self.hybrid = hybrid
         self.table_device = None if table_device is None else torch.device(table_device)
         self._programs: dict[int, StepProgram] = {}
-        self._roles: dict[int, list] = {}  # fixed-shape graphs: how each flat input is chunked
+        self._roles: dict[int, tuple] = {}  # fixed-shape graphs: how each flat input is chunked
+        self._steps = StepRunner(hybrid, cuda_graphs, compile)  # hoisting, CUDA graphs, compile: cuda_graph_step.py
 
     def __getattr__(self, name):
         return _pass_through(self, name)
@@ -232,6 +234,7 @@ class StreamRunner(torch.nn.Module):
         device = _device(plan.flat)
         tables: dict[int, tuple] = {}
         states = None
+        step = self._steps.call(device)
         for start in range(0, plan.frames, plan.chunk_frames):
             stop = min(start + plan.chunk_frames, plan.frames)
             program = plan.program(stop - start)
@@ -239,9 +242,10 @@ class StreamRunner(torch.nn.Module):
                 tables[id(program)] = self._tables(program, plan.flat)
             if states is None:
                 states = [t for site in program.sites for t in site.initial(device)]
-            arguments = [*_chunk(plan.flat, program.input_dims, start, stop),
-                         *_chunk(tables[id(program)], program.table_dims, start, stop, device), *states]
-            outs = program.module(*arguments)
+            inputs = _chunk(plan.flat, program.input_dims, start, stop)
+            chunk_tables = _chunk(tables[id(program)], program.table_dims, start, stop, device)
+            arguments = [*inputs, *chunk_tables, *states]
+            outs = step(program, inputs, chunk_tables, states)  # == program.module(*arguments)
             states = list(outs[program.n_outputs:])
             yield program, stop - start, arguments, outs
 
@@ -562,9 +566,11 @@ def _propagate_meta(module: fx.GraphModule, example: tuple) -> None:
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
-def stream(hybrid, *, table_device=None) -> StreamRunner:
-    """A :class:`StreamRunner` for a causal ``rc.transform`` result (raises ConversionError otherwise)."""
-    return StreamRunner(hybrid, table_device=table_device)
+def stream(hybrid, *, table_device=None, cuda_graphs=None, compile=False) -> StreamRunner:
+    """A :class:`StreamRunner` for a causal ``rc.transform`` result (raises ConversionError otherwise).
+    ``cuda_graphs``: replay each step program as a CUDA graph (None: on CUDA, unless REHYAT_CUDA_GRAPHS=0);
+    ``compile``: run each step program through torch.compile."""
+    return StreamRunner(hybrid, table_device=table_device, cuda_graphs=cuda_graphs, compile=compile)
 
 
 __all__ = ["StreamRunner", "stream"]

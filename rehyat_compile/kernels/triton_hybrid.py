@@ -351,14 +351,15 @@ def hybrid_attention_fused(q, k, v, fq, fk, *, tokens_per_frame: int, chunk_fram
                            ) -> torch.Tensor:
     """Forward of ``rehyat::hybrid_attention`` with the fused kernel: the function of
     :func:`rehyat_compile.attention.hybrid_attention_chunked`, for inputs the op has validated and
-    :func:`unsupported_reason` accepts. Returns a contiguous [B, H, N, D] tensor in q's dtype.
+    :func:`unsupported_reason` accepts. Returns [B, H, N, D] in q's dtype, its memory [B, N, H, D].
     ``kv_mode`` (POINTERS, HOST_TMA, DEVICE_TMA) overrides how the main loop reads K and V."""
     scale = resolve_scale(scale, q.shape[-1])
     q, k, v, fq, fk = (_last_dim_contiguous(t) for t in (q, k, v, fq, fk))
     bsz, heads, n, d = q.shape
     frames = (n - extra_before - extra_after) // tokens_per_frame
     states = prefix_states(fk, v, tokens_per_frame=tokens_per_frame, extra_before=extra_before, frames=frames)
-    out = torch.empty(bsz, heads, n, d, device=q.device, dtype=q.dtype)
+    # [B, N, H, D] memory: the model's transpose(1, 2).reshape after attention is then free
+    out = torch.empty(bsz, n, heads, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     launch_main_kernel(q, k, v, fq, states, out, tokens_per_frame=tokens_per_frame, chunk_frames=chunk_frames,
                        overlap_frames=overlap_frames, causal=causal, extra_before=extra_before,
                        extra_after=extra_after, scale=scale, kv_mode=kv_mode)

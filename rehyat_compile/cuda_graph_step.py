@@ -1,0 +1,181 @@
+"""Running a step program fast: chunk-invariant work once per call, the step replayed as a CUDA graph.
+
+:class:`StepRunner` is what :class:`~rehyat_compile.stream.StreamRunner` calls per chunk:
+
+* the step program is split by :func:`~rehyat_compile.passes.hoist_chunk_invariant.hoist_chunk_invariant`;
+  its invariant part (text/cross-attention K/V, time embeddings ...) runs on a call's first chunk and
+  its values are handed to every chunk of that call;
+* on CUDA (``cuda_graphs=True``, the default there) the chunk part is captured once per input
+  signature (shapes, not strides: every video length shares them) -- the full chunk and the short
+  last chunk each get their own graph, sharing one set of state buffers -- as a
+  :class:`GraphedStep` with static input and state buffers, and replayed per chunk. The captured
+  graph ends by copying the new states into its state buffers, so the state a replay returns is
+  already where the next replay reads it (no copy between chunks);
+* elsewhere, or where a capture fails (logged once), the chunk part runs eagerly: the same function;
+* ``compile=True`` runs the chunk part through ``torch.compile`` (Inductor fuses the element-wise work;
+  the fused Triton step stays one node), inside the CUDA graph where there is one.
+
+The graphs share one memory pool: nothing they allocate is read after the replay that made it (chunk
+outputs are cloned, states live in the static buffers), so replays of different graphs cannot clobber
+each other's results. Replacing the model's weights or buffers (``.to()``) is seen through a signature
+of their addresses, which drops the graphs captured for the old ones.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .passes.hoist_chunk_invariant import HoistedStep
+
+logger = logging.getLogger(__name__)
+
+
+def graphs_enabled(device: torch.device, requested: bool | None) -> bool:
+    """CUDA graphs for this device: ``requested`` if given, else on for CUDA unless
+    ``REHYAT_CUDA_GRAPHS=0``."""
+    if requested is not None:
+        return bool(requested) and device.type == "cuda"
+    return device.type == "cuda" and os.environ.get("REHYAT_CUDA_GRAPHS", "1") not in ("", "0")
+
+
+def invariant_inputs(program) -> list[bool]:
+    """Per placeholder of the step program (inputs, then tables): passed whole to every chunk."""
+    return [d is None for d in program.input_dims] + [d is None for d in program.table_dims]
+
+
+def _signature(args) -> tuple:
+    """What a captured graph is specialised to: shapes, dtypes and devices of tensors, other values.
+    Not strides: arguments are copied into the graph's own buffers, whatever their layout (a chunk of a
+    longer video is a view with other strides, and takes the same graph)."""
+    return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("v", repr(a)) for a in args)
+
+
+class GraphedStep:
+    """``module(*args)`` captured as one CUDA graph: static copies of ``args`` (``state_slice``: the
+    ones that are states, updated in place by each replay) and static outputs, of which the first
+    ``n_outputs`` are chunk outputs and the rest the new states, in ``state_slice`` order.
+    ``state_buffers``: use these as the static states (another graph's: the full and the last chunk's
+    graphs share them, so the state passes from one to the other without a copy or a second copy held)."""
+
+    def __init__(self, module, args: list, *, n_outputs: int, state_slice: slice, pool=None, state_buffers=None):
+        self.n_outputs = n_outputs
+        self.state_slice = state_slice
+        self.static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        if state_buffers is not None:
+            for buffer, arg in zip(state_buffers, args[state_slice]):
+                buffer.copy_(arg)
+            self.static[state_slice] = list(state_buffers)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            module(*self.static)  # Triton compiles and autotunes, cuBLAS picks its algorithms: outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool):
+            outs = list(module(*self.static))
+            for dst, src in zip(self.static[state_slice], outs[n_outputs:]):
+                dst.copy_(src)
+        self.outputs = outs[:n_outputs]
+
+    def pool(self):
+        return self.graph.pool()
+
+    def __call__(self, args: list) -> list:
+        """Copy ``args`` into the static buffers (skipping those that are them), replay; returns fresh
+        chunk outputs followed by the (static) new states."""
+        for dst, src in zip(self.static, args):
+            if isinstance(dst, torch.Tensor) and src.data_ptr() != dst.data_ptr():
+                dst.copy_(src)
+        self.graph.replay()
+        return [o.clone() for o in self.outputs] + list(self.static[self.state_slice])
+
+
+class StepRunner:
+    """Per-runner cache of hoisted programs and captured graphs; :meth:`call` starts one model call."""
+
+    def __init__(self, model: torch.nn.Module, cuda_graphs: bool | None = None, compile: bool = False):
+        self.model = model
+        self.cuda_graphs = cuda_graphs
+        self.compile = compile
+        self._hoisted: dict[int, HoistedStep] = {}
+        self._compiled: dict[int, object] = {}
+        self._graphs: dict[tuple, GraphedStep | None] = {}
+        self._weights: tuple | None = None
+        self._pool = None
+        self._state_buffers: dict[tuple, list] = {}  # by the states' signature: shared between graphs
+
+    def hoisted(self, program) -> HoistedStep:
+        if id(program) not in self._hoisted:
+            from .passes import pipeline  # the pass runs where every pass runs (passes/pipeline.py)
+            result = pipeline.run(pipeline.HOIST_CHUNK_INVARIANT,
+                                  pipeline.PassResult(program.module).with_artifact("step_program", program))
+            self._hoisted[id(program)] = result.artifacts["hoisted_step"]
+        return self._hoisted[id(program)]
+
+    def step_fn(self, program, step: HoistedStep):
+        """The chunk part to run: ``step.step``, or its torch.compile'd form (one static-shape compile per
+        chunk length; the fused step stays one ``rehyat::hybrid_attention_step`` node)."""
+        if not self.compile:
+            return step.step
+        if id(program) not in self._compiled:
+            self._compiled[id(program)] = torch.compile(step.step, dynamic=False)
+        return self._compiled[id(program)]
+
+    def call(self, device: torch.device) -> "_Call":
+        """The executor of one model call on ``device``."""
+        use_graphs = graphs_enabled(device, self.cuda_graphs) and not torch.is_grad_enabled()
+        if use_graphs:
+            weights = tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
+            if weights != self._weights:  # new weights: graphs captured on the old addresses are stale
+                self._graphs.clear()
+                self._state_buffers.clear()
+                self._pool = None
+                self._weights = weights
+        return _Call(self, use_graphs)
+
+    def graphed(self, program, step: HoistedStep, args: list) -> GraphedStep | None:
+        """The graph for ``program`` at these arguments' signature (captured on first use), None if
+        capture failed."""
+        key = (id(program), _signature(args))
+        if key not in self._graphs:
+            n_in = len(program.input_dims) + len(program.table_dims)
+            n_states = len(args) - n_in - step.n_hoisted
+            states = slice(n_in, n_in + n_states)
+            shared = self._state_buffers.get(_signature(args[states]))
+            try:
+                graph = GraphedStep(self.step_fn(program, step), args, n_outputs=program.n_outputs,
+                                    state_slice=states, pool=self._pool, state_buffers=shared)
+                self._pool = graph.pool() if self._pool is None else self._pool
+                self._state_buffers.setdefault(_signature(args[states]), graph.static[states])
+            except Exception as err:  # a step that cannot be captured still runs, eagerly
+                logger.warning("rc.stream: the step program could not be captured as a CUDA graph (%s: %s); "
+                               "running it eagerly", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                graph = None
+            self._graphs[key] = graph
+        return self._graphs[key]
+
+
+class _Call:
+    """One model call: the hoisted values per program (computed on its first chunk), then each chunk."""
+
+    def __init__(self, runner: StepRunner, use_graphs: bool):
+        self.runner = runner
+        self.use_graphs = use_graphs
+        self._invariants: dict[int, tuple] = {}
+
+    def __call__(self, program, inputs: list, tables: list, states: list) -> list:
+        """(*chunk outputs, *new states) of one chunk, as ``program.module(*inputs, *tables, *states)``."""
+        step = self.runner.hoisted(program)
+        if id(program) not in self._invariants:
+            self._invariants[id(program)] = tuple(step.invariant(*inputs, *tables))
+        args = [*inputs, *tables, *states, *self._invariants[id(program)]]
+        if self.use_graphs:
+            graph = self.runner.graphed(program, step, args)
+            if graph is not None:
+                return graph(args)
+        return list(self.runner.step_fn(program, step)(*args))
+
+
+__all__ = ["GraphedStep", "StepRunner", "graphs_enabled", "invariant_inputs"]

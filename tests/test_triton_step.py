@@ -1,0 +1,150 @@
+"""The fused Triton recurrent step against the PyTorch step (rc.attention.hybrid_attention_step_torch).
+
+Without a GPU the kernels run in Triton's interpreter on tiny shapes; with one, the same tests run
+compiled, plus `gpu` tests at Wan2.1-1.3B sizes and the dispatch of rc.hybrid_attention_step.
+"""
+import importlib
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton_step is imported: @triton.jit reads it
+pytest.importorskip("triton")
+
+import rehyat_compile as rc  # noqa: E402
+from rehyat_compile.attention import hybrid_attention_step_torch  # noqa: E402
+from test_triton_hybrid import interpreter_bf16_dot  # noqa: E402,F401  (autouse fixture)
+
+triton_step = importlib.import_module("rehyat_compile.kernels.triton_step")
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def _chunks(frame_counts, m, heads, d, feat, dtype, extra_before=0, extra_after=0, strided=False, seed=0):
+    """One (q, k, v, fq, fk) per chunk of the given frame counts; strided: [B, N, H, D] memory."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for frames in frame_counts:
+        n = extra_before + frames * m + extra_after
+        qkv = [torch.randn(1, heads, n, d, generator=gen) for _ in range(3)]
+        feats = [torch.rand(1, heads, n, feat, generator=gen) for _ in range(2)]
+        tensors = [t.to(DEVICE, dtype) for t in qkv + feats]
+        if strided:
+            tensors = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in tensors]
+        out.append(tensors)
+    return out
+
+
+def _run(step, chunks, **layout):
+    """Outputs and states of ``step`` over consecutive chunks, from the initial state."""
+    state, outs, states = None, [], []
+    for tensors in chunks:
+        y, state = step(*tensors, state, **layout)
+        outs.append(y)
+        states.append(state)
+    return outs, states
+
+
+def _fused(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_frames, overlap_frames, extra_before=0,
+           extra_after=0, scale=None):
+    if state is None:
+        state = rc.attention.initial_state(k, v, fk, overlap_frames * tokens_per_frame)
+    return triton_step.hybrid_attention_step_fused(q, k, v, fq, fk, state, tokens_per_frame=tokens_per_frame,
+                                                   chunk_frames=chunk_frames, extra_before=extra_before,
+                                                   extra_after=extra_after, scale=scale)
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _assert_same_steps(frame_counts, *, m=8, heads=2, d=16, feat=16, dtype=torch.float16, tc=2, to=1,
+                       extra_before=0, extra_after=0, strided=False, tol=3e-3):
+    layout = dict(tokens_per_frame=m, chunk_frames=tc, overlap_frames=to, extra_before=extra_before,
+                  extra_after=extra_after, scale=0.25)
+    chunks = _chunks(frame_counts, m, heads, d, feat, dtype, extra_before, extra_after, strided)
+    ref_y, ref_s = _run(hybrid_attention_step_torch, chunks, **layout)
+    got_y, got_s = _run(_fused, chunks, **layout)
+    for (a, sa), (b, sb) in zip(zip(got_y, got_s), zip(ref_y, ref_s)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert _rel(a, b) < tol
+        assert type(sa) is type(sb)
+        for name, x, y in zip(rc.HybridState._fields, sa, sb):
+            assert x.shape == y.shape and x.dtype == y.dtype, name
+            assert _rel(x, y) < 1e-5 if name in ("s", "z") else torch.equal(x.cpu(), y.cpu()), name
+
+
+def test_fused_step_equals_torch_step_over_chunks_with_an_invalid_first_overlap():
+    # 3 chunks of 2 frames (16 queries, 24 window keys: partial blocks), last one short (1 frame)
+    _assert_same_steps([2, 2, 1])
+
+
+def test_fused_step_equals_torch_step_when_overlap_blocks_are_whole():
+    # M=16, To=1: the cache is one whole 16-key block (the interpreter's), skipped while invalid, then unmasked
+    _assert_same_steps([2, 2, 2], m=16)
+
+
+def test_fused_step_equals_torch_step_with_extra_tokens_before_and_after():
+    _assert_same_steps([2, 2], extra_before=3, extra_after=2)
+
+
+def test_fused_step_equals_torch_step_when_the_last_chunk_is_shorter_than_the_overlap():
+    # Tc=3, To=2: the last chunk (1 frame) leaves part of the old overlap in the new one
+    _assert_same_steps([3, 1], tc=3, to=2, m=4)
+
+
+def test_fused_step_reads_strided_bnhd_views_and_returns_one():
+    layout = dict(tokens_per_frame=8, chunk_frames=2, overlap_frames=1, scale=0.25)
+    chunks = _chunks([2, 2], 8, 2, 16, 16, torch.float16, strided=True)
+    assert not chunks[0][0].is_contiguous()
+    got_y, _ = _run(_fused, chunks, **layout)
+    ref_y, _ = _run(hybrid_attention_step_torch, chunks, **layout)
+    assert all(_rel(a, b) < 3e-3 for a, b in zip(got_y, ref_y))
+    # the output is [B, N, H, D] memory: the model's transpose(1, 2).reshape after attention is free
+    assert got_y[0].transpose(1, 2).is_contiguous()
+
+
+def test_fused_step_takes_no_overlap_and_bf16():
+    _assert_same_steps([2, 2], to=0, dtype=torch.bfloat16, tol=1e-2)
+
+
+def test_step_on_cpu_is_the_torch_form():
+    layout = dict(tokens_per_frame=4, chunk_frames=2, overlap_frames=1, scale=0.25)
+    chunks = [[t.cpu() for t in c] for c in _chunks([2], 4, 1, 16, 16, torch.float32)]
+    y, state = rc.hybrid_attention_step(*chunks[0], None, **layout)
+    y_ref, state_ref = hybrid_attention_step_torch(*chunks[0], None, **layout)
+    assert torch.equal(y, y_ref) and all(torch.equal(a, b) for a, b in zip(state, state_ref))
+
+
+# ---------------------------------------------------------------------------------------------
+# On the GPU, at Wan2.1-1.3B sizes
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("extra_before,extra_after", [(0, 0), (77, 0), (0, 226)])
+def test_cuda_step_dispatches_to_fused_and_matches_fp32_torch_step_at_wan_size(extra_before, extra_after):
+    layout = dict(tokens_per_frame=1560, chunk_frames=3, overlap_frames=1, extra_before=extra_before,
+                  extra_after=extra_after)
+    chunks = _chunks([3, 3, 3, 2], 1560, 12, 128, 64, torch.bfloat16, extra_before, extra_after, strided=True)
+    with torch.no_grad():
+        got_y, got_s = _run(rc.hybrid_attention_step, chunks, **layout)
+        ref_y, ref_s = _run(hybrid_attention_step_torch, [[t.float() for t in c] for c in chunks], **layout)
+    assert got_y[0].transpose(1, 2).is_contiguous()  # the fused kernel's output layout: it ran
+    for a, b in zip(got_y, ref_y):
+        assert _rel(a, b) < 1e-2
+    assert _rel(got_s[-1].s, ref_s[-1].s) < 1e-3 and _rel(got_s[-1].z, ref_s[-1].z) < 1e-3
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_step_with_gradients_takes_the_torch_form():
+    layout = dict(tokens_per_frame=16, chunk_frames=2, overlap_frames=1)
+    q, k, v, fq, fk = (t.float().requires_grad_() for t in _chunks([2], 16, 2, 64, 32, torch.float32)[0])
+    y, _ = rc.hybrid_attention_step(q, k, v, fq, fk, None, **layout)
+    y.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
