@@ -120,11 +120,13 @@ class OfficialStyleDiT(nn.Module):
                                 rope_params(64, 2 * (d // 6))], dim=1)
 
     def sinusoidal(self, t):
-        half = torch.arange(8, dtype=torch.float32)
+        half = torch.arange(8, dtype=torch.float32, device=t.device)
         angles = t.float()[:, None] * torch.pow(10000.0, -half / 8)[None]
         return torch.cat([angles.cos(), angles.sin()], dim=1)
 
     def forward(self, x, t, context):
+        if self.freqs.device != x[0].device:  # as the official Wan2.1 model moves its rope table
+            self.freqs = self.freqs.to(x[0].device)
         x = [self.patch_embedding(u.unsqueeze(0)) for u in x]
         grid_sizes = torch.stack([torch.tensor(u.shape[2:], dtype=torch.long) for u in x])
         x = torch.cat([u.flatten(2).transpose(1, 2) for u in x])
