@@ -171,10 +171,11 @@ class Unexportable(nn.Module):
         return x
 
 
-def test_unexportable_model_gives_a_clear_error():
-    with pytest.raises(ConversionError, match="cannot be exported"):
-        rc.inspect(Unexportable(), (_video(),))
-    with pytest.raises(ConversionError, match="cannot be exported"):
+def test_unexportable_model_without_attention_gives_a_clear_error():
+    """torch.export refuses it; Dynamo captures it (tests/test_dynamo_capture.py), finds no attention."""
+    report = rc.inspect(Unexportable(), (_video(),))
+    assert report.capture == "dynamo" and report.sites == []
+    with pytest.raises(ConversionError, match="no attention site"):
         rc.transform(Unexportable(), (_video(),))
 
 
