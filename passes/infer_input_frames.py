@@ -801,8 +801,7 @@ def _result(gm: fx.GraphModule, need: dict, opaque: dict) -> InputFrames:
         fr = next(iter(frs)) if len(frs) == 1 else None
         if ph in blocked:  # part of what it feeds cannot be followed: a chunk of it may be wrong
             op, why = blocked[ph]
-            unknown.append((ph.name, f"it reaches node {op.name} ({_target_name(op)}), where the frame axis "
-                                     f"cannot be followed: {why}"))
+            unknown.append((ph.name, f"node {op.name} ({_target_name(op)}), which it reaches: {why}"))
         elif len(frs) > 1:
             unknown.append((ph.name, "its frames reach the sites in two different layouts: "
                             + ", ".join(sorted(_describe(f) for f in frs))))

@@ -153,8 +153,8 @@ class StreamRunner(torch.nn.Module):
         try:
             chunk_gm = self.hybrid.graph_module_for(chunk_args, chunk_kwargs, video_shape=chunk_video)
         except ConversionError as exc:
-            raise ConversionError(f"stream: the model does not run on a chunk of {length} frames: {exc}"
-                                  + _fixed_length_hint(self._roles.get(id(full_gm)), frames)) from exc
+            raise ConversionError(f"stream: the model does not run on a chunk of {length} frames"
+                                  f"{_fixed_length_hint(self._roles.get(id(full_gm)), frames)}: {exc}") from exc
         settings = dict(full_graph=full_gm, chunk_inputs=chunk_flat, full_inputs=flat, chunk_frames=length,
                         frames=frames, input_dims=dims)
         context = pipeline.PassContext(frame_axis, settings=settings)
@@ -194,20 +194,23 @@ class StreamRunner(torch.nn.Module):
                                   + ", ".join(roles.names[i] for i in counts) + "); their roles cannot be derived")
         video_shape = self.hybrid.plan.video_shape
         indices = sorted(counts)
-        outcomes = []
+        outcomes, failures = [], []
         for choice in itertools.product(*[[None] + counts[i] for i in indices]):
             trial = list(dims)
             for i, role in zip(indices, choice):
                 trial[i] = role
             try:
                 program = self._matched_program(full_gm, frame_axis, flat, trial, in_spec, frames, length, video_shape)
-            except (ConversionError, ShapeError):
+            except (ConversionError, ShapeError) as exc:
+                failures.append(f"{'kept' if all(c is None for c in choice) else choice}: "
+                                f"{str(exc).splitlines()[0][:160]}")
                 continue
             outcomes.append((choice, trial, program.module.code))
         if not outcomes:
             names = ", ".join(f"{roles.names[i]}={flat[i]}" for i in indices)
             raise ConversionError(f"stream: no role of the int inputs {names} (kept, or counted per frame) gives a "
-                                  "chunk graph that matches the whole video's; the model is not streamed")
+                                  "chunk graph that matches the whole video's, so the model is not streamed ("
+                                  + "; ".join(failures) + ")")
         kept = [trial for choice, trial, _ in outcomes if all(c is None for c in choice)]
         if len({code for *_, code in outcomes}) == 1 and kept:
             return kept[0]  # the ints do not change the chunk graph
@@ -499,14 +502,14 @@ def _call_frames(frame_axis, video_shape, patch: int, flat: list) -> tuple[int |
 
 
 def _unknown_roles_message(unknown) -> str:
-    """One sentence per reason (the node the walk stopped at), naming the inputs it leaves without a role."""
+    """The reasons first (the node the walk stopped at), then the inputs each leaves without a role."""
     by_reason: dict[str, list[str]] = {}
     for name, why in unknown:
         by_reason.setdefault(why, []).append(name)
-    parts = [f"input{'s' if len(names) > 1 else ''} {', '.join(repr(n) for n in names[:4])}"
-             f"{f' and {len(names) - 4} more' if len(names) > 4 else ''}: {why}" for why, names in by_reason.items()]
-    return ("stream cannot tell which inputs carry the frame axis (" + "; ".join(parts) + "); chunking them by "
-            "their sizes could be silently wrong, so the model is not streamed")
+    parts = [f"{why} (input{'s' if len(names) > 1 else ''} {', '.join(repr(n) for n in names[:4])}"
+             f"{f' and {len(names) - 4} more' if len(names) > 4 else ''})" for why, names in by_reason.items()]
+    return ("stream cannot follow the frame axis of the inputs: " + "; ".join(parts) + "; chunking them by their "
+            "sizes could be silently wrong, so the model is not streamed")
 
 
 def _fixed_length_hint(roles, frames: int) -> str:
@@ -516,8 +519,8 @@ def _fixed_length_hint(roles, frames: int) -> str:
     fixed = [name for name, fr in roles[1] if fr.plain]
     if not fixed:
         return ""
-    return (f"; the model's constant {fixed[0]!r} holds exactly {frames} frames and reaches the converted sites "
-            "unsliced, so its code runs at that frame count only")
+    return (f" (the model's constant {fixed[0]!r} holds exactly {frames} frames and reaches the converted sites "
+            "unsliced, so its code runs at that frame count only)")
 
 
 def _is_count(x) -> bool:

@@ -51,7 +51,7 @@ def row(name: str) -> str:
             chunked = converted(*args, **kwargs)[0]
             diff, streams = f"{_rel(chunked, reference):.1e}", _streams(converted, chunked, args, kwargs)
         except ConversionError as error:  # a joint causal conversion whose step program cannot be built
-            diff, streams = "-", f"refused: {str(error).splitlines()[0][-90:]}"
+            diff, streams = "-", _refusal(error)
     return (f"| {name} | {type(model).__name__} | {len(report.sites)} | {len(ok)} | {kinds} | {axis} | "
             f"{_rel(whole, reference):.1e} | {diff} | {streams} | {'; '.join(declined)} |")
 
@@ -61,8 +61,15 @@ def _streams(converted, output, args, kwargs) -> str:
     try:
         streamed = rc.stream(converted)(*args, **kwargs)[0]
     except ConversionError as error:
-        return f"refused: {str(error).splitlines()[0][:80]}"
+        return _refusal(error)
     return f"{_rel(streamed, output):.1e}"
+
+
+def _refusal(error: Exception) -> str:
+    """The cell for a refusal: its root cause (a joint causal conversion wraps the stream's reason)."""
+    wrapped = str(error).startswith("causal=True on a model with joint attention")
+    root = error.__cause__ if wrapped and isinstance(error.__cause__, ConversionError) else error
+    return "refused: " + str(root).splitlines()[0][:150].replace("|", "/")
 
 
 def main() -> None:
