@@ -85,21 +85,25 @@ class _Opaque(Exception):
     """The frames cannot be mapped through this op onto its inputs."""
 
 
-_SIZES: dict = {}  # symbol -> value while a walk runs (a graph with the frame count symbolic)
+class _Walk:
+    """What one walk reads besides the graph: the call's token ``frames`` and ``sizes`` (values of
+    the graph's size symbols at this call, for a graph exported with the frame count symbolic)."""
 
+    def __init__(self, frames: int, sizes: dict | None = None):
+        self.frames, self.sizes = frames, dict(sizes or {})
 
-def _shape(value) -> tuple[int, ...] | None:
-    val = value.meta.get("val") if isinstance(value, fx.Node) else value
-    if isinstance(val, torch.Tensor):
-        # ints; sympy expressions where a size is data-dependent (an unmasked text length)
-        return tuple(x if isinstance(x, int) else _size(x.node.expr) for x in val.shape)
-    return None
+    def shape(self, value) -> tuple | None:
+        """A node's (or value's) sizes: ints; sympy expressions where a size is data-dependent (an
+        unmasked text length)."""
+        val = value.meta.get("val") if isinstance(value, fx.Node) else value
+        if isinstance(val, torch.Tensor):
+            return tuple(x if isinstance(x, int) else self._size(x.node.expr) for x in val.shape)
+        return None
 
-
-def _size(expr):
-    if _SIZES and expr.free_symbols & _SIZES.keys():
-        expr = expr.subs(_SIZES)
-    return int(expr) if expr.is_number else expr
+    def _size(self, expr):
+        if self.sizes and expr.free_symbols & self.sizes.keys():
+            expr = expr.subs(self.sizes)
+        return int(expr) if expr.is_number else expr
 
 
 def _norm_dim(dim: int, rank: int) -> int:
@@ -174,17 +178,17 @@ def _through_reshape(fr: Frames, out_shape, in_shape, frames: int) -> Frames:
 
 
 # ---------------------------------------------------------------------------------------------
-# Rules: (node, Frames of its output[s]) -> {input node: Frames}
+# Rules: (node, Frames of its output[s], the walk) -> {input node: Frames}
 # ---------------------------------------------------------------------------------------------
 
-def _broadcast(node: fx.Node, fr: Frames, tensors) -> dict:
+def _broadcast(node: fx.Node, fr: Frames, tensors, w: _Walk) -> dict:
     """Pointwise ops: each tensor input broadcast to the output; a size-1 (or missing) dim is shared
     by every frame."""
-    out_shape = _shape(node)
+    out_shape = w.shape(node)
     rank = len(out_shape)
     found = {}
     for t in tensors:
-        shape = _shape(t)
+        shape = w.shape(t)
         if shape is None:
             continue
         d = fr.dim - (rank - len(shape))
@@ -196,41 +200,41 @@ def _broadcast(node: fx.Node, fr: Frames, tensors) -> dict:
     return found
 
 
-def _tensor_args(node: fx.Node) -> list[fx.Node]:
+def _tensor_args(node: fx.Node, w: _Walk) -> list[fx.Node]:
     flat = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
-    return [a for a in flat if isinstance(a, fx.Node) and _shape(a) is not None]
+    return [a for a in flat if isinstance(a, fx.Node) and w.shape(a) is not None]
 
 
-def _rule_permute(node, fr, frames):
+def _rule_permute(node, fr, w):
     x, dims = node.args[0], node.args[1]
-    rank = len(_shape(x))
+    rank = len(w.shape(x))
     return {x: fr.moved(_norm_dim(dims[fr.dim], rank))}
 
 
-def _rule_transpose(node, fr, frames):
+def _rule_transpose(node, fr, w):
     x, (a, b) = node.args[0], (node.args[1:3] if len(node.args) == 3 else (0, 1))  # aten.t: dims 0, 1
-    rank = len(_shape(x))
+    rank = len(w.shape(x))
     a, b = _norm_dim(a, rank), _norm_dim(b, rank)
     return {x: fr.moved(b if fr.dim == a else a if fr.dim == b else fr.dim)}
 
 
-def _rule_reshape_like(node, fr, frames):
+def _rule_reshape_like(node, fr, w):
     x = node.args[0]
-    return {x: _through_reshape(fr, _shape(node), _shape(x), frames)}
+    return {x: _through_reshape(fr, w.shape(node), w.shape(x), w.frames)}
 
 
-def _rule_expand(node, fr, frames):
+def _rule_expand(node, fr, w):
     x = node.args[0]
-    shape, out = _shape(x), _shape(node)
+    shape, out = w.shape(x), w.shape(node)
     d = fr.dim - (len(out) - len(shape))
     if d < 0 or shape[d] == 1:
         return {}
     return {x: fr.moved(d)}
 
 
-def _rule_slice(node, fr, frames):
+def _rule_slice(node, fr, w):
     x = node.args[0]
-    shape = _shape(x)
+    shape = w.shape(x)
     dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(shape))
     if dim != fr.dim:
         return {x: fr}
@@ -265,13 +269,13 @@ def _index(i, size, default):
     return 0 if _le(i, 0) else i
 
 
-def _rule_select(node, fr, frames):
-    x, dim = node.args[0], _norm_dim(node.args[1], len(_shape(node.args[0])))
+def _rule_select(node, fr, w):
+    x, dim = node.args[0], _norm_dim(node.args[1], len(w.shape(node.args[0])))
     return {x: fr.moved(fr.dim + (fr.dim >= dim))}
 
 
-def _rule_unsqueeze(node, fr, frames):
-    x, dim = node.args[0], _norm_dim(node.args[1], len(_shape(node)))
+def _rule_unsqueeze(node, fr, w):
+    x, dim = node.args[0], _norm_dim(node.args[1], len(w.shape(node)))
     if fr.dim == dim:
         raise _Opaque("frames on an inserted dim")
     return {x: fr.moved(fr.dim - (fr.dim > dim))}
@@ -312,40 +316,40 @@ def _not_multiple(size, per_frame: int) -> bool:
     return not (size.is_number and int(size) % per_frame == 0)
 
 
-def _rule_cat(node, fr, frames):
-    tensors = [t for t in node.args[0] if _shape(t) is not None and _shape(t) != (0,)]
-    rank = len(_shape(node))
+def _rule_cat(node, fr, w):
+    tensors = [t for t in node.args[0] if w.shape(t) is not None and w.shape(t) != (0,)]
+    rank = len(w.shape(node))
     dim = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), rank)
     if dim != fr.dim:
         return {t: fr for t in tensors}
-    return _pieces(fr, [_shape(t)[dim] for t in tensors], tensors, frames)
+    return _pieces(fr, [w.shape(t)[dim] for t in tensors], tensors, w.frames)
 
 
-def _rule_stack(node, fr, frames):
+def _rule_stack(node, fr, w):
     tensors = node.args[0]
-    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(_shape(node)))
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(w.shape(node)))
     if fr.dim == dim:
         raise _Opaque("frames on a stacked dim")
     return {t: fr.moved(fr.dim - (fr.dim > dim)) for t in tensors}
 
 
-def _rule_matmul(node, fr, frames):
+def _rule_matmul(node, fr, w):
     """mm / bmm / matmul / linear / addmm / baddbmm: rows and batch dims from the left operand,
     columns from the right (weights: not inputs)."""
     target = node.target
     if target in (aten.linear.default,):
-        x, w = node.args[0], node.args[1]
-        if fr.dim == len(_shape(node)) - 1:
+        x = node.args[0]
+        if fr.dim == len(w.shape(node)) - 1:  # the output features come from the weight
             return {}
         return {x: fr}
     if target in (aten.addmm.default, aten.baddbmm.default):
         bias, a, b = node.args[0], node.args[1], node.args[2]
-        found = _broadcast(node, fr, [bias])
+        found = _broadcast(node, fr, [bias], w)
     else:
         a, b = node.args[0], node.args[1]
         found = {}
-    out_rank = len(_shape(node))
-    sa, sb = _shape(a), _shape(b)
+    out_rank = len(w.shape(node))
+    sa, sb = w.shape(a), w.shape(b)
     if fr.dim == out_rank - 1:
         found[b] = fr.moved(len(sb) - 1)
     elif fr.dim == out_rank - 2:
@@ -358,17 +362,17 @@ def _rule_matmul(node, fr, frames):
     return found
 
 
-def _rule_conv(node, fr, frames):
+def _rule_conv(node, fr, w):
     """Convolutions (patch embeddings): a spatial frame dim maps through a kernel equal to its
     stride, no padding; the batch dim passes."""
     a = bound_arguments(node)
-    x, w = a["input"], a["weight"]
+    x, weight = a["input"], a["weight"]
     if fr.dim == 0:
         return {x: fr}
     if fr.dim == 1:
         return {}
     k = fr.dim - 2
-    kernel = _shape(w)[2 + k]
+    kernel = w.shape(weight)[2 + k]
     stride, padding, dilation = (_per_dim(a.get(name, default), k) for name, default in
                                  (("stride", 1), ("padding", 0), ("dilation", 1)))
     if a.get("transposed"):
@@ -386,9 +390,9 @@ def _per_dim(value, k):
     return value
 
 
-def _rule_reduce(node, fr, frames):
+def _rule_reduce(node, fr, w):
     x = node.args[0]
-    rank = len(_shape(x))
+    rank = len(w.shape(x))
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     dims = list(range(rank)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
     dims = sorted(_norm_dim(d, rank) for d in dims)
@@ -401,45 +405,45 @@ def _rule_reduce(node, fr, frames):
     return {x: fr.moved(kept[fr.dim])}
 
 
-def _rule_norm(node, fr, frames):
+def _rule_norm(node, fr, w):
     """layer_norm / rms_norm over the trailing ``normalized_shape`` dims."""
     x = node.args[0]
     normalized = len(node.args[1])
-    if fr.dim >= len(_shape(x)) - normalized:
+    if fr.dim >= len(w.shape(x)) - normalized:
         raise _Opaque("a normalisation over frames")
     return {x: fr}
 
 
-def _rule_group_norm(node, fr, frames):
+def _rule_group_norm(node, fr, w):
     x = node.args[0]
     if fr.dim != 0:
         raise _Opaque("a group normalisation over frames")
     return {x: fr}
 
 
-def _rule_softmax(node, fr, frames):
+def _rule_softmax(node, fr, w):
     x = node.args[0]
-    if _norm_dim(node.args[1], len(_shape(x))) == fr.dim:
+    if _norm_dim(node.args[1], len(w.shape(x))) == fr.dim:
         raise _Opaque("a softmax over frames")
     return {x: fr}
 
 
-def _rule_index_select(node, fr, frames):
+def _rule_index_select(node, fr, w):
     x, dim, index = node.args[0], node.args[1], node.args[2]
-    dim = _norm_dim(dim, len(_shape(x)))
+    dim = _norm_dim(dim, len(w.shape(x)))
     if fr.dim == dim:
         return {index: fr.moved(0)}
     return {x: fr}
 
 
-def _rule_embedding(node, fr, frames):
-    weight, indices = node.args[0], node.args[1]
-    if fr.dim == len(_shape(node)) - 1:
+def _rule_embedding(node, fr, w):
+    indices = node.args[1]
+    if fr.dim == len(w.shape(node)) - 1:  # the embedding's features come from its table
         return {}
     return {indices: fr}
 
 
-def _rule_index(node, fr, frames):
+def _rule_index(node, fr, w):
     """``x[idx0, idx1, ...]`` (aten.index.Tensor) with the index tensors leading and adjacent: the
     output's leading dims are the broadcast index shape, then x's remaining dims."""
     x, indices = node.args[0], node.args[1]
@@ -449,44 +453,44 @@ def _rule_index(node, fr, frames):
     used = [i for i in indices if i is not None]
     if any(i is None for i in indices[lead:]):
         raise _Opaque("non-adjacent advanced indexing")
-    index_rank = max(len(_shape(i)) for i in used)
+    index_rank = max(len(w.shape(i)) for i in used)
     if fr.dim < lead:
         return {x: fr}
     if fr.dim < lead + index_rank:
         found = {}
         for i in used:
-            d = fr.dim - lead - (index_rank - len(_shape(i)))
-            if d >= 0 and _shape(i)[d] != 1:
+            d = fr.dim - lead - (index_rank - len(w.shape(i)))
+            if d >= 0 and w.shape(i)[d] != 1:
                 found[i] = fr.moved(d)
         return found
     return {x: fr.moved(fr.dim - index_rank + len(used))}
 
 
-def _rule_repeat_interleave(node, fr, frames):
+def _rule_repeat_interleave(node, fr, w):
     """Entry j*r + i of the output is entry j of x: frames made by the repeat leave x shared by every
     frame; frames over whole repeats come from x with fewer entries per frame."""
     x = node.args[0]
     repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-    if not isinstance(x, fx.Node) or _shape(x) is None or not isinstance(repeats, int) or dim is None:
+    if not isinstance(x, fx.Node) or w.shape(x) is None or not isinstance(repeats, int) or dim is None:
         raise _Opaque("repeat_interleave with tensor repeats or flattening")
-    if _norm_dim(dim, len(_shape(x))) != fr.dim:
+    if _norm_dim(dim, len(w.shape(x))) != fr.dim:
         return {x: fr}
     if not fr.plain and (fr.extra_before or fr.extra_after):
         raise _Opaque("repeat_interleave of extra tokens")
-    span = frames * fr.per_frame
-    if repeats % span == 0 and fr.outer == _shape(x)[fr.dim] * repeats // span:
+    span = w.frames * fr.per_frame
+    if repeats % span == 0 and fr.outer == w.shape(x)[fr.dim] * repeats // span:
         return {}
     if fr.per_frame % repeats == 0:
         return {x: Frames(fr.dim, fr.per_frame // repeats, fr.outer)}
     raise _Opaque("repeat_interleave that splits a frame")
 
 
-def _rule_repeat(node, fr, frames):
+def _rule_repeat(node, fr, w):
     """Entry k*n + j of the output is entry j of x (n = x's size): x holding whole frame spans keeps
     them; an x shorter than one frame is shared by every frame."""
     x, reps = node.args[0], node.args[1]
-    lead = len(reps) - len(_shape(x))
+    lead = len(reps) - len(w.shape(x))
     if fr.dim < lead:
         return {}
     d = fr.dim - lead
@@ -494,7 +498,7 @@ def _rule_repeat(node, fr, frames):
         return {x: fr.moved(d)}
     if fr.extra_before or fr.extra_after:
         raise _Opaque("repeat of extra tokens")
-    size, span = _shape(x)[d], frames * fr.per_frame
+    size, span = w.shape(x)[d], w.frames * fr.per_frame
     if size % span == 0:
         return {x: Frames(d, fr.per_frame, size // span)}
     if fr.per_frame % size == 0:
@@ -502,30 +506,30 @@ def _rule_repeat(node, fr, frames):
     raise _Opaque("repeat that splits a frame")
 
 
-def _rule_reorder(node, fr, frames):
+def _rule_reorder(node, fr, w):
     """flip / roll: fine along other dims; along the frames a chunk would read other frames."""
     x = node.args[0]
     dims = node.args[1] if node.target is aten.flip.default else (node.args[2] if len(node.args) > 2 else None)
-    dims = list(range(len(_shape(x)))) if dims is None else [dims] if isinstance(dims, int) else dims
-    if fr.dim in [_norm_dim(d, len(_shape(x))) for d in dims]:
+    dims = list(range(len(w.shape(x)))) if dims is None else [dims] if isinstance(dims, int) else dims
+    if fr.dim in [_norm_dim(d, len(w.shape(x))) for d in dims]:
         raise _Opaque("the frames are reordered")
     return {x: fr}
 
 
-def _rule_view_as_real(node, fr, frames):
+def _rule_view_as_real(node, fr, w):
     x = node.args[0]
-    if fr.dim == len(_shape(node)) - 1:
+    if fr.dim == len(w.shape(node)) - 1:
         raise _Opaque("frames on the real/imaginary dim")
     return {x: fr}
 
 
-def _rule_view_as_complex(node, fr, frames):
+def _rule_view_as_complex(node, fr, w):
     return {node.args[0]: fr}
 
 
-def _rule_pad(node, fr, frames):
+def _rule_pad(node, fr, w):
     x, pad = node.args[0], node.args[1]
-    rank = len(_shape(x))
+    rank = len(w.shape(x))
     k = rank - 1 - fr.dim  # pad pairs run from the last dim backwards
     if 2 * k + 1 < len(pad) and (pad[2 * k] or pad[2 * k + 1]):
         if fr.outer != 1 or fr.extra_after is None or pad[2 * k] > fr.extra_before or pad[2 * k + 1] > fr.extra_after:
@@ -534,7 +538,7 @@ def _rule_pad(node, fr, frames):
     return {x: fr}
 
 
-def _rule_attention(node, fr, frames):
+def _rule_attention(node, fr, w):
     """Attention left as softmax (text cross-attention) or converted: query rows keep the frames;
     a converted site's keys and values are seeds of their own."""
     if is_hybrid_node(node):
@@ -546,10 +550,10 @@ def _rule_attention(node, fr, frames):
     return {SdpaCall.from_node(node).q: fr}
 
 
-def _rule_split(node, frs: dict, frames):
+def _rule_split(node, frs: dict, w):
     """split / split_with_sizes / chunk / unbind: each piece read through getitem."""
     x = node.args[0]
-    shape = _shape(x)
+    shape = w.shape(x)
     dim = _norm_dim(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), len(shape))
     if node.target is aten.unbind.int:
         dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(shape))
@@ -632,14 +636,14 @@ _FACTORIES = {aten.arange.default, aten.arange.start, aten.arange.start_step, at
               aten.scalar_tensor.default}
 
 
-def _backward(node: fx.Node, outs: dict, frames: int) -> dict:
+def _backward(node: fx.Node, outs: dict, w: _Walk) -> dict:
     """{input node: Frames} for a node whose output(s) hold the frames as ``outs`` ({index: Frames}).
     Raises _Opaque when the op's rule cannot map them."""
     target = node.target
     if target in _SPLITS:
-        return _rule_split(node, outs, frames)
+        return _rule_split(node, outs, w)
     if isinstance(node.meta.get("val"), (tuple, list)) and not isinstance(target, torch._ops.OpOverload):
-        return _merge_all([_fallback(node, fr, frames, node.meta["val"][i]) for i, fr in outs.items()])
+        return _merge_all([_fallback(node, fr, w, node.meta["val"][i]) for i, fr in outs.items()])
     if len(outs) != 1:
         raise _Opaque("several outputs")
     (index, fr), = outs.items()
@@ -648,16 +652,16 @@ def _backward(node: fx.Node, outs: dict, frames: int) -> dict:
     if target in _FACTORIES:
         return {}
     if is_hybrid_node(node) or _is_attention(node):
-        return _rule_attention(node, fr, frames)
+        return _rule_attention(node, fr, w)
     if target is aten.narrow.default:
         x, dim, start, length = node.args[:4]
-        return _rule_slice(_SliceView(node, x, dim, start, start + length), fr, frames)
+        return _rule_slice(_SliceView(node, x, dim, start, start + length), fr, w)
     rule = _RULES.get(target)
     if rule is not None:
-        return rule(node, fr, frames)
+        return rule(node, fr, w)
     if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
-        return _broadcast(node, fr, _tensor_args(node))
-    return _fallback(node, fr, frames)
+        return _broadcast(node, fr, _tensor_args(node, w), w)
+    return _fallback(node, fr, w)
 
 
 class _SliceView:
@@ -672,21 +676,21 @@ def _is_attention(node: fx.Node) -> bool:
     return spelling is not None and spelling.family in SDPA_FAMILIES
 
 
-def _fallback(node: fx.Node, fr: Frames, frames: int, value=None) -> dict:
+def _fallback(node: fx.Node, fr: Frames, w: _Walk, value=None) -> dict:
     """Ops without a rule (type casts, clones, the rewrite's helpers; ``value``: the output when the
     node returns several): one tensor input of the same element count is read as a reshape; else each
     tensor input aligned to the output from the right keeps the frames where its size there equals
     the output's, and is shared by every frame where it is 1; any other size is opaque."""
-    out_shape = _shape(node if value is None else value)
-    tensors = _tensor_args(node)
+    out_shape = w.shape(node if value is None else value)
+    tensors = _tensor_args(node, w)
     if out_shape is None or not tensors:
         raise _Opaque("no tensor output")
-    if len(tensors) == 1 and value is None and _shape(tensors[0]) != out_shape \
-            and math.prod(_shape(tensors[0])) == math.prod(out_shape):
-        return {tensors[0]: _through_reshape(fr, out_shape, _shape(tensors[0]), frames)}
+    if len(tensors) == 1 and value is None and w.shape(tensors[0]) != out_shape \
+            and math.prod(w.shape(tensors[0])) == math.prod(out_shape):
+        return {tensors[0]: _through_reshape(fr, out_shape, w.shape(tensors[0]), w.frames)}
     found = {}
     for t in tensors:
-        shape = _shape(t)
+        shape = w.shape(t)
         d = fr.dim - (len(out_shape) - len(shape))
         if d < 0 or shape[d] == 1:
             continue
@@ -709,19 +713,19 @@ def _is_getitem(node: fx.Node) -> bool:
             and isinstance(args[0].meta.get("val"), (tuple, list)))
 
 
-def _site_frames(graph: fx.Graph) -> set[int]:
+def _site_frames(graph: fx.Graph, w: _Walk) -> set[int]:
     """Token frame counts of the converted sites whose extra token counts are fixed."""
     counts = set()
     for node in graph.nodes:
         if is_hybrid_node(node):
             call = HybridCall.from_node(node)
-            shape = _shape(call.q)
+            shape = w.shape(call.q)
             if shape and all(isinstance(x, int) for x in (shape[2], call.extra_before, call.extra_after)):
                 counts.add((shape[2] - call.extra_before - call.extra_after) // call.tokens_per_frame)
     return counts
 
 
-def _seeds(graph: fx.Graph, frames: int) -> dict:
+def _seeds(graph: fx.Graph, w: _Walk) -> dict:
     """Frames of every converted site's q, k, v, fq, fk (extra tokens counted in the graph are the
     rest of the sequence)."""
     seeds = {}
@@ -729,11 +733,11 @@ def _seeds(graph: fx.Graph, frames: int) -> dict:
         if not is_hybrid_node(node):
             continue
         call = HybridCall.from_node(node)
-        shape = _shape(call.q)
+        shape = w.shape(call.q)
         if shape is None or not isinstance(call.extra_before, int):
             continue
         after = call.extra_after if isinstance(call.extra_after, int) else \
-            shape[2] - call.extra_before - call.tokens_per_frame * frames
+            shape[2] - call.extra_before - call.tokens_per_frame * w.frames
         fr = Frames(2, call.tokens_per_frame, 1, call.extra_before, after)
         for t in (call.q, call.k, call.v, call.fq, call.fk):
             seeds.setdefault(t, set()).add(fr)
@@ -746,21 +750,13 @@ def infer_input_frames(gm: fx.GraphModule, frames: int | None = None, sizes: dic
     the graph's size symbols at this call (a graph exported with the frame count symbolic but used
     at one length, as with a fixed-size control video). See the module docstring."""
     ensure_meta(gm)  # the rewrite's helper nodes get their fake values
-    _SIZES.clear()
-    _SIZES.update(sizes or {})
-    try:
-        return _walk(gm, frames)
-    finally:
-        _SIZES.clear()
-
-
-def _walk(gm: fx.GraphModule, frames: int | None) -> InputFrames:
+    w = _Walk(frames, sizes)
     if frames is None:
-        counts = _site_frames(gm.graph)
+        counts = _site_frames(gm.graph, w)
         if len(counts) != 1:
             raise ValueError(f"infer_input_frames: pass frames=; the converted sites give {sorted(counts) or 'none'}")
-        frames = counts.pop()
-    seeds = _seeds(gm.graph, frames)
+        w.frames = counts.pop()
+    seeds = _seeds(gm.graph, w)
     need: dict[fx.Node, dict[int, set]] = {}
     for t, frs in seeds.items():
         need.setdefault(t, {}).setdefault(0, set()).update(frs)
@@ -778,7 +774,7 @@ def _walk(gm: fx.GraphModule, frames: int | None) -> InputFrames:
             opaque[node] = "two different frame layouts of one value"
             continue
         try:
-            found = _backward(node, {i: next(iter(frs)) for i, frs in outs.items()}, frames)
+            found = _backward(node, {i: next(iter(frs)) for i, frs in outs.items()}, w)
         except _Opaque as why:
             opaque[node] = str(why)
             continue
