@@ -181,10 +181,10 @@ def _through_reshape(fr: Frames, out_shape, in_shape, frames: int) -> Frames:
 # Rules: (node, Frames of its output[s], the walk) -> {input node: Frames}
 # ---------------------------------------------------------------------------------------------
 
-def _broadcast(node: fx.Node, fr: Frames, tensors, w: _Walk) -> dict:
-    """Pointwise ops: each tensor input broadcast to the output; a size-1 (or missing) dim is shared
-    by every frame."""
-    out_shape = w.shape(node)
+def _broadcast(node: fx.Node, fr: Frames, tensors, w: _Walk, out_shape=None) -> dict:
+    """Pointwise ops: each tensor input broadcast to the output (``out_shape``, default the node's);
+    a size-1 (or missing) dim is shared by every frame, any other size than the output's is opaque."""
+    out_shape = w.shape(node) if out_shape is None else out_shape
     rank = len(out_shape)
     found = {}
     for t in tensors:
@@ -688,16 +688,7 @@ def _fallback(node: fx.Node, fr: Frames, w: _Walk, value=None) -> dict:
     if len(tensors) == 1 and value is None and w.shape(tensors[0]) != out_shape \
             and math.prod(w.shape(tensors[0])) == math.prod(out_shape):
         return {tensors[0]: _through_reshape(fr, out_shape, w.shape(tensors[0]), w.frames)}
-    found = {}
-    for t in tensors:
-        shape = w.shape(t)
-        d = fr.dim - (len(out_shape) - len(shape))
-        if d < 0 or shape[d] == 1:
-            continue
-        if shape[d] != out_shape[fr.dim]:
-            raise _Opaque("an op without a frame rule, its inputs of other sizes")
-        found[t] = fr.moved(d)
-    return found
+    return _broadcast(node, fr, tensors, w, out_shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -205,20 +205,25 @@ class StreamRunner(torch.nn.Module):
                 failures.append(f"{'kept' if all(c is None for c in choice) else choice}: "
                                 f"{str(exc).splitlines()[0][:160]}")
                 continue
-            outcomes.append((choice, trial, program.module.code))
+            outcomes.append((choice, trial, program))
         if not outcomes:
             names = ", ".join(f"{roles.names[i]}={flat[i]}" for i in indices)
             raise ConversionError(f"stream: no role of the int inputs {names} (kept, or counted per frame) gives a "
                                   "chunk graph that matches the whole video's, so the model is not streamed ("
                                   + "; ".join(failures) + ")")
-        kept = [trial for choice, trial, _ in outcomes if all(c is None for c in choice)]
-        if len({code for *_, code in outcomes}) == 1 and kept:
-            return kept[0]  # the ints do not change the chunk graph
+        kept = [(trial, program) for choice, trial, program in outcomes if all(c is None for c in choice)]
+        if len({program.module.code for *_, program in outcomes}) == 1 and kept:
+            return self._keep(full_gm, length, *kept[0])  # the ints do not change the chunk graph
         if len(outcomes) > 1:
             names = ", ".join(f"{roles.names[i]}={flat[i]}" for i in indices)
             raise ConversionError(f"stream cannot tell the role of the int inputs {names}: kept and counted per "
                                   "frame both trace a chunk, to different graphs; the model is not streamed")
-        return outcomes[0][1]
+        return self._keep(full_gm, length, *outcomes[0][1:])
+
+    def _keep(self, full_gm, length: int, dims: list, program: StepProgram) -> list:
+        """The chosen roles; their trial's step program serves chunks of ``length`` (not traced again)."""
+        self._programs[(id(full_gm), length)] = program
+        return dims
 
     def program(self, *args, **kwargs) -> StepProgram:
         """The :class:`StepProgram` of this call's first chunk (every chunk's, unless the export is static)."""
