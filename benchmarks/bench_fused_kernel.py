@@ -4,6 +4,7 @@ Wan2.1-1.3B self-attention shapes: batch 1, 12 heads x 128, 1560 tokens per late
 3 frames with 1 frame of overlap, 64 features, bf16. Run on a CUDA machine:
 
     python benchmarks/bench_fused_kernel.py [--frames 6 11 21 41 81 121] [--non-causal] [--sweep]
+    python benchmarks/bench_fused_kernel.py --step 21     # the recurrent step beside the parallel op
 
 Per frame count and implementation: median ms (triton.testing.do_bench, L2 flushed between runs),
 peak memory above the inputs (MiB, output included), temporaries (peak minus the output) as % of
@@ -152,15 +153,78 @@ def sweep_configs(frames: int, causal: bool) -> None:
     print(f"  state table (frame states + prefix scan): {states_ms:.3f} ms")
 
 
+def step_flops(chunk_tokens: int, window_tokens: int) -> int:
+    """Matmul FLOPs of one full step (no extra tokens): softmax over the window, the readout phi_q S
+    and z, and the state update phi_k^T v over the chunk's leaving rows."""
+    softmax = 4 * HEAD_DIM * chunk_tokens * window_tokens
+    linear = 2 * chunk_tokens * FEATURES * (HEAD_DIM + 1) + 2 * chunk_tokens * FEATURES * HEAD_DIM
+    return HEADS * (softmax + linear)
+
+
+def step_table(frames: int) -> None:
+    """One full chunk of the recurrent step (its cache of To frames valid) beside the chunk-parallel
+    op on a ``frames``-frame video, per chunk: the fused step, its attention launch alone (every block
+    configuration), its state launch, and the parallel op's time divided by its chunk count."""
+    from rehyat_compile.kernels import triton_step
+    layout = dict(tokens_per_frame=TOKENS_PER_FRAME, chunk_frames=CHUNK_FRAMES, overlap_frames=OVERLAP_FRAMES)
+    chunk, window = CHUNK_FRAMES * TOKENS_PER_FRAME, (CHUNK_FRAMES + OVERLAP_FRAMES) * TOKENS_PER_FRAME
+    q, k, v, fq, fk = make_inputs(CHUNK_FRAMES)
+    overlap = OVERLAP_FRAMES * TOKENS_PER_FRAME
+    _, state = rc.hybrid_attention_step(q, k, v, fq, fk, None, **layout)   # a state whose cache is all valid
+    assert bool(state.overlap_valid.all())
+    scale = HEAD_DIM ** -0.5
+    ref, _ = rc.attention.hybrid_attention_step_torch(q, k, v, fq, fk, state, **layout)
+    flops = step_flops(chunk, window)
+    print(f"recurrent step, one full chunk: {chunk} queries, window {window} keys ({overlap} cached), "
+          f"{flops / 1e9:.1f} GFLOP; ms TFLOP/s relerr (vs the PyTorch step)")
+
+    def row(name, fn, n_flops, out=None):
+        ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+        err = float("nan") if out is None else ((out().float() - ref.float()).norm() / ref.float().norm()).item()
+        print(f"  {name:44} {ms:8.3f} {n_flops / ms / 1e9:7.0f} {err:9.1e}")
+        return ms
+
+    step = lambda: rc.hybrid_attention_step(q, k, v, fq, fk, state, **layout)  # noqa: E731
+    row("fused step (attention + state + cache)", step, flops, lambda: step()[0])
+    attn_flops = flops - HEADS * 2 * chunk * FEATURES * HEAD_DIM
+    row("  attention launch (autotuned)", lambda: triton_step.step_attention(
+        q, k, v, fq, state, extra_before=0, extra_after=0, scale=scale), attn_flops,
+        lambda: triton_step.step_attention(q, k, v, fq, state, extra_before=0, extra_after=0, scale=scale))
+    print(f"    autotune chose {triton_step._step_attention_tuned.best_config}")
+    for bm, bn, warps, stages in [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3),
+                                  (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)]:
+        config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+        launch = lambda: triton_step.step_attention(q, k, v, fq, state, extra_before=0, extra_after=0,  # noqa: E731
+                                                    scale=scale, config=config)
+        try:
+            row(f"    BLOCK_M {bm} BLOCK_N {bn} warps {warps} stages {stages}", launch, attn_flops, launch)
+        except Exception as exc:  # out of shared memory / registers
+            print(f"    BLOCK_M {bm} BLOCK_N {bn} warps {warps} stages {stages}: {type(exc).__name__}")
+    row("  state launch (phi_k^T v, sum phi_k)", lambda: triton_step.step_state_sums(
+        fk, v, state, extra_before=0, leave=chunk), HEADS * 2 * chunk * FEATURES * HEAD_DIM)
+    qp, kp, vp, fqp, fkp = make_inputs(frames)
+    chunks = -(-frames // CHUNK_FRAMES)
+    par = do_bench(lambda: rc.hybrid_attention(qp, kp, vp, fqp, fkp, **layout), warmup=25, rep=200,
+                   return_mode="median")
+    par_flops = rc.hybrid_attention_flops(1, HEADS, qp.shape[2], HEAD_DIM, FEATURES, **layout)
+    print(f"  {'parallel op, ' + str(frames) + ' frames, per chunk (' + str(chunks) + ' chunks)':44} "
+          f"{par / chunks:8.3f} {par_flops / par / 1e9:7.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[6, 11, 21, 41, 81, 121])
     parser.add_argument("--non-causal", action="store_true")
     parser.add_argument("--sweep", type=int, default=0, metavar="FRAMES",
                         help="also time every block configuration of the fused kernel at this frame count")
+    parser.add_argument("--step", type=int, default=0, metavar="FRAMES",
+                        help="only the recurrent step: one chunk beside the parallel op on this many frames")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
+    if args.step:
+        step_table(args.step)
+        return
     if args.sweep:
         sweep_configs(args.sweep, not args.non_causal)
     run_table(args.frames, not args.non_causal)

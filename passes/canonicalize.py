@@ -9,8 +9,11 @@ Rewrites (each exact, numerically a no-op or an identity of the op):
 * two-operand ``aten.einsum`` with one contracted index -> ``permute``, ``matmul``, ``permute``;
 * ``x / c`` (c a python number) -> ``x * (1/c)``;
 * ``_assert_tensor_metadata`` (export's dtype checks beside casts) are dropped;
-* no-op casts (``to`` / ``_to_copy`` / ``type_as`` to the same dtype), ``contiguous`` and
-  ``dropout`` with p = 0 or train = False are dropped.
+* no-op casts (``to`` / ``_to_copy`` / ``type_as`` to the same dtype), ``contiguous`` of a value that
+  is already contiguous, and ``dropout`` with p = 0 or train = False are dropped. A ``contiguous`` that
+  changes the layout stays: it is the model's own layout decision (diffusers' Wan makes the patch
+  embedding's transposed output contiguous before its blocks; without it every norm, residual add and
+  modulation of every block reads strided memory). Matchers look through it (:data:`SAME_VALUE`).
 
 Node ``meta`` (``val``, ``nn_module_stack``, ``stack_trace``) is copied to every new node; a matmul that was
 spelled otherwise records it in ``meta["rehyat_spelling"]`` (``bmm``, ``baddbmm``, ``einsum``).
@@ -25,6 +28,8 @@ from torch import fx
 aten = torch.ops.aten
 
 CASTS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.to.dtype_layout}
+# Ops that change neither a value nor its dtype beyond a cast: pattern matchers walk through them.
+SAME_VALUE = CASTS | {aten.contiguous.default}
 
 
 def _val(node):
@@ -39,6 +44,12 @@ def _copy_meta(new: fx.Node, old: fx.Node, val=None) -> fx.Node:
     return new
 
 
+def _surely_contiguous(t: torch.Tensor) -> bool:
+    """True when ``t``'s strides are row-major for every value its symbolic sizes may take."""
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+    return guard_or_false(t.is_contiguous())
+
+
 def _is_noop(node: fx.Node) -> bool:
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return False
@@ -47,7 +58,7 @@ def _is_noop(node: fx.Node) -> bool:
     if node.target in CASTS:
         return same and src.device == out.device and not node.kwargs.get("memory_format")
     if node.target == aten.contiguous.default:
-        return same
+        return same and _surely_contiguous(src)
     if node.target == aten.dropout.default:
         p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
         train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)

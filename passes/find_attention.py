@@ -29,7 +29,7 @@ from torch import fx
 from ..attention_spellings import SdpaCall, bound_arguments, spelling_of
 from ..declines import Decline
 from ..site import Site, site_key
-from .canonicalize import CASTS
+from .canonicalize import SAME_VALUE
 
 aten = torch.ops.aten
 
@@ -92,7 +92,7 @@ def _is_number(x) -> bool:
 
 
 def _skip_casts_up(node):
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in CASTS:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in SAME_VALUE:
         node = node.args[0]
     return node
 
@@ -108,7 +108,7 @@ def _peel_scale(node, scale: float) -> tuple:
             if isinstance(b, fx.Node) and _is_number(a):
                 node, scale = b, scale * a
                 continue
-        if node.target in CASTS:
+        if node.target in SAME_VALUE:
             node = node.args[0]
             continue
         break
@@ -160,7 +160,7 @@ def _match_manual(softmax: fx.Node) -> AttentionMatch:
             return match.declined("not-attention", f"softmax output is used by {len(users)} nodes (reused elsewhere), "
                                   "not only by p @ v")
         user = users[0]
-        if user.op == "call_function" and (user.target in CASTS or user.target == aten.dropout.default):
+        if user.op == "call_function" and (user.target in SAME_VALUE or user.target == aten.dropout.default):
             if user.target == aten.dropout.default:
                 p = _arg(user, 1, "p", 0.5)
                 train = _arg(user, 2, "train", True)

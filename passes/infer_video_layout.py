@@ -23,7 +23,7 @@ from torch import fx
 from ..attention_spellings import spelling_of
 from ..declines import Decline, describe_size
 from ..site import Site
-from .canonicalize import CASTS
+from .canonicalize import SAME_VALUE
 from .classify_attention import as_expr
 
 aten = torch.ops.aten
@@ -226,7 +226,7 @@ def _consumes_attention(node: fx.Node) -> bool:
         return True
     if node.op == "call_function" and node.target == aten.matmul.default and isinstance(node.args[0], fx.Node):
         p = node.args[0]
-        while p.op == "call_function" and p.target in CASTS and isinstance(p.args[0], fx.Node):
+        while p.op == "call_function" and p.target in SAME_VALUE and isinstance(p.args[0], fx.Node):
             p = p.args[0]
         return (s := spelling_of(p)) is not None and s.family == "softmax"
     return False

@@ -97,6 +97,26 @@ def test_fused_step_equals_torch_step_when_the_last_chunk_is_shorter_than_the_ov
     _assert_same_steps([3, 1], tc=3, to=2, m=4)
 
 
+@pytest.mark.parametrize("valid", [
+    torch.arange(16) >= 5,          # a suffix that is not the whole cache (the pipelined path from row 5)
+    torch.arange(16) % 3 != 1,      # scattered rows (no stream makes these: the block-by-block path)
+], ids=["suffix", "scattered"])
+def test_fused_step_applies_a_hand_made_cache_mask(valid):
+    layout = dict(tokens_per_frame=8, chunk_frames=2, overlap_frames=2, scale=0.25)
+    [chunk] = _chunks([2], 8, 2, 16, 16, torch.float16)
+    q, k, v, fq, fk = chunk
+    gen = torch.Generator().manual_seed(3)
+    state = rc.attention.initial_state(k, v, fk, 16)
+    state = state._replace(s=torch.rand(state.s.shape, generator=gen).to(DEVICE),
+                           z=torch.rand(state.z.shape, generator=gen).to(DEVICE),
+                           k_overlap=torch.randn(state.k_overlap.shape, generator=gen).to(DEVICE, k.dtype),
+                           v_overlap=torch.randn(state.v_overlap.shape, generator=gen).to(DEVICE, v.dtype),
+                           overlap_valid=valid.to(DEVICE))
+    got, _ = _fused(*chunk, state, **layout)
+    ref, _ = hybrid_attention_step_torch(*chunk, state, **layout)
+    assert _rel(got, ref) < 3e-3
+
+
 def test_fused_step_reads_strided_bnhd_views_and_returns_one():
     layout = dict(tokens_per_frame=8, chunk_frames=2, overlap_frames=1, scale=0.25)
     chunks = _chunks([2, 2], 8, 2, 16, 16, torch.float16, strided=True)

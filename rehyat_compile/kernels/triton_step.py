@@ -30,24 +30,46 @@ from .triton_hybrid import (HOST_TMA, LOG2E, POINTERS, _attend, _kv_block, _last
 
 
 @triton.jit
+def _valid_suffix(valid_ptr, n_keys, BLOCK: tl.constexpr):
+    """(first, suffix): the number of cache rows before the first valid one, and whether every row from
+    there on is valid (the cache fills from its end, so it always is in a stream)."""
+    n_valid = 0
+    for start in range(0, n_keys, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        n_valid += tl.sum((tl.load(valid_ptr + offs, mask=offs < n_keys, other=0) != 0).to(tl.int32), 0)
+    first = n_keys - n_valid
+    tail = 0
+    for start in range(first, n_keys, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tail += tl.sum((tl.load(valid_ptr + offs, mask=offs < n_keys, other=0) != 0).to(tl.int32), 0)
+    return first, tail == n_valid
+
+
+@triton.jit
 def _attend_valid(acc, l_i, m_i, q, k_src, v_src, b, h, n_keys, s_k_n, s_v_n, valid_ptr, qk_scale,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, KV_MODE: tl.constexpr):
     """Online softmax of q over keys [0, n_keys) of head (b, h) whose ``valid_ptr`` entry is nonzero.
-    A block of only valid keys takes the unmasked update, one with none is skipped (the cache holds
-    either: all of it is valid after the first chunk, none of it before)."""
-    for start in range(0, n_keys, BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        in_range = offs < n_keys
-        valid = in_range & (tl.load(valid_ptr + offs, mask=in_range, other=0) != 0)
-        n_valid = tl.sum(valid.to(tl.int32), 0)
-        if n_valid == BLOCK_N:
-            k = _kv_block(k_src, b, h, start, s_k_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, False)
-            v = _kv_block(v_src, b, h, start, s_v_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, False)
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, valid, qk_scale, False)
-        elif n_valid > 0:
-            k = _kv_block(k_src, b, h, start, s_k_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, True)
-            v = _kv_block(v_src, b, h, start, s_v_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, True)
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, valid, qk_scale, True)
+    Valid rows that form a suffix (every stream's cache) take :func:`_attend`'s pipelined loop over
+    that range; any other mask is applied block by block (a block of only valid keys unmasked, one
+    with none skipped)."""
+    first, suffix = _valid_suffix(valid_ptr, n_keys, 1024)
+    if suffix:
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b, h, first, n_keys - first, s_k_n, s_v_n,
+                                qk_scale, BLOCK_N, HEAD_DIM, KV_MODE)
+    else:
+        for start in range(0, n_keys, BLOCK_N):
+            offs = start + tl.arange(0, BLOCK_N)
+            in_range = offs < n_keys
+            valid = in_range & (tl.load(valid_ptr + offs, mask=in_range, other=0) != 0)
+            n_valid = tl.sum(valid.to(tl.int32), 0)
+            if n_valid == BLOCK_N:
+                k = _kv_block(k_src, b, h, start, s_k_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, False)
+                v = _kv_block(v_src, b, h, start, s_v_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, False)
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, valid, qk_scale, False)
+            elif n_valid > 0:
+                k = _kv_block(k_src, b, h, start, s_k_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, True)
+                v = _kv_block(v_src, b, h, start, s_v_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, True)
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, valid, qk_scale, True)
     return acc, l_i, m_i
 
 
