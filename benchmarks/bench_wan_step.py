@@ -70,16 +70,16 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(fn, device, repeats):
-    """(median seconds, peak bytes above what was allocated before the first call, first output) of
-    fn(). The first call warms up (Triton autotuning, CUDA graph capture) and is not timed; memory a
-    form keeps between calls (the stream's graph buffers) counts in its peak."""
+def measure(fn, device, repeats, base: int = 0):
+    """(median seconds, peak bytes above ``base`` -- what was allocated before any input existed: the
+    weights --, first output) of fn(). The first call warms up (Triton autotuning, CUDA graph capture)
+    and is not timed; memory a form keeps between calls (the stream's graph buffers and pool, captured
+    at the first length) counts in its peak at every length."""
     nan = float("nan")
     with torch.no_grad():
         if device.type == "cuda":
             _sync(device)
             torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated()
         try:
             first = fn()
         except torch.OutOfMemoryError:
@@ -162,7 +162,7 @@ def main(argv=None):
     gib = 2**30
     print(f"device {name}; torch {torch.__version__}; Wan2.1-1.3B shapes, {args.layers} blocks, weights "
           f"{weights / gib:.2f} GiB bf16, Tc={args.chunk_frames} To={args.overlap_frames}; peak = GPU memory above "
-          f"weights and inputs; strm/wts = (weights + streamed peak) / weights; err = streamed vs converted, relative "
+          f"the weights (inputs, outputs, working memory, the stream's state and graph buffers); strm/wts = (weights + streamed peak) / weights; err = streamed vs converted, relative "
           f"L2 (bf16 tolerance {BF16_TOLERANCE:g}) and max abs")
     forms = {"orig": lambda a, kw: model(*a, **kw), "conv": lambda a, kw: hybrid(*a, **kw),
              "strm": lambda a, kw: runner(*a, **kw)}
@@ -173,6 +173,7 @@ def main(argv=None):
                       "strm+c": lambda a, kw: compiled_runner(*a, **kw)})
     if args.only:
         forms = {k: (v if k in args.only else None) for k, v in forms.items()}
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # weights (and feature maps)
     pairs = [("", "orig", "conv", "strm")] + ([("c ", "orig+c", "conv+c", "strm+c")] if args.compile else [])
     header = f"{'frames':>6} {'latent':>6} {'tokens':>7} " + " ".join(f"{k + ' ms':>9}" for k in forms)
     header += "".join(f" {p + 'conv x':>8} {p + 'strm x':>8} {p + 's/c':>6}" for p, *_ in pairs) + " "
@@ -189,7 +190,7 @@ def main(argv=None):
             skip = fn is None or (key.startswith("orig") and frames > args.skip_original_above) or \
                    (frames in args.stream_only and key not in ("orig", "strm"))
             result[key] = (float("nan"), float("nan"), None) if skip else measure(lambda: fn(a, kw), device,
-                                                                                   args.repeats)
+                                                                                   args.repeats, base)
             if frames in args.profile_frames and not skip:
                 profiles[(frames, key)] = profile(lambda: fn(a, kw), device, args.profile_table, f"{frames} frames {key}")
         t = {k: v[0] for k, v in result.items()}

@@ -7,10 +7,12 @@
   its values are handed to every chunk of that call;
 * on CUDA (``cuda_graphs=True``, the default there) the chunk part is captured once per input
   signature (shapes, not strides: every video length shares them) -- the full chunk and the short
-  last chunk each get their own graph, sharing one set of state buffers -- as a
+  last chunk each get their own graph, sharing one set of state and invariant buffers -- as a
   :class:`GraphedStep` with static input and state buffers, and replayed per chunk. The captured
   graph ends by copying the new states into its state buffers, so the state a replay returns is
-  already where the next replay reads it (no copy between chunks);
+  already where the next replay reads it (no copy between chunks); a call's invariants are copied
+  into the shared buffers once, and the call's own copies freed (Wan2.1-1.3B's cross-attention K/V
+  are 94 MB);
 * elsewhere, or where a capture fails (logged once), the chunk part runs eagerly: the same function;
 * ``compile=True`` runs the chunk part through ``torch.compile`` (Inductor fuses the element-wise work;
   the fused Triton step stays one node), inside the CUDA graph where there is one.
@@ -54,19 +56,24 @@ def _signature(args) -> tuple:
 
 class GraphedStep:
     """``module(*args)`` captured as one CUDA graph: static copies of ``args`` (``state_slice``: the
-    ones that are states, updated in place by each replay) and static outputs, of which the first
-    ``n_outputs`` are chunk outputs and the rest the new states, in ``state_slice`` order.
-    ``state_buffers``: use these as the static states (another graph's: the full and the last chunk's
-    graphs share them, so the state passes from one to the other without a copy or a second copy held)."""
+    ones that are states, updated in place by each replay; after them the hoisted invariants) and
+    static outputs, of which the first ``n_outputs`` are chunk outputs and the rest the new states, in
+    ``state_slice`` order. ``shared_buffers``: use these as the static states and invariants (another
+    graph's: the full and the last chunk's graphs share them, so the state passes from one to the
+    other without a copy, and neither is held twice)."""
 
-    def __init__(self, module, args: list, *, n_outputs: int, state_slice: slice, pool=None, state_buffers=None):
+    def __init__(self, module, args: list, *, n_outputs: int, state_slice: slice, pool=None, shared_buffers=None):
         self.n_outputs = n_outputs
         self.state_slice = state_slice
-        self.static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-        if state_buffers is not None:
-            for buffer, arg in zip(state_buffers, args[state_slice]):
+        # args[state_slice.start:] -- the states, then the hoisted invariants -- go into shared_buffers
+        # when given (another graph's), else into copies that become this graph's
+        shared = slice(state_slice.start, len(args))
+        if shared_buffers is not None:
+            for buffer, arg in zip(shared_buffers, args[shared]):
                 buffer.copy_(arg)
-            self.static[state_slice] = list(state_buffers)
+        self.static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args[:shared.start]]
+        self.static += list(shared_buffers) if shared_buffers is not None else \
+            [a.clone() if isinstance(a, torch.Tensor) else a for a in args[shared]]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
@@ -104,7 +111,7 @@ class StepRunner:
         self._graphs: dict[tuple, GraphedStep | None] = {}
         self._weights: tuple | None = None
         self._pool = None
-        self._state_buffers: dict[tuple, list] = {}  # by the states' signature: shared between graphs
+        self._shared_buffers: dict[tuple, list] = {}  # states + invariants, by signature: shared between graphs
 
     def hoisted(self, program) -> HoistedStep:
         if id(program) not in self._hoisted:
@@ -130,7 +137,7 @@ class StepRunner:
             weights = tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
             if weights != self._weights:  # new weights: graphs captured on the old addresses are stale
                 self._graphs.clear()
-                self._state_buffers.clear()
+                self._shared_buffers.clear()
                 self._pool = None
                 self._weights = weights
         return _Call(self, use_graphs)
@@ -143,12 +150,13 @@ class StepRunner:
             n_in = len(program.input_dims) + len(program.table_dims)
             n_states = len(args) - n_in - step.n_hoisted
             states = slice(n_in, n_in + n_states)
-            shared = self._state_buffers.get(_signature(args[states]))
+            key_shared = _signature(args[n_in:])
             try:
                 graph = GraphedStep(self.step_fn(program, step), args, n_outputs=program.n_outputs,
-                                    state_slice=states, pool=self._pool, state_buffers=shared)
+                                    state_slice=states, pool=self._pool,
+                                    shared_buffers=self._shared_buffers.get(key_shared))
                 self._pool = graph.pool() if self._pool is None else self._pool
-                self._state_buffers.setdefault(_signature(args[states]), graph.static[states])
+                self._shared_buffers.setdefault(key_shared, graph.static[n_in:])
             except Exception as err:  # a step that cannot be captured still runs, eagerly
                 logger.warning("rc.stream: the step program could not be captured as a CUDA graph (%s: %s); "
                                "running it eagerly", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
@@ -174,7 +182,11 @@ class _Call:
         if self.use_graphs:
             graph = self.runner.graphed(program, step, args)
             if graph is not None:
-                return graph(args)
+                out = graph(args)
+                # the invariants now live in the graph's buffers: later chunks pass those (no copy), and
+                # the ones computed for this call are freed
+                self._invariants[id(program)] = tuple(graph.static[len(args) - step.n_hoisted:])
+                return out
         return list(self.runner.step_fn(program, step)(*args))
 
 

@@ -80,11 +80,18 @@ _hybrid_attention_op.register_kernel("cuda")(hybrid_attention_cuda)
 STEP_OP_NAME = "rehyat::hybrid_attention_step"
 
 
-def _step_outputs(y, state) -> tuple:
+def _step_outputs(y, state, inputs) -> tuple:
     """(y as [B, N, H, D] memory seen as [B, H, N, D], the six state tensors contiguous, own storage): one layout
-    whatever form computed them, so the fake implementation can promise it."""
-    return (as_bnhd(y), *(t if t.is_contiguous() and t.storage_offset() == 0 else t.clone(memory_format=torch.contiguous_format)
-                     for t in state))
+    whatever form computed them, so the fake implementation can promise it, and no output sharing
+    memory with an input (a custom op's contract: torch.compile checks it)."""
+    taken = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+
+    def own(t):
+        if not (t.is_contiguous() and t.storage_offset() == 0) or (t.numel() and t.untyped_storage().data_ptr() in taken):
+            t = t.clone(memory_format=torch.contiguous_format)
+        return t
+
+    return (as_bnhd(y), *(own(t) for t in state))
 
 
 @torch.library.custom_op(STEP_OP_NAME, mutates_args=())
@@ -98,7 +105,7 @@ def _hybrid_attention_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     y, new = hybrid_attention_step_eager(q, k, v, fq, fk, state, tokens_per_frame=tokens_per_frame,
                                          chunk_frames=chunk_frames, overlap_frames=overlap_frames,
                                          extra_before=extra_before, extra_after=extra_after, scale=scale)
-    return _step_outputs(y, new)
+    return _step_outputs(y, new, (q, k, v, fq, fk, *state))
 
 
 @_hybrid_attention_step_op.register_fake

@@ -42,7 +42,10 @@ def test_graph_replay_equals_eager_stream_and_converted(wan_cuda):
     # 7 frames in chunks of 2: a full-chunk graph and a last-chunk graph
     assert sum(g is not None for g in graphed._steps._graphs.values()) == 2
     full, last = (g for g in graphed._steps._graphs.values())
-    assert all(x is y for x, y in zip(full.static[full.state_slice], last.static[last.state_slice]))  # shared states
+    # states and hoisted invariants (cross-attention K/V ...) held once, shared by both graphs
+    shared = slice(full.state_slice.start, None)
+    assert len(full.static[shared]) > len(full.static[full.state_slice])
+    assert all(x is y for x, y in zip(full.static[shared], last.static[shared], strict=True))
 
 
 def test_second_call_replays_with_the_new_inputs(wan_cuda):
@@ -74,8 +77,6 @@ def test_new_weights_are_recaptured(wan_cuda):
     assert _rel(after, expected) < 1e-3 and _rel(after, before) > 1e-2
 
 
-@pytest.mark.xfail(strict=False, reason="failed on the H200 runs of 4cd1a6f and 04b0be4 with a 1e-2 tolerance; the captured "
-                   "log was cut before the failing assertion, so which check failed is not known")
 def test_compiled_stream_keeps_the_fused_step_as_one_node_and_equals_eager(wan_cuda, monkeypatch):
     from rehyat_compile import op
     traced = []

@@ -271,3 +271,33 @@ def test_step_rejects_chunk_longer_than_chunk_frames():
     with pytest.raises(ValueError, match="chunk_frames"):
         rc.hybrid_attention_step(x, x, x, x.abs(), x.abs(), None, tokens_per_frame=3, chunk_frames=2,
                                  overlap_frames=1)
+
+
+def _step_op_args(frames=2, m=4, heads=2, d=8, feat=4, overlap=1):
+    gen = torch.Generator().manual_seed(0)
+    n = frames * m
+    q, k, v = (torch.randn(1, heads, n, d, generator=gen) for _ in range(3))
+    fq, fk = (torch.rand(1, heads, n, feat, generator=gen) for _ in range(2))
+    state = rc.attention.initial_state(k, v, fk, overlap * m)
+    return (q, k, v, fq, fk, *state, m, 2, overlap, 0, 0, d ** -0.5)
+
+
+def test_custom_ops_pass_torch_library_opcheck():
+    """Schema, fake implementation and aliasing of both ops (torch.library.opcheck: what torch.compile relies on)."""
+    step_args = _step_op_args()
+    torch.library.opcheck(torch.ops.rehyat.hybrid_attention_step.default, step_args)
+    q, k, v, fq, fk = step_args[:5]
+    torch.library.opcheck(torch.ops.rehyat.hybrid_attention.default, (q, k, v, fq, fk, 4, 2, 1, True, 0, 0, 0.35))
+
+
+def test_step_op_outputs_never_share_an_input_memory():
+    """A state the step computes may be an input itself (the fused step's new cache is the chunk's k when the
+    chunk is exactly the overlap and contiguous): the op returns it in its own memory."""
+    from rehyat_compile.op import _step_outputs
+    q, k, v, fq, fk, *state = _step_op_args()[:11]
+    y = torch.randn(1, 8, 2, 8).transpose(1, 2)
+    new = [t.clone() for t in state]
+    new[2] = k                                # contiguous, offset 0, and an input
+    out = _step_outputs(y, new, (q, k, v, fq, fk, *state))
+    assert out[3].untyped_storage().data_ptr() != k.untyped_storage().data_ptr() and torch.equal(out[3], k)
+    assert out[0] is y and out[1] is new[0]   # nothing else is copied

@@ -219,7 +219,7 @@ def step_attention(q, k, v, fq, state: HybridState, *, extra_before: int, extra_
     kv_mode = HOST_TMA if not interpreting() and all(_tma_ready(t) for t in (k, v, ko, vo)) and ko.shape[2] else POINTERS
     srcs = (k, v, ko, vo)
     if kv_mode == HOST_TMA:
-        srcs = tuple(_descriptor(t, 16) for t in srcs)
+        srcs = tuple(_descriptor(t, config.kwargs["BLOCK_N"] if config else 16) for t in srcs)  # autotune: pre-hook
     args = (q, srcs[0], srcs[1], fq, srcs[2], srcs[3], valid, state.s, state.z, out,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *fq.stride()[:3], *ko.stride()[:3], *vo.stride()[:3],
             *out.stride()[:3], heads, n, extra_before, extra_after, ko.shape[2], feat, scale * LOG2E)
@@ -254,9 +254,11 @@ def step_state_sums(fk, v, state: HybridState, *, extra_before: int, leave: int)
 
 
 def _window_tail(cache: torch.Tensor, video: torch.Tensor, keep: int) -> torch.Tensor:
-    """The last ``keep`` rows of [cache, video] along dim 2, as a new contiguous tensor."""
+    """The last ``keep`` rows of [cache, video] along dim 2, as a new contiguous tensor (never ``video``
+    itself: a chunk of exactly ``keep`` rows in contiguous memory -- what Inductor hands the step --
+    would otherwise come back as the input, which a custom op must not return)."""
     if video.shape[2] >= keep:
-        return video[:, :, video.shape[2] - keep:].contiguous()
+        return video[:, :, video.shape[2] - keep:].clone(memory_format=torch.contiguous_format)
     return torch.cat([cache[:, :, video.shape[2]:], video], dim=2)
 
 
