@@ -70,11 +70,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(fn, device, repeats, base: int = 0):
-    """(median seconds, peak bytes above ``base`` -- what was allocated before any input existed: the
-    weights --, first output) of fn(). The first call warms up (Triton autotuning, CUDA graph capture)
-    and is not timed; memory a form keeps between calls (the stream's graph buffers and pool, captured
-    at the first length) counts in its peak at every length."""
+def measure(fn, device, repeats, base: tuple = (0, 0)):
+    """(median seconds, peak allocated bytes above ``base[0]`` -- what was allocated before any input
+    existed: the weights --, first output, peak reserved bytes above ``base[1]``) of fn(). The first
+    call warms up (Triton autotuning, CUDA graph capture) and is not timed; memory a form keeps between
+    calls (the stream's graph buffers, captured at the first length) counts in its peak at every
+    length. Reserved counts what allocated does not: a CUDA graph's private pool keeps the blocks its
+    capture freed (they are written again by every replay)."""
     nan = float("nan")
     with torch.no_grad():
         if device.type == "cuda":
@@ -84,7 +86,7 @@ def measure(fn, device, repeats, base: int = 0):
             first = fn()
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
-            return nan, nan, None
+            return nan, nan, None, nan
         first = first[0] if isinstance(first, (tuple, list)) else first
         _sync(device)
         if device.type == "cuda":
@@ -96,8 +98,10 @@ def measure(fn, device, repeats, base: int = 0):
             _sync(device)
             times.append(time.perf_counter() - t0)
             del out
-    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else nan
-    return sorted(times)[len(times) // 2], peak, first
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated() - base[0] if cuda else nan
+    reserved = torch.cuda.max_memory_reserved() - base[1] if cuda else nan
+    return sorted(times)[len(times) // 2], peak, first, reserved
 
 
 def _union_ns(intervals) -> int:
@@ -162,7 +166,7 @@ def main(argv=None):
     gib = 2**30
     print(f"device {name}; torch {torch.__version__}; Wan2.1-1.3B shapes, {args.layers} blocks, weights "
           f"{weights / gib:.2f} GiB bf16, Tc={args.chunk_frames} To={args.overlap_frames}; peak = GPU memory above "
-          f"the weights (inputs, outputs, working memory, the stream's state and graph buffers); strm/wts = (weights + streamed peak) / weights; err = streamed vs converted, relative "
+          f"the weights (inputs, outputs, working memory, the stream's state and graph buffers); strm/wts = (weights + streamed peak) / weights; strm res = streamed peak of reserved memory above the weights' GiB (graph pools included); err = streamed vs converted, relative "
           f"L2 (bf16 tolerance {BF16_TOLERANCE:g}) and max abs")
     forms = {"orig": lambda a, kw: model(*a, **kw), "conv": lambda a, kw: hybrid(*a, **kw),
              "strm": lambda a, kw: runner(*a, **kw)}
@@ -173,12 +177,15 @@ def main(argv=None):
                       "strm+c": lambda a, kw: compiled_runner(*a, **kw)})
     if args.only:
         forms = {k: (v if k in args.only else None) for k, v in forms.items()}
-    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # weights (and feature maps)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    # the weights (and feature maps): allocated, and reserved by the caching allocator
+    base = (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)) if device.type == "cuda" else (0, 0)
     pairs = [("", "orig", "conv", "strm")] + ([("c ", "orig+c", "conv+c", "strm+c")] if args.compile else [])
     header = f"{'frames':>6} {'latent':>6} {'tokens':>7} " + " ".join(f"{k + ' ms':>9}" for k in forms)
     header += "".join(f" {p + 'conv x':>8} {p + 'strm x':>8} {p + 's/c':>6}" for p, *_ in pairs) + " "
     header += " ".join(f"{k + ' GiB':>10}" for k in forms)
-    print(header + f" {'strm/wts':>8}" + "".join(f" {p + 'err L2':>9} {p + 'err max':>9}" for p, *_ in pairs)
+    print(header + f" {'strm/wts':>8} {'strm res':>8}" + "".join(f" {p + 'err L2':>9} {p + 'err max':>9}" for p, *_ in pairs)
           + f" {'ok':>3}", flush=True)
     rows, profiles = [], {}
     for frames in args.video_frames + args.stream_only:
@@ -189,7 +196,7 @@ def main(argv=None):
         for key, fn in forms.items():
             skip = fn is None or (key.startswith("orig") and frames > args.skip_original_above) or \
                    (frames in args.stream_only and key not in ("orig", "strm"))
-            result[key] = (float("nan"), float("nan"), None) if skip else measure(lambda: fn(a, kw), device,
+            result[key] = (float("nan"), float("nan"), None, float("nan")) if skip else measure(lambda: fn(a, kw), device,
                                                                                    args.repeats, base)
             if frames in args.profile_frames and not skip:
                 profiles[(frames, key)] = profile(lambda: fn(a, kw), device, args.profile_table, f"{frames} frames {key}")
@@ -200,7 +207,7 @@ def main(argv=None):
         line = f"{frames:>6} {latent:>6} {tokens:>7} " + " ".join(f"{t[k] * 1e3:>9.0f}" for k in forms)
         line += "".join(f" {t[o] / t[c]:>8.2f} {t[o] / t[s_]:>8.2f} {t[c] / t[s_]:>6.2f}" for _, o, c, s_ in pairs) + " "
         line += " ".join(f"{m[k] / gib:>10.2f}" for k in forms)
-        line += f" {(weights + m['strm']) / weights:>8.2f}" + "".join(f" {e[0]:>9.1e} {e[1]:>9.1e}" for e in errs)
+        line += f" {(weights + m['strm']) / weights:>8.2f} {result['strm'][3] / gib:>8.2f}" + "".join(f" {e[0]:>9.1e} {e[1]:>9.1e}" for e in errs)
         print(line + f" {'yes' if ok else 'NO':>3}", flush=True)
         rows.append((frames, t, m, errs))
         del a, kw, result
