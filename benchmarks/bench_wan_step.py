@@ -11,7 +11,8 @@ forms compute one function, docs/hybrid_attention.md, and differ by bf16 roundin
 ``--profile-frames`` lengths a torch.profiler pass gives each form's kernel launches per step (CUDA
 runtime launch calls, a CUDA graph replay counting one) and the GPU-busy fraction (union of kernel
 intervals over the step's wall time). ``--compile`` adds torch.compile columns (original, converted,
-streamed with ``rc.stream(..., compile=True)``), compared compiled with compiled. ``--stream-only``
+streamed with ``rc.stream(..., compile=True)``), compared compiled with compiled. ``--chunks-per-step G``
+streams G chunks per step program (the same function, G chunks' activations in memory). ``--stream-only``
 lengths run only the streamed form and the original.
 
     python benchmarks/bench_wan_step.py                       # 81 121 161 321 frames, on the GPU
@@ -45,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--chunk-frames", type=int, default=3)
     p.add_argument("--overlap-frames", type=int, default=1)
+    p.add_argument("--chunks-per-step", type=int, default=1,
+                   help="chunks each streamed step program runs (rc.stream(..., chunks_per_step=G))")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--compile", action="store_true",
                    help="add torch.compile columns (original, converted, streamed: rc.stream(..., compile=True))")
@@ -161,18 +164,19 @@ def main(argv=None):
                           overlap_frames=args.overlap_frames)
     hybrid = hybrid.to(device=device, dtype=torch.bfloat16)
     print(f"transform of {len(hybrid.sites)} sites: {time.perf_counter() - t0:.1f} s")
-    runner = rc.stream(hybrid)
+    runner = rc.stream(hybrid, chunks_per_step=args.chunks_per_step)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     gib = 2**30
     print(f"device {name}; torch {torch.__version__}; Wan2.1-1.3B shapes, {args.layers} blocks, weights "
-          f"{weights / gib:.2f} GiB bf16, Tc={args.chunk_frames} To={args.overlap_frames}; peak = GPU memory above "
+          f"{weights / gib:.2f} GiB bf16, Tc={args.chunk_frames} To={args.overlap_frames}, streamed "
+          f"{args.chunks_per_step} chunk(s) per step; peak = GPU memory above "
           f"the weights (inputs, outputs, working memory, the stream's state and graph buffers); strm/wts = (weights + streamed peak) / weights; strm res = streamed peak of reserved memory above the weights' GiB (graph pools included); err = streamed vs converted, relative "
           f"L2 (bf16 tolerance {BF16_TOLERANCE:g}) and max abs")
     forms = {"orig": lambda a, kw: model(*a, **kw), "conv": lambda a, kw: hybrid(*a, **kw),
              "strm": lambda a, kw: runner(*a, **kw)}
     if args.compile:
         compiled_model, compiled_hybrid = torch.compile(model), torch.compile(hybrid)
-        compiled_runner = rc.stream(hybrid, compile=True)
+        compiled_runner = rc.stream(hybrid, compile=True, chunks_per_step=args.chunks_per_step)
         forms.update({"orig+c": lambda a, kw: compiled_model(*a, **kw), "conv+c": lambda a, kw: compiled_hybrid(*a, **kw),
                       "strm+c": lambda a, kw: compiled_runner(*a, **kw)})
     if args.only:

@@ -32,7 +32,7 @@ import sympy
 import torch
 from torch import fx
 
-from ..attention import HybridState, hybrid_attention_step, initial_state
+from ..attention import HybridState, hybrid_attention_steps, initial_state
 from ..attention_spellings import mixed_axis
 from ..declines import describe_shape, describe_size
 from ..errors import ConversionError
@@ -313,9 +313,10 @@ def _check_streamable(graph: fx.Graph, data: set, symbol, patch: int) -> None:
 
 def hybrid_step(q, k, v, fq, fk, s, z, k_overlap, v_overlap, fk_overlap, overlap_valid, tokens_per_frame: int,
                 chunk_frames: int, overlap_frames: int, extra_before: int, extra_after: int, scale: float):
-    """``rc.hybrid_attention_step`` with the state as six flat tensors: returns (y, *new_state)."""
+    """``rc.hybrid_attention_step`` with the state as six flat tensors: returns (y, *new_state). A
+    call on several chunks' frames steps them in turn (:func:`~rehyat_compile.attention.hybrid_attention_steps`)."""
     state = HybridState(s, z, k_overlap, v_overlap, fk_overlap, overlap_valid)
-    y, new = hybrid_attention_step(q, k, v, fq, fk, state, tokens_per_frame=tokens_per_frame,
+    y, new = hybrid_attention_steps(q, k, v, fq, fk, state, tokens_per_frame=tokens_per_frame,
                                    chunk_frames=chunk_frames, overlap_frames=overlap_frames,
                                    extra_before=extra_before, extra_after=extra_after, scale=scale)
     return (y, *new)

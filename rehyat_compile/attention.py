@@ -436,6 +436,37 @@ def hybrid_attention_step(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_fra
                                        extra_before=extra_before, extra_after=extra_after, scale=scale)
 
 
+def hybrid_attention_steps(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_frames, overlap_frames,
+                           extra_before=0, extra_after=0, scale=None):
+    """Consecutive chunks of the causal recurrent form in one call: the inputs hold any number of
+    video frames, stepped ``chunk_frames`` at a time by :func:`hybrid_attention_step` (every chunk but
+    the last full), each chunk's state fed to the next. Returns (output for every token, state after
+    the last chunk) -- the same function as stepping chunk by chunk, so a streamed model may run
+    several chunks per step program (``rc.stream(..., chunks_per_step=G)``): fewer, larger launches
+    for the rest of the model, memory still independent of the video length. Extra (non-video)
+    tokens belong to one chunk each, so they are refused when the call holds several chunks."""
+    n = q.shape[2]
+    frames, rest = divmod(n - extra_before - extra_after, tokens_per_frame) if isinstance(tokens_per_frame, int) \
+        and tokens_per_frame > 0 else (0, 0)
+    if rest or frames <= chunk_frames:
+        return hybrid_attention_step(q, k, v, fq, fk, state, tokens_per_frame=tokens_per_frame,
+                                     chunk_frames=chunk_frames, overlap_frames=overlap_frames,
+                                     extra_before=extra_before, extra_after=extra_after, scale=scale)
+    if extra_before or extra_after:
+        raise ValueError(f"several chunks in one step ({frames} frames, chunk_frames={chunk_frames}) need "
+                         f"extra_before = extra_after = 0, got {extra_before} and {extra_after}: each chunk "
+                         "carries its own copy of the extra tokens; step one chunk at a time")
+    outputs = []
+    for start in range(0, frames, chunk_frames):
+        rows = slice(start * tokens_per_frame, min(start + chunk_frames, frames) * tokens_per_frame)
+        y, state = hybrid_attention_step(q[:, :, rows], k[:, :, rows], v[:, :, rows], fq[:, :, rows],
+                                         fk[:, :, rows], state, tokens_per_frame=tokens_per_frame,
+                                         chunk_frames=chunk_frames, overlap_frames=overlap_frames, scale=scale)
+        outputs.append(y.transpose(1, 2))
+    # joined in [B, N, H, D] memory, the layout every step returns (the model's reshape after it is free)
+    return torch.cat(outputs, dim=1).transpose(1, 2), state
+
+
 def hybrid_attention_step_eager(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_frames, overlap_frames,
                                 extra_before=0, extra_after=0, scale=None):
     """:func:`hybrid_attention_step` run now: the fused Triton step on CUDA where it applies, else

@@ -79,7 +79,7 @@ class StreamRunner(torch.nn.Module):
     weights), whose unknown attributes (``config``, ``dtype``, ``device``, ``cache_context`` ...) pass
     through to it and to the original model: a drop-in ``pipe.transformer`` that streams."""
 
-    def __init__(self, hybrid, *, table_device=None, cuda_graphs=None, compile=False):
+    def __init__(self, hybrid, *, table_device=None, cuda_graphs=None, compile=False, chunks_per_step=1):
         if not hasattr(hybrid, "graph_module") or not hasattr(hybrid, "original"):
             raise TypeError(f"stream needs the model returned by rc.transform (a HybridModel), got "
                             f"{type(hybrid).__name__}")
@@ -95,6 +95,9 @@ class StreamRunner(torch.nn.Module):
         super().__init__()
         self.hybrid = hybrid
         self.table_device = None if table_device is None else torch.device(table_device)
+        if isinstance(chunks_per_step, bool) or not isinstance(chunks_per_step, int) or chunks_per_step < 1:
+            raise ValueError(f"chunks_per_step must be an int >= 1 (chunks run by one step program), got {chunks_per_step!r}")
+        self.chunks_per_step = chunks_per_step
         self._programs: dict[int, StepProgram] = {}
         self._roles: dict[int, tuple] = {}  # fixed-shape graphs: how each flat input is chunked
         self._steps = StepRunner(hybrid, cuda_graphs, compile)  # hoisting, CUDA graphs, compile: cuda_graph_step.py
@@ -236,16 +239,19 @@ class StreamRunner(torch.nn.Module):
         return tuple(_TablesOn(program.table_module, self.table_device).run(*flat))
 
     # -- running ----------------------------------------------------------------------------------
-    def _chunk_calls(self, plan: "_Plan"):
-        """Yields (program, chunk frames, the step program's arguments, its outputs) per chunk, states
-        fed through."""
+    def _chunk_calls(self, plan: "_Plan", chunks_per_step: int | None = None):
+        """Yields (program, chunk frames, the step program's arguments, its outputs) per step, states
+        fed through; a step covers ``chunks_per_step`` chunks (the runner's by default)."""
         device = _device(plan.flat)
         tables: dict[int, tuple] = {}
         states = None
         step = self._steps.call(device)
-        for start in range(0, plan.frames, plan.chunk_frames):
-            stop = min(start + plan.chunk_frames, plan.frames)
+        per_step = plan.chunk_frames * (self.chunks_per_step if chunks_per_step is None else chunks_per_step)
+        for start in range(0, plan.frames, per_step):
+            stop = min(start + per_step, plan.frames)
             program = plan.program(stop - start)
+            if stop - start > plan.chunk_frames:
+                _check_several_chunks(program, self.chunks_per_step)
             if id(program) not in tables:
                 tables[id(program)] = self._tables(program, plan.flat)
             if states is None:
@@ -268,7 +274,7 @@ class StreamRunner(torch.nn.Module):
         calibration data of quantised builds)."""
         with torch.no_grad():
             return [(length, tuple(a.detach().clone() for a in arguments if isinstance(a, torch.Tensor)))
-                    for _, length, arguments, _ in self._chunk_calls(self.plan(*args, **kwargs))]
+                    for _, length, arguments, _ in self._chunk_calls(self.plan(*args, **kwargs), 1)]
 
     def iter_chunks(self, *args, **kwargs):
         """One output per chunk, each in the model's output structure restricted to that chunk."""
@@ -343,6 +349,15 @@ class StreamRunner(torch.nn.Module):
         return {"inputs": placeholders[:n_in], "tables": placeholders[n_in:n_in + n_tab],
                 "states_in": states, "outputs": [f"output_{i}" for i in range(program.n_outputs)],
                 "states_out": states, "chunk_frames": program.chunk_frames}
+
+
+def _check_several_chunks(program: StepProgram, chunks_per_step: int) -> None:
+    """Several chunks per step need sites without extra tokens: each chunk carries its own copy of them."""
+    joint = [site.name for site in program.sites if site.extra_before != 0 or site.extra_after != 0]
+    if joint:
+        raise ConversionError(
+            f"stream(chunks_per_step={chunks_per_step}): site {joint[0]} attends to extra (non-video) tokens, and "
+            "each chunk carries its own copy of them, so one step cannot run several chunks; use chunks_per_step=1")
 
 
 def _pass_through(runner: torch.nn.Module, name: str):
@@ -574,11 +589,14 @@ def _propagate_meta(module: fx.GraphModule, example: tuple) -> None:
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
-def stream(hybrid, *, table_device=None, cuda_graphs=None, compile=False) -> StreamRunner:
+def stream(hybrid, *, table_device=None, cuda_graphs=None, compile=False, chunks_per_step=1) -> StreamRunner:
     """A :class:`StreamRunner` for a causal ``rc.transform`` result (raises ConversionError otherwise).
     ``cuda_graphs``: replay each step program as a CUDA graph (None: on CUDA, unless REHYAT_CUDA_GRAPHS=0);
-    ``compile``: run each step program through torch.compile."""
-    return StreamRunner(hybrid, table_device=table_device, cuda_graphs=cuda_graphs, compile=compile)
+    ``compile``: run each step program through torch.compile; ``chunks_per_step``: chunks one step
+    program runs (the same function; G chunks' activations in memory, still independent of the
+    video length; models whose sites attend to extra tokens take 1)."""
+    return StreamRunner(hybrid, table_device=table_device, cuda_graphs=cuda_graphs, compile=compile,
+                        chunks_per_step=chunks_per_step)
 
 
 __all__ = ["StreamRunner", "stream"]

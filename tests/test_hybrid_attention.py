@@ -301,3 +301,36 @@ def test_step_op_outputs_never_share_an_input_memory():
     out = _step_outputs(y, new, (q, k, v, fq, fk, *state))
     assert out[3].untyped_storage().data_ptr() != k.untyped_storage().data_ptr() and torch.equal(out[3], k)
     assert out[0] is y and out[1] is new[0]   # nothing else is copied
+
+
+@SETTINGS
+@given(problems(dtypes=(torch.float32, torch.float64), causal=True), st.integers(1, 4))
+def test_several_chunks_in_one_call_equal_chunk_by_chunk_and_parallel(problem, groups):
+    """rc.attention.hybrid_attention_steps: the frames of several chunks stepped in turn in one call."""
+    from rehyat_compile.attention import hybrid_attention_steps
+    inputs, layout, frames = problem
+    layout = {**layout, "extra_before": 0, "extra_after": 0}
+    m, tc = layout["tokens_per_frame"], layout["chunk_frames"]
+    inputs = tuple(x[:, :, :frames * m] for x in inputs)
+    kw = {k: v for k, v in layout.items() if k != "causal"}
+    ref, ref_state = run_recurrent(inputs, layout, frames)
+    state, outs = None, []
+    for t0 in range(0, frames, groups * tc):       # `groups` chunks per call, the last call shorter
+        rows = slice(t0 * m, min(t0 + groups * tc, frames) * m)
+        y, state = hybrid_attention_steps(*(x[:, :, rows] for x in inputs), state, **kw)
+        outs.append(y)
+    got = torch.cat(outs, dim=2)
+    assert torch.equal(got, ref) and all(torch.equal(a, b) for a, b in zip(state, ref_state))
+    assert type(state) is type(ref_state)          # a short last chunk still marks the state final
+    tol = 1e-5 if got.dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got, rc.hybrid_attention(*inputs, **layout), rtol=tol, atol=tol)
+
+
+def test_several_chunks_in_one_call_refuse_extra_tokens():
+    from rehyat_compile.attention import hybrid_attention_steps
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 2 + 4 * 3, 8, generator=gen) for _ in range(3))
+    fq, fk = (torch.rand(1, 2, 14, 4, generator=gen) for _ in range(2))
+    with pytest.raises(ValueError, match="extra_before = extra_after = 0"):
+        hybrid_attention_steps(q, k, v, fq, fk, None, tokens_per_frame=3, chunk_frames=2, overlap_frames=1,
+                               extra_before=2)

@@ -265,3 +265,49 @@ def test_runner_follows_parameters_and_buffers_replaced_after_it_was_built():
         after, want = runner(*args, **kwargs), hybrid(*args, **kwargs)
     outputs_close(after, want)
     assert rel_err(after[0], before[0]) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Several chunks per step program (rc.stream(..., chunks_per_step=G))
+# ---------------------------------------------------------------------------------------------
+
+@SETTINGS
+@given(frames=st.integers(1, 8), chunk=st.integers(1, 3), overlap=st.integers(0, 3), patch=st.sampled_from([1, 2]),
+       per_step=st.integers(2, 4))
+def test_several_chunks_per_step_is_the_same_function(frames, chunk, overlap, patch, per_step):
+    overlap = min(overlap, chunk)
+    model = TinyVideoDiT(patch=patch, chunk_frames=chunk, overlap_frames=overlap).eval()
+    hybrid = ExportedHybrid(model, *tiny_inputs(model, 4))
+    x, t = tiny_inputs(model, frames, seed=1)
+    with torch.no_grad():
+        one = rc.stream(hybrid)(x, t)
+        several = rc.stream(hybrid, chunks_per_step=per_step)
+        outputs_close(several(x, t), one, tol=1e-5)
+        outputs_close(several(x, t), model(x, t))
+        # G chunks per step program: ceil(frames / (G * Tc)) steps
+        assert len(list(several.iter_chunks(x, t))) == -(-frames // (per_step * chunk))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,chunk_frames,overlap_frames,frames,per_step",
+                         [("wan2.1-t2v", 2, 1, 7, 2), ("wan2.1-t2v", 2, 1, 7, 4), ("cosmos", 2, 1, 5, 2)])
+def test_several_chunks_per_step_equal_the_converted_model(name, chunk_frames, overlap_frames, frames, per_step):
+    """Wan (symbolic frame axis: one step program for every length) and Cosmos (fixed-shape export: a
+    chunk trace per step length, here 4 frames then a last step of 1)."""
+    _, hybrid = converted(name, chunk_frames, overlap_frames, frames=5)
+    _, args, kwargs = MODELS[name](frames)
+    with torch.no_grad():
+        outputs_close(rc.stream(hybrid, chunks_per_step=per_step)(*args, **kwargs), hybrid(*args, **kwargs))
+
+
+def test_several_chunks_per_step_are_refused_for_extra_tokens_and_bad_counts():
+    model = TinyVideoDiT(extra=3, chunk_frames=2, overlap_frames=1).eval()
+    hybrid = ExportedHybrid(model, *tiny_inputs(model, 4))
+    x, t = tiny_inputs(model, 5, seed=1)
+    with torch.no_grad(), pytest.raises(rc.ConversionError, match="chunks_per_step=2.*extra"):
+        rc.stream(hybrid, chunks_per_step=2)(x, t)
+    with torch.no_grad():  # one chunk per step is the same runner as before
+        outputs_close(rc.stream(hybrid, chunks_per_step=1)(x, t), model(x, t))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="chunks_per_step"):
+            rc.stream(hybrid, chunks_per_step=bad)
