@@ -445,18 +445,17 @@ def hybrid_attention_steps(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_fr
     several chunks per step program (``rc.stream(..., chunks_per_step=G)``): fewer, larger launches
     for the rest of the model, memory still independent of the video length. Extra (non-video)
     tokens belong to one chunk each, so they are refused when the call holds several chunks."""
-    n = q.shape[2]
-    frames, rest = divmod(n - extra_before - extra_after, tokens_per_frame) if isinstance(tokens_per_frame, int) \
-        and tokens_per_frame > 0 else (0, 0)
-    if rest or frames <= chunk_frames:
+    video = q.shape[2] - extra_before - extra_after      # a SymInt in traced step graphs: // and %, no divmod
+    if not isinstance(tokens_per_frame, int) or tokens_per_frame < 1 or video % tokens_per_frame != 0 \
+            or video // tokens_per_frame <= chunk_frames:
         return hybrid_attention_step(q, k, v, fq, fk, state, tokens_per_frame=tokens_per_frame,
                                      chunk_frames=chunk_frames, overlap_frames=overlap_frames,
                                      extra_before=extra_before, extra_after=extra_after, scale=scale)
+    frames, outputs = video // tokens_per_frame, []
     if extra_before or extra_after:
         raise ValueError(f"several chunks in one step ({frames} frames, chunk_frames={chunk_frames}) need "
                          f"extra_before = extra_after = 0, got {extra_before} and {extra_after}: each chunk "
                          "carries its own copy of the extra tokens; step one chunk at a time")
-    outputs = []
     for start in range(0, frames, chunk_frames):
         rows = slice(start * tokens_per_frame, min(start + chunk_frames, frames) * tokens_per_frame)
         y, state = hybrid_attention_step(q[:, :, rows], k[:, :, rows], v[:, :, rows], fq[:, :, rows],

@@ -277,7 +277,8 @@ class StreamRunner(torch.nn.Module):
                     for _, length, arguments, _ in self._chunk_calls(self.plan(*args, **kwargs), 1)]
 
     def iter_chunks(self, *args, **kwargs):
-        """One output per chunk, each in the model's output structure restricted to that chunk."""
+        """One output per step (a chunk, or ``chunks_per_step`` of them), each in the model's output
+        structure restricted to that step's frames."""
         for program, outs in self._run_chunks(self.plan(*args, **kwargs)):
             yield pytree.tree_unflatten(outs, program.out_spec) if program.out_spec is not None else outs
 
