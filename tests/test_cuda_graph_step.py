@@ -105,3 +105,17 @@ def test_a_longer_video_replays_the_same_graphs(wan_cuda):
         y_eager = eager(*longer, **kwargs)[0]
     assert _rel(y_graph, y_eager) < 1e-3
     assert len(graphed._steps._graphs) == 2
+
+
+def test_several_chunks_per_step_replay_the_fused_steps_in_one_graph(wan_cuda):
+    """chunks_per_step=2: 7 frames in steps of 4 + 3 (2 + 1), each step one graph running its chunks'
+    fused steps in turn -- the function of the one-chunk stream."""
+    hybrid, args, kwargs = wan_cuda
+    grouped, single = rc.stream(hybrid, chunks_per_step=2), rc.stream(hybrid, cuda_graphs=False)
+    with torch.no_grad():
+        y_grouped = grouped(*args, **kwargs)[0]
+        y_single = single(*args, **kwargs)[0]
+        y_conv = hybrid(*args, **kwargs)[0]
+    assert _rel(y_grouped, y_single) < 1e-3
+    assert _rel(y_grouped, y_conv) < 2e-2
+    assert sum(g is not None for g in grouped._steps._graphs.values()) == 2
