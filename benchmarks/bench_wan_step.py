@@ -11,8 +11,9 @@ forms compute one function, docs/hybrid_attention.md, and differ by bf16 roundin
 ``--profile-frames`` lengths a torch.profiler pass gives each form's kernel launches per step (CUDA
 runtime launch calls, a CUDA graph replay counting one) and the GPU-busy fraction (union of kernel
 intervals over the step's wall time). ``--compile`` adds torch.compile columns (original, converted,
-streamed with ``rc.stream(..., compile=True)``), compared compiled with compiled. ``--chunks-per-step G``
-streams G chunks per step program (the same function, G chunks' activations in memory). ``--stream-only``
+streamed with ``rc.stream(..., compile=True)``), compared compiled with compiled. ``--chunks-per-step G [G2 ...]``
+streams G chunks per step program (the same function, G chunks' activations in memory); each further
+value adds an eager ``strmG`` form with its own ratios and error, measured in the same run. ``--stream-only``
 lengths run only the streamed form and the original.
 
     python benchmarks/bench_wan_step.py                       # 81 121 161 321 frames, on the GPU
@@ -46,8 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--chunk-frames", type=int, default=3)
     p.add_argument("--overlap-frames", type=int, default=1)
-    p.add_argument("--chunks-per-step", type=int, default=1,
-                   help="chunks each streamed step program runs (rc.stream(..., chunks_per_step=G))")
+    p.add_argument("--chunks-per-step", type=int, nargs="+", default=[1],
+                   help="chunks each streamed step program runs (rc.stream(..., chunks_per_step=G)); the first "
+                        "is the strm column, each further G adds a strmG column (eager) with its s/c and error")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--compile", action="store_true",
                    help="add torch.compile columns (original, converted, streamed: rc.stream(..., compile=True))")
@@ -164,19 +166,22 @@ def main(argv=None):
                           overlap_frames=args.overlap_frames)
     hybrid = hybrid.to(device=device, dtype=torch.bfloat16)
     print(f"transform of {len(hybrid.sites)} sites: {time.perf_counter() - t0:.1f} s")
-    runner = rc.stream(hybrid, chunks_per_step=args.chunks_per_step)
+    first_g, more_g = args.chunks_per_step[0], args.chunks_per_step[1:]
+    runner = rc.stream(hybrid, chunks_per_step=first_g)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     gib = 2**30
     print(f"device {name}; torch {torch.__version__}; Wan2.1-1.3B shapes, {args.layers} blocks, weights "
           f"{weights / gib:.2f} GiB bf16, Tc={args.chunk_frames} To={args.overlap_frames}, streamed "
-          f"{args.chunks_per_step} chunk(s) per step; peak = GPU memory above "
+          f"{first_g} chunk(s) per step (strmG: G per step); peak = GPU memory above "
           f"the weights (inputs, outputs, working memory, the stream's state and graph buffers); strm/wts = (weights + streamed peak) / weights; strm res = streamed peak of reserved memory above the weights' GiB (graph pools included); err = streamed vs converted, relative "
           f"L2 (bf16 tolerance {BF16_TOLERANCE:g}) and max abs")
     forms = {"orig": lambda a, kw: model(*a, **kw), "conv": lambda a, kw: hybrid(*a, **kw),
              "strm": lambda a, kw: runner(*a, **kw)}
+    for g in more_g:
+        forms[f"strm{g}"] = (lambda r: lambda a, kw: r(*a, **kw))(rc.stream(hybrid, chunks_per_step=g))
     if args.compile:
         compiled_model, compiled_hybrid = torch.compile(model), torch.compile(hybrid)
-        compiled_runner = rc.stream(hybrid, compile=True, chunks_per_step=args.chunks_per_step)
+        compiled_runner = rc.stream(hybrid, compile=True, chunks_per_step=first_g)
         forms.update({"orig+c": lambda a, kw: compiled_model(*a, **kw), "conv+c": lambda a, kw: compiled_hybrid(*a, **kw),
                       "strm+c": lambda a, kw: compiled_runner(*a, **kw)})
     if args.only:
@@ -186,6 +191,7 @@ def main(argv=None):
     # the weights (and feature maps): allocated, and reserved by the caching allocator
     base = (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)) if device.type == "cuda" else (0, 0)
     pairs = [("", "orig", "conv", "strm")] + ([("c ", "orig+c", "conv+c", "strm+c")] if args.compile else [])
+    pairs += [(f"G{g} ", "orig", "conv", f"strm{g}") for g in more_g]
     header = f"{'frames':>6} {'latent':>6} {'tokens':>7} " + " ".join(f"{k + ' ms':>9}" for k in forms)
     header += "".join(f" {p + 'conv x':>8} {p + 'strm x':>8} {p + 's/c':>6}" for p, *_ in pairs) + " "
     header += " ".join(f"{k + ' GiB':>10}" for k in forms)
@@ -199,7 +205,7 @@ def main(argv=None):
         result = {}
         for key, fn in forms.items():
             skip = fn is None or (key.startswith("orig") and frames > args.skip_original_above) or \
-                   (frames in args.stream_only and key not in ("orig", "strm"))
+                   (frames in args.stream_only and key != "orig" and not (key.startswith("strm") and "+" not in key))
             result[key] = (float("nan"), float("nan"), None, float("nan")) if skip else measure(lambda: fn(a, kw), device,
                                                                                    args.repeats, base)
             if frames in args.profile_frames and not skip:

@@ -150,6 +150,8 @@ class StepRunner:
             n_in = len(program.input_dims) + len(program.table_dims)
             n_states = len(args) - n_in - step.n_hoisted
             states = slice(n_in, n_in + n_states)
+            # states + invariants, shared by every graph of the same signature: the full-chunk and the
+            # last-chunk programs of a call run in that order, and each replay copies in what differs
             key_shared = _signature(args[n_in:])
             try:
                 graph = GraphedStep(self.step_fn(program, step), args, n_outputs=program.n_outputs,
