@@ -440,8 +440,9 @@ def hybrid_attention_steps(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_fr
                            extra_before=0, extra_after=0, scale=None):
     """Consecutive chunks of the causal recurrent form in one call: the inputs hold any number of
     video frames, stepped ``chunk_frames`` at a time by :func:`hybrid_attention_step` (every chunk but
-    the last full), each chunk's state fed to the next. Returns (output for every token, state after
-    the last chunk) -- the same function as stepping chunk by chunk, so a streamed model may run
+    the last full), each chunk's state fed to the next (on CUDA, no gradient: all of them in one
+    chunk-parallel launch from the carried state, ``kernels/triton_step.py``). Returns (output for
+    every token, state after the last chunk) -- the same function as stepping chunk by chunk, so a streamed model may run
     several chunks per step program (``rc.stream(..., chunks_per_step=G)``): fewer, larger launches
     for the rest of the model, memory still independent of the video length. Extra (non-video)
     tokens belong to one chunk each, so they are refused when the call holds several chunks."""
@@ -456,6 +457,18 @@ def hybrid_attention_steps(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_fr
         raise ValueError(f"several chunks in one step ({frames} frames, chunk_frames={chunk_frames}) need "
                          f"extra_before = extra_after = 0, got {extra_before} and {extra_after}: each chunk "
                          "carries its own copy of the extra tokens; step one chunk at a time")
+    layout = make_layout(tokens_per_frame, chunk_frames, overlap_frames, True, extra_before, extra_after)
+    validate_inputs(q, k, v, fq, fk, layout)                 # any number of frames
+    overlap_tokens = layout.overlap_frames * layout.tokens_per_frame
+    state = initial_state(k, v, fk, overlap_tokens) if state is None else state
+    _validate_state(state, k, v, fk, overlap_tokens)
+    if q.device.type == "cuda":  # one chunk-parallel launch per call (kernels/triton_step.py)
+        from .kernels import fused_step_unavailable
+        if fused_step_unavailable(q, k, v, fq, fk, state) is None:
+            from .kernels.triton_step import hybrid_attention_steps_fused
+            return hybrid_attention_steps_fused(q, k, v, fq, fk, state, tokens_per_frame=tokens_per_frame,
+                                                chunk_frames=chunk_frames, overlap_frames=overlap_frames,
+                                                scale=resolve_scale(scale, q.shape[-1]))
     for start in range(0, frames, chunk_frames):
         rows = slice(start * tokens_per_frame, min(start + chunk_frames, frames) * tokens_per_frame)
         y, state = hybrid_attention_step(q[:, :, rows], k[:, :, rows], v[:, :, rows], fq[:, :, rows],

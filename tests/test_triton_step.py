@@ -168,3 +168,32 @@ def test_cuda_step_with_gradients_takes_the_torch_form():
     y, _ = rc.hybrid_attention_step(q, k, v, fq, fk, None, **layout)
     y.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# every case makes several calls, so later ones start from a nonzero carried S, z and a valid cache;
+# the last call ends on a short chunk in (10, 3, 1, 2) and (7, 3, 2, 2)
+@pytest.mark.parametrize("frames,tc,to,groups", [(9, 2, 1, 2), (10, 3, 1, 2), (8, 2, 0, 3), (7, 1, 1, 2), (7, 3, 2, 2)])
+def test_several_chunks_in_one_launch_equal_the_torch_steps(frames, tc, to, groups):
+    """triton_step.hybrid_attention_steps_fused (the chunk-parallel kernel from a carried state, the cache
+    masked while invalid) against rc.attention.hybrid_attention_steps in PyTorch ops, over consecutive
+    calls of `groups` chunks: the first from the initial state, later ones from a carried, valid one."""
+    from rehyat_compile.attention import hybrid_attention_steps
+    m = 8
+    layout = dict(tokens_per_frame=m, chunk_frames=tc, overlap_frames=to, scale=0.25)
+    [video] = _chunks([frames], m, 2, 16, 16, torch.float16, strided=True)
+    ref_state, got_state = None, None
+    for start in range(0, frames, groups * tc):
+        rows = slice(start * m, min(start + groups * tc, frames) * m)
+        part = [t[:, :, rows] for t in video]
+        with torch.no_grad():
+            ref_y, ref_state = hybrid_attention_steps(*(t.cpu().float() for t in part), ref_state and
+                                                      rc.HybridState(*(t.cpu() for t in ref_state)), **layout)
+            if got_state is None:
+                got_state = rc.attention.initial_state(part[1], part[2], part[4], to * m)
+            got_y, got_state = triton_step.hybrid_attention_steps_fused(*part, got_state, **layout)
+        assert got_y.shape == part[0].shape and got_y.transpose(1, 2).is_contiguous()
+        assert _rel(got_y, ref_y) < 3e-3
+        for name, x, y in zip(rc.HybridState._fields, got_state, ref_state):
+            assert x.shape == y.shape, name
+            assert _rel(x.float(), y.float()) < (1e-4 if name in ("s", "z") else 3e-3), name
+    assert type(got_state) is type(ref_state)   # a short last chunk marks the state final

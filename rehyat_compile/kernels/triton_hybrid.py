@@ -88,26 +88,32 @@ def _frame_states_kernel(FK, V, STATES,
 
 @triton.jit
 def _prefix_sum_kernel(STATES, frames, row_width, BLOCK: tl.constexpr):
-    """In place: STATES[bh, f] <- sum of rows 1..f (row 0 is zero), for f = 1..frames."""
+    """In place: STATES[bh, f] <- sum of rows 0..f, for f = 1..frames (row 0: zero, or a carried state)."""
     bh = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < row_width
-    ptrs = STATES + bh.to(tl.int64) * (frames + 1) * row_width + row_width + cols
-    running = tl.zeros([BLOCK], dtype=tl.float32)
+    ptrs = STATES + bh.to(tl.int64) * (frames + 1) * row_width + cols
+    running = tl.load(ptrs, mask=ok, other=0.0)
+    ptrs += row_width
     for _ in range(0, frames):
         running += tl.load(ptrs, mask=ok, other=0.0)
         tl.store(ptrs, running, mask=ok)
         ptrs += row_width
 
 
-def prefix_states(fk, v, *, tokens_per_frame: int, extra_before: int, frames: int) -> torch.Tensor:
+def prefix_states(fk, v, *, tokens_per_frame: int, extra_before: int, frames: int, initial=None) -> torch.Tensor:
     """fp32 table ``[B*H, frames+1, F*D + F]``: row f holds (S, z) summed over video frames [0, f),
-    S flattened row-major (F, D) then z (F)."""
+    S flattened row-major (F, D) then z (F), plus ``initial`` = (S [B, H, F, D], z [B, H, F]) when given
+    (a carried state: the recurrent step over several chunks)."""
     bsz, heads, _, d = v.shape
     feat = fk.shape[-1]
     row_width = feat * d + feat
     states = torch.empty(bsz * heads, frames + 1, row_width, device=v.device, dtype=torch.float32)
-    states[:, 0].zero_()
+    if initial is None:
+        states[:, 0].zero_()
+    else:
+        states[:, 0, :feat * d] = initial[0].reshape(bsz * heads, feat * d)
+        states[:, 0, feat * d:] = initial[1].reshape(bsz * heads, feat)
     small = interpreting()
     block_f = max(16, triton.next_power_of_2(feat))
     block_d = min(d, 16 if small else 64)
@@ -191,15 +197,63 @@ def _attend(acc, l_i, m_i, q, k_src, v_src, b, h, key0, n_keys, s_k_n, s_v_n, qk
 
 
 @triton.jit
-def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT,
+def _valid_suffix(valid_ptr, n_keys, BLOCK: tl.constexpr):
+    """(first, suffix): the number of cache rows before the first valid one, and whether every row from
+    there on is valid (the cache fills from its end, so it always is in a stream)."""
+    n_valid = 0
+    for start in range(0, n_keys, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        n_valid += tl.sum((tl.load(valid_ptr + offs, mask=offs < n_keys, other=0) != 0).to(tl.int32), 0)
+    first = n_keys - n_valid
+    tail = 0
+    for start in range(first, n_keys, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tail += tl.sum((tl.load(valid_ptr + offs, mask=offs < n_keys, other=0) != 0).to(tl.int32), 0)
+    return first, tail == n_valid
+
+
+@triton.jit
+def _attend_valid(acc, l_i, m_i, q, k_src, v_src, b, h, n_keys, s_k_n, s_v_n, valid_ptr, qk_scale,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, KV_MODE: tl.constexpr):
+    """Online softmax of q over keys [0, n_keys) of head (b, h) whose ``valid_ptr`` entry is nonzero.
+    Valid rows that form a suffix (every stream's cache) take :func:`_attend`'s pipelined loop over
+    that range; any other mask is applied block by block (a block of only valid keys unmasked, one
+    with none skipped)."""
+    first, suffix = _valid_suffix(valid_ptr, n_keys, 1024)
+    if suffix:
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b, h, first, n_keys - first, s_k_n, s_v_n,
+                                qk_scale, BLOCK_N, HEAD_DIM, KV_MODE)
+    else:
+        for start in range(0, n_keys, BLOCK_N):
+            offs = start + tl.arange(0, BLOCK_N)
+            in_range = offs < n_keys
+            valid = in_range & (tl.load(valid_ptr + offs, mask=in_range, other=0) != 0)
+            n_valid = tl.sum(valid.to(tl.int32), 0)
+            if n_valid == BLOCK_N:
+                k = _kv_block(k_src, b, h, start, s_k_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, False)
+                v = _kv_block(v_src, b, h, start, s_v_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, False)
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, valid, qk_scale, False)
+            elif n_valid > 0:
+                k = _kv_block(k_src, b, h, start, s_k_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, True)
+                v = _kv_block(v_src, b, h, start, s_v_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, True)
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, valid, qk_scale, True)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT, VALID,
                        s_q_b, s_q_h, s_q_n, s_k_b, s_k_h, s_k_n, s_v_b, s_v_h, s_v_n,
                        s_fq_b, s_fq_h, s_fq_n, s_o_b, s_o_h, s_o_n,
                        n_heads, n_tokens, frames, tokens_per_frame, chunk_frames, overlap_frames,
-                       extra_before, extra_after, feature_dim, qk_scale,
+                       extra_before, extra_after, feature_dim, qk_scale, first_frame,
                        CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_MODE: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_MODE: tl.constexpr,
+                       CACHE: tl.constexpr):
     """Program (query block, bh): BLOCK_M video queries of one chunk -> their rows of OUT.
-    K, V are tensors (KV_MODE 0, 2) or 4-D tensor descriptors (KV_MODE 1)."""
+    K, V are tensors (KV_MODE 0, 2) or 4-D tensor descriptors (KV_MODE 1). Chunks start at frame
+    ``first_frame`` of K, V and the state table; Q, FQ and OUT hold rows from that frame on. CACHE:
+    frames [0, first_frame) are a recurrent step's overlap cache, its keys masked by VALID (uint8 per
+    row) where a chunk's window reaches them (no extra tokens then)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b32 = bh // n_heads                   # descriptor coordinates are int32
@@ -209,7 +263,7 @@ def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT,
     blocks_per_chunk = tl.cdiv(chunk_frames * tokens_per_frame, BLOCK_M)
     chunk = pid // blocks_per_chunk
     row0 = (pid % blocks_per_chunk) * BLOCK_M
-    f_start = chunk * chunk_frames
+    f_start = first_frame + chunk * chunk_frames
     f_stop = tl.minimum(f_start + chunk_frames, frames)
     rows_here = (f_stop - f_start) * tokens_per_frame
     # Blocks past a short last chunk have nothing to do.
@@ -217,8 +271,9 @@ def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT,
         offs_m = row0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < rows_here
         tokens = (extra_before + f_start * tokens_per_frame + offs_m).to(tl.int64)
+        rows = tokens - first_frame * tokens_per_frame          # the same rows of Q, FQ and OUT
         offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + b * s_q_b + h * s_q_h + tokens[:, None] * s_q_n + offs_d[None, :],
+        q = tl.load(Q + b * s_q_b + h * s_q_h + rows[:, None] * s_q_n + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
         if KV_MODE == 0:
             k_src = K + b * s_k_b + h * s_k_h
@@ -236,9 +291,17 @@ def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT,
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         w_start = tl.maximum(f_start - overlap_frames, 0)
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b32, h32, extra_before + w_start * tokens_per_frame,
-                                (f_stop - w_start) * tokens_per_frame, s_k_n, s_v_n, qk_scale,
-                                BLOCK_N, HEAD_DIM, KV_MODE)
+        if CACHE and w_start < first_frame:
+            # the chunk's own frames first (always valid: a finite running max), then the cached ones
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b32, h32, first_frame * tokens_per_frame,
+                                    (f_stop - first_frame) * tokens_per_frame, s_k_n, s_v_n, qk_scale,
+                                    BLOCK_N, HEAD_DIM, KV_MODE)
+            acc, l_i, m_i = _attend_valid(acc, l_i, m_i, q, k_src, v_src, b32, h32, first_frame * tokens_per_frame,
+                                          s_k_n, s_v_n, VALID, qk_scale, BLOCK_N, HEAD_DIM, KV_MODE)
+        else:
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b32, h32,
+                                    extra_before + w_start * tokens_per_frame, (f_stop - w_start) * tokens_per_frame,
+                                    s_k_n, s_v_n, qk_scale, BLOCK_N, HEAD_DIM, KV_MODE)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b32, h32, 0, extra_before, s_k_n, s_v_n, qk_scale,
                                 BLOCK_N, HEAD_DIM, KV_MODE)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b32, h32, n_tokens - extra_after, extra_after,
@@ -248,7 +311,7 @@ def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT,
         # Linear readout with the chunk's fp32 states: S_t (F x D), z_t (F).
         offs_f = tl.arange(0, BLOCK_F)
         f_ok = offs_f < feature_dim
-        fq = tl.load(FQ + b * s_fq_b + h * s_fq_h + tokens[:, None] * s_fq_n + offs_f[None, :],
+        fq = tl.load(FQ + b * s_fq_b + h * s_fq_h + rows[:, None] * s_fq_n + offs_f[None, :],
                      mask=row_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
         row_width = feature_dim * HEAD_DIM + feature_dim
         table = STATES + bh.to(tl.int64) * (frames + 1) * row_width
@@ -265,7 +328,7 @@ def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT,
         num = o + tl.dot(fq, s)
         den = 1.0 + tl.sum(fq * z[None, :], 1)
         y = num / den[:, None]
-        tl.store(OUT + b * s_o_b + h * s_o_h + tokens[:, None] * s_o_n + offs_d[None, :],
+        tl.store(OUT + b * s_o_b + h * s_o_h + rows[:, None] * s_o_n + offs_d[None, :],
                  y.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -281,7 +344,7 @@ _FWD_CONFIGS = [
     # The three best of a 21-config sweep on an H200 (Wan2.1 shapes); few, since each compiles.
     for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
 ]
-_hybrid_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["HEAD_DIM", "BLOCK_F", "CAUSAL", "KV_MODE"])(
+_hybrid_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["HEAD_DIM", "BLOCK_F", "CAUSAL", "KV_MODE", "CACHE"])(
     _hybrid_fwd_kernel)
 
 
@@ -295,13 +358,17 @@ def _device_descriptor_scratch(size: int, alignment: int, stream):
 
 
 def launch_main_kernel(q, k, v, fq, states, out, *, tokens_per_frame, chunk_frames, overlap_frames, causal,
-                       extra_before, extra_after, scale, kv_mode=None, config=None) -> None:
+                       extra_before, extra_after, scale, kv_mode=None, config=None, cache_valid=None) -> None:
     """Run :func:`_hybrid_fwd_kernel` into ``out``. kv_mode None picks HOST_TMA on a GPU when the
-    strides allow it, else POINTERS; config None autotunes (fixed 16x16 blocks when interpreting)."""
-    bsz, heads, n, d = q.shape
+    strides allow it, else POINTERS; config None autotunes (fixed 16x16 blocks when interpreting).
+    ``cache_valid`` (bool [C]): k, v (and the state table) start with C rows of an overlap cache that
+    q, fq and out do not hold; chunks start after it (the recurrent step over several chunks)."""
+    bsz, heads, _, d = q.shape
+    n = k.shape[2]
     feat = fq.shape[-1]
+    first_frame = 0 if cache_valid is None else cache_valid.numel() // tokens_per_frame
     frames = (n - extra_before - extra_after) // tokens_per_frame
-    n_chunks = -(-frames // chunk_frames)
+    n_chunks = -(-(frames - first_frame) // chunk_frames)
     chunk_rows = chunk_frames * tokens_per_frame
     if kv_mode is None:
         kv_mode = HOST_TMA if not interpreting() and _tma_ready(k) and _tma_ready(v) else POINTERS
@@ -311,10 +378,13 @@ def launch_main_kernel(q, k, v, fq, states, out, *, tokens_per_frame, chunk_fram
         k_src, v_src = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, d]) for t in (k, v))
     elif kv_mode == DEVICE_TMA:
         triton.set_allocator(_device_descriptor_scratch)
-    args = (q, k_src, v_src, fq, states, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+    cache = cache_valid is not None and first_frame > 0
+    valid = cache_valid.view(torch.uint8) if cache else torch.zeros(1, dtype=torch.uint8, device=q.device)
+    args = (q, k_src, v_src, fq, states, out, valid, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *fq.stride()[:3], *out.stride()[:3], heads, n, frames, tokens_per_frame, chunk_frames, overlap_frames,
-            extra_before, extra_after, feat, scale * LOG2E)
-    consts = dict(CAUSAL=causal, HEAD_DIM=d, BLOCK_F=max(16, triton.next_power_of_2(feat)), KV_MODE=kv_mode)
+            extra_before, extra_after, feat, scale * LOG2E, first_frame)
+    consts = dict(CAUSAL=causal, HEAD_DIM=d, BLOCK_F=max(16, triton.next_power_of_2(feat)), KV_MODE=kv_mode,
+                  CACHE=cache)
     if config is None and interpreting():
         config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})
     if config is None:

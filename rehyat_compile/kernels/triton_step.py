@@ -16,6 +16,10 @@ Two launches per step and converted layer:
 
 The new overlap cache is the window's last ``To*M`` rows (a slice copy). The PyTorch form beside it
 is :func:`rehyat_compile.attention.hybrid_attention_step_torch`; tests compare the two.
+
+Several chunks in one call (``rc.stream(..., chunks_per_step=G)``) take
+:func:`hybrid_attention_steps_fused` instead: the chunk-parallel kernel of ``triton_hybrid.py`` run
+from the carried state, one launch per layer for all G chunks.
 """
 from __future__ import annotations
 
@@ -25,52 +29,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..attention import HybridState, _after_chunk
-from .triton_hybrid import (HOST_TMA, LOG2E, POINTERS, _attend, _kv_block, _last_dim_contiguous, _softmax_step,
-                            _tma_ready, interpreting, unsupported_reason)
-
-
-@triton.jit
-def _valid_suffix(valid_ptr, n_keys, BLOCK: tl.constexpr):
-    """(first, suffix): the number of cache rows before the first valid one, and whether every row from
-    there on is valid (the cache fills from its end, so it always is in a stream)."""
-    n_valid = 0
-    for start in range(0, n_keys, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        n_valid += tl.sum((tl.load(valid_ptr + offs, mask=offs < n_keys, other=0) != 0).to(tl.int32), 0)
-    first = n_keys - n_valid
-    tail = 0
-    for start in range(first, n_keys, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        tail += tl.sum((tl.load(valid_ptr + offs, mask=offs < n_keys, other=0) != 0).to(tl.int32), 0)
-    return first, tail == n_valid
-
-
-@triton.jit
-def _attend_valid(acc, l_i, m_i, q, k_src, v_src, b, h, n_keys, s_k_n, s_v_n, valid_ptr, qk_scale,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, KV_MODE: tl.constexpr):
-    """Online softmax of q over keys [0, n_keys) of head (b, h) whose ``valid_ptr`` entry is nonzero.
-    Valid rows that form a suffix (every stream's cache) take :func:`_attend`'s pipelined loop over
-    that range; any other mask is applied block by block (a block of only valid keys unmasked, one
-    with none skipped)."""
-    first, suffix = _valid_suffix(valid_ptr, n_keys, 1024)
-    if suffix:
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b, h, first, n_keys - first, s_k_n, s_v_n,
-                                qk_scale, BLOCK_N, HEAD_DIM, KV_MODE)
-    else:
-        for start in range(0, n_keys, BLOCK_N):
-            offs = start + tl.arange(0, BLOCK_N)
-            in_range = offs < n_keys
-            valid = in_range & (tl.load(valid_ptr + offs, mask=in_range, other=0) != 0)
-            n_valid = tl.sum(valid.to(tl.int32), 0)
-            if n_valid == BLOCK_N:
-                k = _kv_block(k_src, b, h, start, s_k_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, False)
-                v = _kv_block(v_src, b, h, start, s_v_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, False)
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, valid, qk_scale, False)
-            elif n_valid > 0:
-                k = _kv_block(k_src, b, h, start, s_k_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, True)
-                v = _kv_block(v_src, b, h, start, s_v_n, valid, BLOCK_N, HEAD_DIM, KV_MODE, True)
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, valid, qk_scale, True)
-    return acc, l_i, m_i
+from .triton_hybrid import (HOST_TMA, LOG2E, POINTERS, _attend, _attend_valid, _last_dim_contiguous, _tma_ready,
+                            interpreting, unsupported_reason)
 
 
 @triton.jit
@@ -282,3 +242,39 @@ def hybrid_attention_step_fused(q, k, v, fq, fk, state: HybridState, *, tokens_p
                             _window_tail(state.v_overlap, v[:, :, body], overlap_tokens),
                             _window_tail(state.fk_overlap, fk[:, :, body], overlap_tokens), new_valid)
     return y, _after_chunk(new_state, video // tokens_per_frame, chunk_frames)
+
+
+def hybrid_attention_steps_fused(q, k, v, fq, fk, state: HybridState, *, tokens_per_frame: int, chunk_frames: int,
+                                 overlap_frames: int, scale: float):
+    """Several consecutive chunks in one call (:func:`rehyat_compile.attention.hybrid_attention_steps`,
+    no extra tokens) on the chunk-parallel kernel: K, V, phi_k = [overlap cache, the call's frames]
+    (one copy), the prefix-state table starting from the carried S, z, chunks from the cache's end, the
+    first chunk's window reading the cache through its valid mask. The new S, z are the table's row of
+    the frames that leave the window, the new cache the last ``To`` frames. One launch per layer at the
+    parallel kernel's rate, instead of one step launch per chunk. Returns (y [B, H, N, D] -- a view of
+    [B, N, H, D] memory -- in q's dtype, the state after the last chunk)."""
+    from .triton_hybrid import launch_main_kernel, prefix_states
+    m = tokens_per_frame
+    cache_rows = state.k_overlap.shape[2]
+    n = q.shape[2]
+    q, k, v, fq, fk = (_last_dim_contiguous(t) for t in (q, k, v, fq, fk))
+    k_ext, v_ext, fk_ext = (torch.cat([c.to(x.dtype), x], dim=2) for c, x in
+                            ((state.k_overlap, k), (state.v_overlap, v), (state.fk_overlap, fk)))
+    frames_ext = cache_rows // m + n // m
+    table = prefix_states(fk_ext, v_ext, tokens_per_frame=m, extra_before=0, frames=frames_ext,
+                          initial=(state.s, state.z))
+    bsz, heads, _, d = q.shape
+    out = torch.empty(bsz, n, heads, d, device=q.device, dtype=q.dtype).transpose(1, 2)
+    launch_main_kernel(q, k_ext, v_ext, fq, table, out, tokens_per_frame=m, chunk_frames=chunk_frames,
+                       overlap_frames=overlap_frames, causal=True, extra_before=0, extra_after=0, scale=scale,
+                       cache_valid=state.overlap_valid)
+    feat = fk.shape[-1]
+    leave = table[:, frames_ext - cache_rows // m]          # S, z over every frame before the new cache
+    s = leave[:, :feat * d].reshape(state.s.shape).clone()
+    z = leave[:, feat * d:].reshape(state.z.shape).clone()
+    valid = state.overlap_valid
+    new_valid = valid.new_ones(cache_rows) if n >= cache_rows else torch.cat([valid[n:], valid.new_ones(n)])
+    new_state = HybridState(s, z, *(_window_tail(c, x, cache_rows) for c, x in
+                                    ((state.k_overlap, k), (state.v_overlap, v), (state.fk_overlap, fk))), new_valid)
+    last = (n // m) % chunk_frames or chunk_frames
+    return out, _after_chunk(new_state, last, chunk_frames)
