@@ -209,6 +209,13 @@ def step_table(frames: int) -> None:
     par_flops = rc.hybrid_attention_flops(1, HEADS, qp.shape[2], HEAD_DIM, FEATURES, **layout)
     print(f"  {'parallel op, ' + str(frames) + ' frames, per chunk (' + str(chunks) + ' chunks)':44} "
           f"{par / chunks:8.3f} {par_flops / par / 1e9:7.0f}")
+    # all the video's chunks as one recurrent call from the initial state: the grouped step's one launch
+    grouped = lambda: rc.attention.hybrid_attention_steps(qp, kp, vp, fqp, fkp, None, **layout)  # noqa: E731
+    ms = do_bench(grouped, warmup=25, rep=200, return_mode="median")
+    ref_par = rc.hybrid_attention(qp, kp, vp, fqp, fkp, **layout).float()
+    err = ((grouped()[0].float() - ref_par).norm() / ref_par.norm()).item()
+    print(f"  {'several chunks per step, ' + str(chunks) + ' in one call, per chunk':44} {ms / chunks:8.3f} "
+          f"{par_flops / ms / 1e9:7.0f} {err:9.1e} (vs the parallel op)")
 
 
 def main() -> None:
