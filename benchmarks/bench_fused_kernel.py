@@ -164,7 +164,9 @@ def step_flops(chunk_tokens: int, window_tokens: int) -> int:
 def step_table(frames: int) -> None:
     """One full chunk of the recurrent step (its cache of To frames valid) beside the chunk-parallel
     op on a ``frames``-frame video, per chunk: the fused step, its attention launch alone (every block
-    configuration), its state launch, and the parallel op's time divided by its chunk count."""
+    configuration), its state launch, the parallel op's time divided by its chunk count, and the
+    video's chunks as one ``hybrid_attention_steps`` call (``chunks_per_step``: one parallel launch
+    from a state)."""
     from rehyat_compile.kernels import triton_step
     layout = dict(tokens_per_frame=TOKENS_PER_FRAME, chunk_frames=CHUNK_FRAMES, overlap_frames=OVERLAP_FRAMES)
     chunk, window = CHUNK_FRAMES * TOKENS_PER_FRAME, (CHUNK_FRAMES + OVERLAP_FRAMES) * TOKENS_PER_FRAME

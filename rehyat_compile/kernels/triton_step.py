@@ -222,11 +222,20 @@ def _window_tail(cache: torch.Tensor, video: torch.Tensor, keep: int) -> torch.T
     return torch.cat([cache[:, :, video.shape[2]:], video], dim=2)
 
 
+def _next_cache(state: HybridState, k, v, fk) -> tuple:
+    """(k, v, phi_k overlap caches, overlap_valid) after a step over these video rows: the last
+    ``To*M`` rows of [cache, rows], valid where they exist."""
+    rows, keep = k.shape[2], state.k_overlap.shape[2]
+    valid = state.overlap_valid
+    new_valid = valid.new_ones(keep) if rows >= keep else torch.cat([valid[rows:], valid.new_ones(rows)])
+    return (*(_window_tail(c, x, keep) for c, x in ((state.k_overlap, k), (state.v_overlap, v),
+                                                     (state.fk_overlap, fk))), new_valid)
+
+
 def hybrid_attention_step_fused(q, k, v, fq, fk, state: HybridState, *, tokens_per_frame: int, chunk_frames: int,
                                 extra_before: int, extra_after: int, scale: float):
     """The function of :func:`rehyat_compile.attention.hybrid_attention_step_torch` for validated inputs
     and state (``step_unsupported_reason`` None): returns (y [B, H, N, D] in q's dtype, next state)."""
-    overlap_tokens = state.k_overlap.shape[2]
     n = q.shape[2]
     video = n - extra_before - extra_after
     q, k, v, fq, fk = (_last_dim_contiguous(t) for t in (q, k, v, fq, fk))
@@ -235,12 +244,7 @@ def hybrid_attention_step_fused(q, k, v, fq, fk, state: HybridState, *, tokens_p
     y = step_attention(q, k, v, fq, state, extra_before=extra_before, extra_after=extra_after, scale=scale)
     s, z = step_state_sums(fk, v, state, extra_before=extra_before, leave=video)
     body = slice(extra_before, extra_before + video)
-    valid = state.overlap_valid
-    new_valid = valid.new_ones(overlap_tokens) if video >= overlap_tokens else \
-        torch.cat([valid[video:], valid.new_ones(video)])
-    new_state = HybridState(s, z, _window_tail(state.k_overlap, k[:, :, body], overlap_tokens),
-                            _window_tail(state.v_overlap, v[:, :, body], overlap_tokens),
-                            _window_tail(state.fk_overlap, fk[:, :, body], overlap_tokens), new_valid)
+    new_state = HybridState(s, z, *_next_cache(state, k[:, :, body], v[:, :, body], fk[:, :, body]))
     return y, _after_chunk(new_state, video // tokens_per_frame, chunk_frames)
 
 
@@ -272,9 +276,6 @@ def hybrid_attention_steps_fused(q, k, v, fq, fk, state: HybridState, *, tokens_
     leave = table[:, frames_ext - cache_rows // m]          # S, z over every frame before the new cache
     s = leave[:, :feat * d].reshape(state.s.shape).clone()
     z = leave[:, feat * d:].reshape(state.z.shape).clone()
-    valid = state.overlap_valid
-    new_valid = valid.new_ones(cache_rows) if n >= cache_rows else torch.cat([valid[n:], valid.new_ones(n)])
-    new_state = HybridState(s, z, *(_window_tail(c, x, cache_rows) for c, x in
-                                    ((state.k_overlap, k), (state.v_overlap, v), (state.fk_overlap, fk))), new_valid)
+    new_state = HybridState(s, z, *_next_cache(state, k, v, fk))
     last = (n // m) % chunk_frames or chunk_frames
     return out, _after_chunk(new_state, last, chunk_frames)
