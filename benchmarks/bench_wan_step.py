@@ -75,23 +75,31 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(fn, device, repeats, base: tuple = (0, 0)):
-    """(median seconds, peak allocated bytes above ``base[0]`` -- what was allocated before any input
-    existed: the weights --, first output, peak reserved bytes above ``base[1]``) of fn(). The first
-    call warms up (Triton autotuning, CUDA graph capture) and is not timed; memory a form keeps between
-    calls (the stream's graph buffers, captured at the first length) counts in its peak at every
-    length. Reserved counts what allocated does not: a CUDA graph's private pool keeps the blocks its
-    capture freed (they are written again by every replay)."""
+def measure(fn, device, repeats, kept: tuple = (0, 0), input_bytes: int = 0):
+    """(median seconds, peak allocated bytes, first output, peak reserved bytes, bytes kept) of fn().
+
+    Peaks count from what was allocated (reserved) just before the call, less ``input_bytes`` (the
+    inputs, allocated already, count in the peak) and less ``kept``: the bytes
+    (allocated, reserved) this form kept from its earlier calls (the stream's graph buffers and
+    pools, captured at the first length). So a form's peak is the memory above the weights that it
+    needs itself, at every length, and never the buffers other forms keep alive in the same run
+    (several streams side by side each keep their own graphs). The first call warms up (Triton
+    autotuning, CUDA graph capture) and is not timed. Reserved counts what allocated does not: a
+    CUDA graph's private pool keeps the blocks its capture freed (they are written again by every
+    replay). The last element is what this call left behind (allocated, reserved) besides its
+    output, for the next call's ``kept``."""
     nan = float("nan")
+    cuda = device.type == "cuda"
     with torch.no_grad():
-        if device.type == "cuda":
+        if cuda:
             _sync(device)
             torch.cuda.empty_cache()
+            before = (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
         try:
             first = fn()
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
-            return nan, nan, None, nan
+            return nan, nan, None, nan, kept
         first = first[0] if isinstance(first, (tuple, list)) else first
         _sync(device)
         if device.type == "cuda":
@@ -103,10 +111,16 @@ def measure(fn, device, repeats, base: tuple = (0, 0)):
             _sync(device)
             times.append(time.perf_counter() - t0)
             del out
-    cuda = device.type == "cuda"
-    peak = torch.cuda.max_memory_allocated() - base[0] if cuda else nan
-    reserved = torch.cuda.max_memory_reserved() - base[1] if cuda else nan
-    return sorted(times)[len(times) // 2], peak, first, reserved
+    median = sorted(times)[len(times) // 2]
+    if not cuda:
+        return median, nan, first, nan, kept
+    peak = torch.cuda.max_memory_allocated() - before[0] + kept[0] + input_bytes
+    reserved = torch.cuda.max_memory_reserved() - before[1] + kept[1]
+    torch.cuda.empty_cache()
+    output = first.numel() * first.element_size()
+    left = (torch.cuda.memory_allocated(device) - before[0] - output + kept[0],
+            torch.cuda.memory_reserved(device) - before[1] + kept[1])
+    return median, peak, first, reserved, left
 
 
 def _union_ns(intervals) -> int:
@@ -186,10 +200,7 @@ def main(argv=None):
                       "strm+c": lambda a, kw: compiled_runner(*a, **kw)})
     if args.only:
         forms = {k: (v if k in args.only else None) for k, v in forms.items()}
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    # the weights (and feature maps): allocated, and reserved by the caching allocator
-    base = (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)) if device.type == "cuda" else (0, 0)
+    kept = dict.fromkeys(forms, (0, 0))  # what each form keeps between calls (graph buffers), bytes
     pairs = [("", "orig", "conv", "strm")] + ([("c ", "orig+c", "conv+c", "strm+c")] if args.compile else [])
     pairs += [(f"G{g} ", "orig", "conv", f"strm{g}") for g in more_g]
     header = f"{'frames':>6} {'latent':>6} {'tokens':>7} " + " ".join(f"{k + ' ms':>9}" for k in forms)
@@ -202,12 +213,14 @@ def main(argv=None):
         a, kw = inputs(frames, args, device)
         latent = a[0].shape[2]
         tokens = latent * (args.height // 2) * (args.width // 2)
+        input_bytes = sum(t.numel() * t.element_size() for t in [*a, *kw.values()] if isinstance(t, torch.Tensor))
         result = {}
         for key, fn in forms.items():
             skip = fn is None or (key.startswith("orig") and frames > args.skip_original_above) or \
                    (frames in args.stream_only and key != "orig" and not (key.startswith("strm") and "+" not in key))
-            result[key] = (float("nan"), float("nan"), None, float("nan")) if skip else measure(lambda: fn(a, kw), device,
-                                                                                   args.repeats, base)
+            result[key] = (float("nan"), float("nan"), None, float("nan"), kept[key]) if skip else \
+                measure(lambda: fn(a, kw), device, args.repeats, kept[key], input_bytes)
+            kept[key] = result[key][4]
             if frames in args.profile_frames and not skip:
                 profiles[(frames, key)] = profile(lambda: fn(a, kw), device, args.profile_table, f"{frames} frames {key}")
         t = {k: v[0] for k, v in result.items()}

@@ -108,14 +108,19 @@ def test_a_longer_video_replays_the_same_graphs(wan_cuda):
 
 
 def test_several_chunks_per_step_replay_the_fused_steps_in_one_graph(wan_cuda):
-    """chunks_per_step=2: 7 frames in steps of 4 + 3 (2 + 1), each step one graph running its chunks'
-    fused steps in turn -- the function of the one-chunk stream."""
+    """chunks_per_step=2: 7 frames in steps of 4 + 3 (2 + 1), each step one graph whose layers run
+    their chunks in one chunk-parallel launch from the carried state
+    (``triton_step.hybrid_attention_steps_fused``) -- the function of the one-chunk stream.
+
+    The two streams run different kernels (the parallel kernel's block order, not the step
+    kernel's), so they agree to bf16 rounding, not bitwise: 1.9e-3 relative L2 measured on the H200
+    (2026-12-01), under bf16's unit roundoff 2**-8 = 3.9e-3; the bound is that roundoff."""
     hybrid, args, kwargs = wan_cuda
     grouped, single = rc.stream(hybrid, chunks_per_step=2), rc.stream(hybrid, cuda_graphs=False)
     with torch.no_grad():
         y_grouped = grouped(*args, **kwargs)[0]
         y_single = single(*args, **kwargs)[0]
         y_conv = hybrid(*args, **kwargs)[0]
-    assert _rel(y_grouped, y_single) < 1e-3
+    assert _rel(y_grouped, y_single) < 2**-8
     assert _rel(y_grouped, y_conv) < 2e-2
     assert sum(g is not None for g in grouped._steps._graphs.values()) == 2

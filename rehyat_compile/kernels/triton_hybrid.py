@@ -52,10 +52,12 @@ def interpreting() -> bool:
 @triton.jit
 def _frame_states_kernel(FK, V, STATES,
                          s_fk_b, s_fk_h, s_fk_n, s_v_b, s_v_h, s_v_n,
-                         n_heads, frames, tokens_per_frame, extra_before, feature_dim,
+                         n_heads, table_frames, first_row, tokens_per_frame, extra_before, feature_dim,
                          HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_T: tl.constexpr):
-    """Program (bh, frame, d-block): STATES[bh, frame+1] = (phi_k^T v, sum phi_k) of that frame."""
+    """Program (bh, frame, d-block): STATES[bh, first_row + frame + 1] = (phi_k^T v, sum phi_k) of that
+    frame (a table of ``table_frames + 1`` rows per head; ``first_row`` > 0 when frames of another
+    source -- a recurrent step's overlap cache -- come first)."""
     bh = tl.program_id(0)
     frame = tl.program_id(1)
     d_block = tl.program_id(2)
@@ -80,7 +82,7 @@ def _frame_states_kernel(FK, V, STATES,
         fk_ptrs += BLOCK_T * s_fk_n
         v_ptrs += BLOCK_T * s_v_n
     row_width = feature_dim * HEAD_DIM + feature_dim
-    row = STATES + (bh.to(tl.int64) * (frames + 1) + frame + 1) * row_width
+    row = STATES + (bh.to(tl.int64) * (table_frames + 1) + first_row + frame + 1) * row_width
     tl.store(row + offs_f[:, None] * HEAD_DIM + offs_d[None, :], s_acc, mask=f_ok[:, None])
     if d_block == 0:
         tl.store(row + feature_dim * HEAD_DIM + offs_f, z_acc, mask=f_ok)
@@ -101,14 +103,19 @@ def _prefix_sum_kernel(STATES, frames, row_width, BLOCK: tl.constexpr):
         ptrs += row_width
 
 
-def prefix_states(fk, v, *, tokens_per_frame: int, extra_before: int, frames: int, initial=None) -> torch.Tensor:
+def prefix_states(fk, v, *, tokens_per_frame: int, extra_before: int, frames: int, initial=None,
+                  cache=None) -> torch.Tensor:
     """fp32 table ``[B*H, frames+1, F*D + F]``: row f holds (S, z) summed over video frames [0, f),
     S flattened row-major (F, D) then z (F), plus ``initial`` = (S [B, H, F, D], z [B, H, F]) when given
-    (a carried state: the recurrent step over several chunks)."""
+    (a carried state: the recurrent step over several chunks). ``cache`` = (phi_k, v) [B, H, C, *]:
+    C rows (whole frames) that come before fk, v's video frames (a step's overlap cache, read in
+    place); the table then has ``C / tokens_per_frame + frames + 1`` rows."""
     bsz, heads, _, d = v.shape
     feat = fk.shape[-1]
     row_width = feat * d + feat
-    states = torch.empty(bsz * heads, frames + 1, row_width, device=v.device, dtype=torch.float32)
+    cache_frames = 0 if cache is None else cache[1].shape[2] // tokens_per_frame
+    table_frames = cache_frames + frames
+    states = torch.empty(bsz * heads, table_frames + 1, row_width, device=v.device, dtype=torch.float32)
     if initial is None:
         states[:, 0].zero_()
     else:
@@ -118,12 +125,16 @@ def prefix_states(fk, v, *, tokens_per_frame: int, extra_before: int, frames: in
     block_f = max(16, triton.next_power_of_2(feat))
     block_d = min(d, 16 if small else 64)
     block_t = 16 if small else 64
-    _frame_states_kernel[(bsz * heads, frames, d // block_d)](
-        fk, v, states, fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        heads, frames, tokens_per_frame, extra_before, feat,
-        HEAD_DIM=d, BLOCK_F=block_f, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4)
+    sources = [(fk, v, frames, cache_frames, extra_before)]
+    if cache_frames:
+        sources.append((*cache, cache_frames, 0, 0))
+    for fk_src, v_src, n_frames, first_row, before in sources:
+        _frame_states_kernel[(bsz * heads, n_frames, d // block_d)](
+            fk_src, v_src, states, *fk_src.stride()[:3], *v_src.stride()[:3],
+            heads, table_frames, first_row, tokens_per_frame, before, feat,
+            HEAD_DIM=d, BLOCK_F=block_f, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4)
     block = 64 if small else 1024
-    _prefix_sum_kernel[(bsz * heads, triton.cdiv(row_width, block))](states, frames, row_width, BLOCK=block,
+    _prefix_sum_kernel[(bsz * heads, triton.cdiv(row_width, block))](states, table_frames, row_width, BLOCK=block,
                                                                       num_warps=4)
     return states
 
@@ -241,19 +252,21 @@ def _attend_valid(acc, l_i, m_i, q, k_src, v_src, b, h, n_keys, s_k_n, s_v_n, va
 
 
 @triton.jit
-def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT, VALID,
+def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT, KC, VC, VALID,
                        s_q_b, s_q_h, s_q_n, s_k_b, s_k_h, s_k_n, s_v_b, s_v_h, s_v_n,
                        s_fq_b, s_fq_h, s_fq_n, s_o_b, s_o_h, s_o_n,
+                       s_kc_b, s_kc_h, s_kc_n, s_vc_b, s_vc_h, s_vc_n,
                        n_heads, n_tokens, frames, tokens_per_frame, chunk_frames, overlap_frames,
                        extra_before, extra_after, feature_dim, qk_scale, first_frame,
                        CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_MODE: tl.constexpr,
                        CACHE: tl.constexpr):
     """Program (query block, bh): BLOCK_M video queries of one chunk -> their rows of OUT.
-    K, V are tensors (KV_MODE 0, 2) or 4-D tensor descriptors (KV_MODE 1). Chunks start at frame
-    ``first_frame`` of K, V and the state table; Q, FQ and OUT hold rows from that frame on. CACHE:
-    frames [0, first_frame) are a recurrent step's overlap cache, its keys masked by VALID (uint8 per
-    row) where a chunk's window reaches them (no extra tokens then)."""
+    K, V (and KC, VC) are tensors (KV_MODE 0, 2) or 4-D tensor descriptors (KV_MODE 1). Chunks start
+    at frame ``first_frame`` of the state table; Q, FQ, OUT, K and V hold rows from that frame on.
+    CACHE: frames [0, first_frame) are a recurrent step's overlap cache, read in place from KC, VC
+    (``first_frame * tokens_per_frame`` rows) with its keys masked by VALID (uint8 per row) where a
+    chunk's window reaches them (no extra tokens then)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b32 = bh // n_heads                   # descriptor coordinates are int32
@@ -271,21 +284,30 @@ def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT, VALID,
         offs_m = row0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < rows_here
         tokens = (extra_before + f_start * tokens_per_frame + offs_m).to(tl.int64)
-        rows = tokens - first_frame * tokens_per_frame          # the same rows of Q, FQ and OUT
+        rows = tokens - first_frame * tokens_per_frame          # the same rows of Q, FQ, OUT, K and V
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * s_q_b + h * s_q_h + rows[:, None] * s_q_n + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
+        cache_rows = first_frame * tokens_per_frame
         if KV_MODE == 0:
             k_src = K + b * s_k_b + h * s_k_h
             v_src = V + b * s_v_b + h * s_v_h
+            kc_src = KC + b * s_kc_b + h * s_kc_h
+            vc_src = VC + b * s_vc_b + h * s_vc_h
         elif KV_MODE == 1:
             k_src = K
             v_src = V
+            kc_src = KC
+            vc_src = VC
         else:
             k_src = tl.make_tensor_descriptor(K + b * s_k_b + h * s_k_h, shape=[n_tokens, HEAD_DIM],
                                               strides=[s_k_n, 1], block_shape=[BLOCK_N, HEAD_DIM])
             v_src = tl.make_tensor_descriptor(V + b * s_v_b + h * s_v_h, shape=[n_tokens, HEAD_DIM],
                                               strides=[s_v_n, 1], block_shape=[BLOCK_N, HEAD_DIM])
+            kc_src = tl.make_tensor_descriptor(KC + b * s_kc_b + h * s_kc_h, shape=[cache_rows, HEAD_DIM],
+                                               strides=[s_kc_n, 1], block_shape=[BLOCK_N, HEAD_DIM])
+            vc_src = tl.make_tensor_descriptor(VC + b * s_vc_b + h * s_vc_h, shape=[cache_rows, HEAD_DIM],
+                                               strides=[s_vc_n, 1], block_shape=[BLOCK_N, HEAD_DIM])
 
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -293,15 +315,16 @@ def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT, VALID,
         w_start = tl.maximum(f_start - overlap_frames, 0)
         if CACHE and w_start < first_frame:
             # the chunk's own frames first (always valid: a finite running max), then the cached ones
-            acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b32, h32, first_frame * tokens_per_frame,
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b32, h32, 0,
                                     (f_stop - first_frame) * tokens_per_frame, s_k_n, s_v_n, qk_scale,
                                     BLOCK_N, HEAD_DIM, KV_MODE)
-            acc, l_i, m_i = _attend_valid(acc, l_i, m_i, q, k_src, v_src, b32, h32, first_frame * tokens_per_frame,
-                                          s_k_n, s_v_n, VALID, qk_scale, BLOCK_N, HEAD_DIM, KV_MODE)
+            acc, l_i, m_i = _attend_valid(acc, l_i, m_i, q, kc_src, vc_src, b32, h32, cache_rows,
+                                          s_kc_n, s_vc_n, VALID, qk_scale, BLOCK_N, HEAD_DIM, KV_MODE)
         else:
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b32, h32,
-                                    extra_before + w_start * tokens_per_frame, (f_stop - w_start) * tokens_per_frame,
-                                    s_k_n, s_v_n, qk_scale, BLOCK_N, HEAD_DIM, KV_MODE)
+                                    extra_before + (w_start - first_frame) * tokens_per_frame,
+                                    (f_stop - w_start) * tokens_per_frame, s_k_n, s_v_n, qk_scale,
+                                    BLOCK_N, HEAD_DIM, KV_MODE)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b32, h32, 0, extra_before, s_k_n, s_v_n, qk_scale,
                                 BLOCK_N, HEAD_DIM, KV_MODE)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, b32, h32, n_tokens - extra_after, extra_after,
@@ -334,7 +357,7 @@ def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT, VALID,
 
 def _set_descriptor_blocks(nargs) -> None:
     """Autotune pre-hook: a host descriptor's block is the config's [1, 1, BLOCK_N, D] tile."""
-    for name in ("K", "V"):
+    for name in ("K", "V", "KC", "VC"):
         if isinstance(nargs[name], TensorDescriptor):
             nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
 
@@ -358,33 +381,37 @@ def _device_descriptor_scratch(size: int, alignment: int, stream):
 
 
 def launch_main_kernel(q, k, v, fq, states, out, *, tokens_per_frame, chunk_frames, overlap_frames, causal,
-                       extra_before, extra_after, scale, kv_mode=None, config=None, cache_valid=None) -> None:
+                       extra_before, extra_after, scale, kv_mode=None, config=None, cache=None) -> None:
     """Run :func:`_hybrid_fwd_kernel` into ``out``. kv_mode None picks HOST_TMA on a GPU when the
     strides allow it, else POINTERS; config None autotunes (fixed 16x16 blocks when interpreting).
-    ``cache_valid`` (bool [C]): k, v (and the state table) start with C rows of an overlap cache that
-    q, fq and out do not hold; chunks start after it (the recurrent step over several chunks)."""
+    ``cache`` = (k_cache, v_cache [B, H, C, D], valid bool [C]): C rows (whole frames) of an overlap
+    cache before k, v's frames, read in place; the state table starts with the cache's frames, and
+    chunks start after them (the recurrent step over several chunks)."""
     bsz, heads, _, d = q.shape
     n = k.shape[2]
     feat = fq.shape[-1]
+    k_cache, v_cache, cache_valid = (k, v, None) if cache is None else cache
     first_frame = 0 if cache_valid is None else cache_valid.numel() // tokens_per_frame
-    frames = (n - extra_before - extra_after) // tokens_per_frame
+    frames = first_frame + (n - extra_before - extra_after) // tokens_per_frame
     n_chunks = -(-(frames - first_frame) // chunk_frames)
     chunk_rows = chunk_frames * tokens_per_frame
+    sources = (k, v, k_cache, v_cache)
     if kv_mode is None:
-        kv_mode = HOST_TMA if not interpreting() and _tma_ready(k) and _tma_ready(v) else POINTERS
-    k_src, v_src = k, v
+        kv_mode = HOST_TMA if not interpreting() and all(_tma_ready(t) for t in sources) else POINTERS
+    srcs = sources
     if kv_mode == HOST_TMA:
         block_n = config.kwargs["BLOCK_N"] if config else 16
-        k_src, v_src = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, d]) for t in (k, v))
+        srcs = tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, d]) for t in sources)
     elif kv_mode == DEVICE_TMA:
         triton.set_allocator(_device_descriptor_scratch)
-    cache = cache_valid is not None and first_frame > 0
-    valid = cache_valid.view(torch.uint8) if cache else torch.zeros(1, dtype=torch.uint8, device=q.device)
-    args = (q, k_src, v_src, fq, states, out, valid, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *fq.stride()[:3], *out.stride()[:3], heads, n, frames, tokens_per_frame, chunk_frames, overlap_frames,
+    has_cache = first_frame > 0
+    valid = cache_valid.view(torch.uint8) if has_cache else torch.zeros(1, dtype=torch.uint8, device=q.device)
+    args = (q, srcs[0], srcs[1], fq, states, out, srcs[2], srcs[3], valid, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *fq.stride()[:3], *out.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
+            heads, n, frames, tokens_per_frame, chunk_frames, overlap_frames,
             extra_before, extra_after, feat, scale * LOG2E, first_frame)
     consts = dict(CAUSAL=causal, HEAD_DIM=d, BLOCK_F=max(16, triton.next_power_of_2(feat)), KV_MODE=kv_mode,
-                  CACHE=cache)
+                  CACHE=has_cache)
     if config is None and interpreting():
         config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})
     if config is None:

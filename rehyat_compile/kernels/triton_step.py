@@ -251,9 +251,10 @@ def hybrid_attention_step_fused(q, k, v, fq, fk, state: HybridState, *, tokens_p
 def hybrid_attention_steps_fused(q, k, v, fq, fk, state: HybridState, *, tokens_per_frame: int, chunk_frames: int,
                                  overlap_frames: int, scale: float):
     """Several consecutive chunks in one call (:func:`rehyat_compile.attention.hybrid_attention_steps`,
-    no extra tokens) on the chunk-parallel kernel: K, V, phi_k = [overlap cache, the call's frames]
-    (one copy), the prefix-state table starting from the carried S, z, chunks from the cache's end, the
-    first chunk's window reading the cache through its valid mask. The new S, z are the table's row of
+    no extra tokens) on the chunk-parallel kernel: keys [overlap cache, the call's frames] read in place
+    from the two sources (no copy), the prefix-state table starting from the carried S, z and the
+    cache's frames, chunks from the cache's end, the first chunk's window reading the cache through
+    its valid mask. The new S, z are the table's row of
     the frames that leave the window, the new cache the last ``To`` frames. One launch per layer at the
     parallel kernel's rate, instead of one step launch per chunk. Returns (y [B, H, N, D] -- a view of
     [B, N, H, D] memory -- in q's dtype, the state after the last chunk)."""
@@ -262,16 +263,15 @@ def hybrid_attention_steps_fused(q, k, v, fq, fk, state: HybridState, *, tokens_
     cache_rows = state.k_overlap.shape[2]
     n = q.shape[2]
     q, k, v, fq, fk = (_last_dim_contiguous(t) for t in (q, k, v, fq, fk))
-    k_ext, v_ext, fk_ext = (torch.cat([c.to(x.dtype), x], dim=2) for c, x in
-                            ((state.k_overlap, k), (state.v_overlap, v), (state.fk_overlap, fk)))
+    k_cache, v_cache, fk_cache = (_last_dim_contiguous(t) for t in state[2:5])
     frames_ext = cache_rows // m + n // m
-    table = prefix_states(fk_ext, v_ext, tokens_per_frame=m, extra_before=0, frames=frames_ext,
-                          initial=(state.s, state.z))
+    table = prefix_states(fk, v, tokens_per_frame=m, extra_before=0, frames=n // m, initial=(state.s, state.z),
+                          cache=(fk_cache, v_cache))
     bsz, heads, _, d = q.shape
     out = torch.empty(bsz, n, heads, d, device=q.device, dtype=q.dtype).transpose(1, 2)
-    launch_main_kernel(q, k_ext, v_ext, fq, table, out, tokens_per_frame=m, chunk_frames=chunk_frames,
+    launch_main_kernel(q, k, v, fq, table, out, tokens_per_frame=m, chunk_frames=chunk_frames,
                        overlap_frames=overlap_frames, causal=True, extra_before=0, extra_after=0, scale=scale,
-                       cache_valid=state.overlap_valid)
+                       cache=(k_cache, v_cache, state.overlap_valid))
     feat = fk.shape[-1]
     leave = table[:, frames_ext - cache_rows // m]          # S, z over every frame before the new cache
     s = leave[:, :feat * d].reshape(state.s.shape).clone()
