@@ -386,11 +386,12 @@ def launch_main_kernel(q, k, v, fq, states, out, *, tokens_per_frame, chunk_fram
     strides allow it, else POINTERS; config None autotunes (fixed 16x16 blocks when interpreting).
     ``cache`` = (k_cache, v_cache [B, H, C, D], valid bool [C]): C rows (whole frames) of an overlap
     cache before k, v's frames, read in place; the state table starts with the cache's frames, and
-    chunks start after them (the recurrent step over several chunks)."""
+    chunks start after them (the recurrent step over several chunks). C = 0 runs as no cache."""
     bsz, heads, _, d = q.shape
     n = k.shape[2]
     feat = fq.shape[-1]
-    k_cache, v_cache, cache_valid = (k, v, None) if cache is None else cache
+    # an empty cache (overlap_frames = 0) is no cache: no zero-row tensor reaches a TMA descriptor
+    k_cache, v_cache, cache_valid = (k, v, None) if cache is None or not cache[2].numel() else cache
     first_frame = 0 if cache_valid is None else cache_valid.numel() // tokens_per_frame
     frames = first_frame + (n - extra_before - extra_after) // tokens_per_frame
     n_chunks = -(-(frames - first_frame) // chunk_frames)
