@@ -241,14 +241,14 @@ class StreamRunner(torch.nn.Module):
     # -- running ----------------------------------------------------------------------------------
     def _chunk_calls(self, plan: "_Plan", chunks_per_step: int | None = None):
         """Yields (program, chunk frames, the step program's arguments, its outputs) per step, states
-        fed through; a step covers ``chunks_per_step`` chunks (the runner's by default)."""
+        fed through; steps as :func:`step_spans` cuts them for ``chunks_per_step`` (the runner's by
+        default)."""
         device = _device(plan.flat)
         tables: dict[int, tuple] = {}
         states = None
         step = self._steps.call(device)
-        per_step = plan.chunk_frames * (self.chunks_per_step if chunks_per_step is None else chunks_per_step)
-        for start in range(0, plan.frames, per_step):
-            stop = min(start + per_step, plan.frames)
+        per_step = self.chunks_per_step if chunks_per_step is None else chunks_per_step
+        for start, stop in step_spans(plan.frames, plan.chunk_frames, per_step):
             program = plan.program(stop - start)
             if stop - start > plan.chunk_frames:
                 _check_several_chunks(program, self.chunks_per_step)
@@ -277,8 +277,8 @@ class StreamRunner(torch.nn.Module):
                     for _, length, arguments, _ in self._chunk_calls(self.plan(*args, **kwargs), 1)]
 
     def iter_chunks(self, *args, **kwargs):
-        """One output per step (a chunk, or ``chunks_per_step`` of them), each in the model's output
-        structure restricted to that step's frames."""
+        """One output per step (:func:`step_spans`: a chunk, or up to ``chunks_per_step`` of them), each
+        in the model's output structure restricted to that step's frames."""
         for program, outs in self._run_chunks(self.plan(*args, **kwargs)):
             yield pytree.tree_unflatten(outs, program.out_spec) if program.out_spec is not None else outs
 
@@ -350,6 +350,34 @@ class StreamRunner(torch.nn.Module):
         return {"inputs": placeholders[:n_in], "tables": placeholders[n_in:n_in + n_tab],
                 "states_in": states, "outputs": [f"output_{i}" for i in range(program.n_outputs)],
                 "states_out": states, "chunk_frames": program.chunk_frames}
+
+
+def step_spans(frames: int, chunk_frames: int, chunks_per_step: int) -> list[tuple[int, int]]:
+    """The (start, stop) frames of each step program call over a video of ``frames`` frames.
+
+    Steps of ``chunks_per_step`` (G) whole chunks while that many remain; the r < G whole chunks
+    left run as steps of the powers of two in r, largest first (r = 6: 4 + 2); a short last chunk
+    (``frames % chunk_frames`` frames) is a step of its own. Every step length is then one of
+    G, 4, 2, 1 ... chunks or the short chunk, whatever the video length: a runner that serves many
+    lengths captures at most log2(G) + 2 full-chunk graphs (and traces as many step programs where
+    the export has a fixed shape), instead of one per remainder. G = 1 is chunk by chunk."""
+    whole, short = divmod(frames, chunk_frames)
+    spans, start = [], 0
+
+    def take(chunks):
+        nonlocal start
+        spans.append((start, start + chunks * chunk_frames))
+        start += chunks * chunk_frames
+
+    for _ in range(whole // chunks_per_step):
+        take(chunks_per_step)
+    rest = whole % chunks_per_step
+    for bit in reversed(range(rest.bit_length())):
+        if rest >> bit & 1:
+            take(1 << bit)
+    if short:
+        spans.append((start, frames))
+    return spans
 
 
 def _check_several_chunks(program: StepProgram, chunks_per_step: int) -> None:
@@ -600,4 +628,4 @@ def stream(hybrid, *, table_device=None, cuda_graphs=None, compile=False, chunks
                         chunks_per_step=chunks_per_step)
 
 
-__all__ = ["StreamRunner", "stream"]
+__all__ = ["StreamRunner", "step_spans", "stream"]

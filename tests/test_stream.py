@@ -9,6 +9,7 @@ from torch.export import Dim
 import rehyat_compile as rc
 from rehyat_compile.passes.thread_state import STATE_FIELDS, thread_state
 from rehyat_compile.passes.rewrite_attention import ConversionOptions
+from rehyat_compile.stream import step_spans
 from rehyat_compile.transform import ConversionPlan
 from models import MODELS
 
@@ -284,8 +285,33 @@ def test_several_chunks_per_step_is_the_same_function(frames, chunk, overlap, pa
         several = rc.stream(hybrid, chunks_per_step=per_step)
         outputs_close(several(x, t), one, tol=1e-5)
         outputs_close(several(x, t), model(x, t))
-        # G chunks per step program: ceil(frames / (G * Tc)) steps
-        assert len(list(several.iter_chunks(x, t))) == -(-frames // (per_step * chunk))
+        # steps as step_spans cuts them: one output per step
+        assert len(list(several.iter_chunks(x, t))) == len(step_spans(frames, chunk, per_step))
+
+
+@given(frames=st.integers(1, 200), chunk=st.integers(1, 5), per_step=st.integers(1, 16))
+def test_steps_cover_the_video_in_few_distinct_lengths(frames, chunk, per_step):
+    spans = step_spans(frames, chunk, per_step)
+    assert spans[0][0] == 0 and spans[-1][1] == frames
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))          # contiguous, in order
+    whole, short = divmod(frames, chunk)
+    lengths = [stop - start for start, stop in spans]
+    # full steps of G chunks, then the remainder's powers of two largest first, then the short chunk
+    full = [n // chunk for n in lengths[:len(lengths) - bool(short)]]
+    assert full[:whole // per_step] == [per_step] * (whole // per_step)
+    rest = full[whole // per_step:]
+    assert sum(rest) == whole % per_step and rest == sorted(rest, reverse=True)
+    assert all(r & (r - 1) == 0 for r in rest) and len(set(rest)) == len(rest)
+    assert not short or lengths[-1] == short
+    if per_step == 1:
+        assert lengths == [chunk] * whole + ([short] if short else [])
+
+
+def test_a_runner_over_many_lengths_needs_few_step_lengths():
+    """Every video length from 1 to 400 frames (Tc = 3, G = 7) uses 7, 4, 2 or 1 chunks per step or a
+    short chunk of 1 or 2 frames: 6 step lengths, where one step per remainder would need 21."""
+    lengths = {stop - start for f in range(1, 401) for start, stop in step_spans(f, 3, 7)}
+    assert lengths == {21, 12, 6, 3, 1, 2}
 
 
 @pytest.mark.slow
