@@ -197,3 +197,25 @@ def test_several_chunks_in_one_launch_equal_the_torch_steps(frames, tc, to, grou
             assert x.shape == y.shape, name
             assert _rel(x.float(), y.float()) < (1e-4 if name in ("s", "z") else 3e-3), name
     assert type(got_state) is type(ref_state)   # a short last chunk marks the state final
+
+
+@pytest.mark.parametrize("to", [0, 1, 2])
+@pytest.mark.parametrize("kv_mode", ["POINTERS", "HOST_TMA", "DEVICE_TMA"])
+def test_several_chunks_read_the_cache_in_every_key_load_mode(kv_mode, to):
+    """The grouped launch reads the overlap cache as its own K/V source: through pointers, host TMA
+    descriptors or in-kernel ones, and with no cache at all (To = 0: no zero-row descriptor)."""
+    from rehyat_compile.attention import hybrid_attention_steps
+    from rehyat_compile.kernels import triton_hybrid
+    m, tc = 8, 2
+    layout = dict(tokens_per_frame=m, chunk_frames=tc, overlap_frames=to, scale=0.25)
+    [video] = _chunks([8], m, 2, 16, 16, torch.float16)
+    first, second = ([t[:, :, rows] for t in video] for rows in (slice(0, 4 * m), slice(4 * m, 8 * m)))
+    with torch.no_grad():
+        _, ref_state = hybrid_attention_steps(*(t.cpu().float() for t in first), None, **layout)
+        ref_y, _ = hybrid_attention_steps(*(t.cpu().float() for t in second), ref_state, **layout)
+        state = rc.attention.initial_state(first[1], first[2], first[4], to * m)
+        _, state = triton_step.hybrid_attention_steps_fused(*first, state, **layout,
+                                                            kv_mode=getattr(triton_hybrid, kv_mode))
+        got_y, _ = triton_step.hybrid_attention_steps_fused(*second, state, **layout,
+                                                            kv_mode=getattr(triton_hybrid, kv_mode))
+    assert _rel(got_y, ref_y) < 3e-3

@@ -304,10 +304,14 @@ def _hybrid_fwd_kernel(Q, K, V, FQ, STATES, OUT, KC, VC, VALID,
                                               strides=[s_k_n, 1], block_shape=[BLOCK_N, HEAD_DIM])
             v_src = tl.make_tensor_descriptor(V + b * s_v_b + h * s_v_h, shape=[n_tokens, HEAD_DIM],
                                               strides=[s_v_n, 1], block_shape=[BLOCK_N, HEAD_DIM])
-            kc_src = tl.make_tensor_descriptor(KC + b * s_kc_b + h * s_kc_h, shape=[cache_rows, HEAD_DIM],
-                                               strides=[s_kc_n, 1], block_shape=[BLOCK_N, HEAD_DIM])
-            vc_src = tl.make_tensor_descriptor(VC + b * s_vc_b + h * s_vc_h, shape=[cache_rows, HEAD_DIM],
-                                               strides=[s_vc_n, 1], block_shape=[BLOCK_N, HEAD_DIM])
+            if CACHE:
+                kc_src = tl.make_tensor_descriptor(KC + b * s_kc_b + h * s_kc_h, shape=[cache_rows, HEAD_DIM],
+                                                   strides=[s_kc_n, 1], block_shape=[BLOCK_N, HEAD_DIM])
+                vc_src = tl.make_tensor_descriptor(VC + b * s_vc_b + h * s_vc_h, shape=[cache_rows, HEAD_DIM],
+                                                   strides=[s_vc_n, 1], block_shape=[BLOCK_N, HEAD_DIM])
+            else:  # unused: no zero-row descriptor is ever built
+                kc_src = k_src
+                vc_src = v_src
 
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

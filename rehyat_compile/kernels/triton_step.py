@@ -249,7 +249,7 @@ def hybrid_attention_step_fused(q, k, v, fq, fk, state: HybridState, *, tokens_p
 
 
 def hybrid_attention_steps_fused(q, k, v, fq, fk, state: HybridState, *, tokens_per_frame: int, chunk_frames: int,
-                                 overlap_frames: int, scale: float):
+                                 overlap_frames: int, scale: float, kv_mode: int | None = None):
     """Several consecutive chunks in one call (:func:`rehyat_compile.attention.hybrid_attention_steps`,
     no extra tokens) on the chunk-parallel kernel: keys [overlap cache, the call's frames] read in place
     from the two sources (no copy), the prefix-state table starting from the carried S, z and the
@@ -257,7 +257,8 @@ def hybrid_attention_steps_fused(q, k, v, fq, fk, state: HybridState, *, tokens_
     its valid mask. The new S, z are the table's row of
     the frames that leave the window, the new cache the last ``To`` frames. One launch per layer at the
     parallel kernel's rate, instead of one step launch per chunk. Returns (y [B, H, N, D] -- a view of
-    [B, N, H, D] memory -- in q's dtype, the state after the last chunk)."""
+    [B, N, H, D] memory -- in q's dtype, the state after the last chunk). ``kv_mode``: how the kernel
+    reads keys, cache included (``launch_main_kernel``'s; None picks)."""
     from .triton_hybrid import launch_main_kernel, prefix_states
     m = tokens_per_frame
     cache_rows = state.k_overlap.shape[2]
@@ -271,7 +272,7 @@ def hybrid_attention_steps_fused(q, k, v, fq, fk, state: HybridState, *, tokens_
     out = torch.empty(bsz, n, heads, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     launch_main_kernel(q, k, v, fq, table, out, tokens_per_frame=m, chunk_frames=chunk_frames,
                        overlap_frames=overlap_frames, causal=True, extra_before=0, extra_after=0, scale=scale,
-                       cache=(k_cache, v_cache, state.overlap_valid))
+                       cache=(k_cache, v_cache, state.overlap_valid), kv_mode=kv_mode)
     feat = fk.shape[-1]
     leave = table[:, frames_ext - cache_rows // m]          # S, z over every frame before the new cache
     s = leave[:, :feat * d].reshape(state.s.shape).clone()
