@@ -102,7 +102,7 @@ def measure(fn, device, repeats, kept: tuple = (0, 0), input_bytes: int = 0):
             return nan, nan, None, nan, kept
         first = first[0] if isinstance(first, (tuple, list)) else first
         _sync(device)
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(repeats):
@@ -187,7 +187,7 @@ def main(argv=None):
     print(f"device {name}; torch {torch.__version__}; Wan2.1-1.3B shapes, {args.layers} blocks, weights "
           f"{weights / gib:.2f} GiB bf16, Tc={args.chunk_frames} To={args.overlap_frames}, streamed "
           f"{first_g} chunk(s) per step (strmG: G per step); peak = GPU memory above "
-          f"the weights (inputs, outputs, working memory, the stream's state and graph buffers); strm/wts = (weights + streamed peak) / weights; strm res = streamed peak of reserved memory above the weights' GiB (graph pools included); err = streamed vs converted, relative "
+          f"the weights that each form needs itself (inputs, outputs, working memory, the stream's state and graph buffers); strm/wts = (weights + streamed peak) / weights; strm res = streamed peak of reserved memory above the weights' GiB (graph pools included); err = streamed vs converted, relative "
           f"L2 (bf16 tolerance {BF16_TOLERANCE:g}) and max abs")
     forms = {"orig": lambda a, kw: model(*a, **kw), "conv": lambda a, kw: hybrid(*a, **kw),
              "strm": lambda a, kw: runner(*a, **kw)}

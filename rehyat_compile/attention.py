@@ -444,7 +444,7 @@ def hybrid_attention_steps(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_fr
     chunk-parallel launch from the carried state, ``kernels/triton_step.py``). Returns (output for
     every token, state after the last chunk) -- the same function as stepping chunk by chunk, so a
     streamed model may run several chunks per step program (``rc.stream(..., chunks_per_step=G)``):
-    fewer, larger launches for the rest of the model, memory still independent of the video length. Extra (non-video)
+    fewer, larger launches for the rest of the model, the carried state of a fixed size. Extra (non-video)
     tokens belong to one chunk each, so they are refused when the call holds several chunks."""
     video = q.shape[2] - extra_before - extra_after      # a SymInt in traced step graphs: // and %, no divmod
     if not isinstance(tokens_per_frame, int) or tokens_per_frame < 1 or video % tokens_per_frame != 0 \

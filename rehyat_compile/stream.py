@@ -622,8 +622,8 @@ def stream(hybrid, *, table_device=None, cuda_graphs=None, compile=False, chunks
     """A :class:`StreamRunner` for a causal ``rc.transform`` result (raises ConversionError otherwise).
     ``cuda_graphs``: replay each step program as a CUDA graph (None: on CUDA, unless REHYAT_CUDA_GRAPHS=0);
     ``compile``: run each step program through torch.compile; ``chunks_per_step``: chunks one step
-    program runs (the same function; G chunks' activations in memory, still independent of the
-    video length; models whose sites attend to extra tokens take 1)."""
+    program runs (the same function; a step holds G chunks' activations, measured peaks in
+    docs/stream.md; models whose sites attend to extra tokens take 1)."""
     return StreamRunner(hybrid, table_device=table_device, cuda_graphs=cuda_graphs, compile=compile,
                         chunks_per_step=chunks_per_step)
 

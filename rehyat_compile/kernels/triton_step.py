@@ -265,7 +265,6 @@ def hybrid_attention_steps_fused(q, k, v, fq, fk, state: HybridState, *, tokens_
     n = q.shape[2]
     q, k, v, fq, fk = (_last_dim_contiguous(t) for t in (q, k, v, fq, fk))
     k_cache, v_cache, fk_cache = (_last_dim_contiguous(t) for t in state[2:5])
-    frames_ext = cache_rows // m + n // m
     table = prefix_states(fk, v, tokens_per_frame=m, extra_before=0, frames=n // m, initial=(state.s, state.z),
                           cache=(fk_cache, v_cache))
     bsz, heads, _, d = q.shape
@@ -274,7 +273,8 @@ def hybrid_attention_steps_fused(q, k, v, fq, fk, state: HybridState, *, tokens_
                        overlap_frames=overlap_frames, causal=True, extra_before=0, extra_after=0, scale=scale,
                        cache=(k_cache, v_cache, state.overlap_valid), kv_mode=kv_mode)
     feat = fk.shape[-1]
-    leave = table[:, frames_ext - cache_rows // m]          # S, z over every frame before the new cache
+    # row r sums the table's first r frames ([cache, frames]); all but the last To (the new cache) leave
+    leave = table[:, n // m]
     s = leave[:, :feat * d].reshape(state.s.shape).clone()
     z = leave[:, feat * d:].reshape(state.z.shape).clone()
     new_state = HybridState(s, z, *_next_cache(state, k, v, fk))
