@@ -22,6 +22,7 @@ lengths run only the streamed form and the original.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import time
 
@@ -57,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--profile-table", default=None, help="write each profiled form's top GPU kernels to this file")
     p.add_argument("--skip-original-above", type=int, default=10**9,
                    help="do not run the original model beyond this many pixel frames")
+    p.add_argument("--memory-at-peak", type=int, nargs="*", default=[],
+                   help="at these lengths, record each form's allocations (torch.cuda.memory history) and print "
+                        "what was live at its peak and at its end, by the line of code that allocated it")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -103,6 +107,7 @@ def measure(fn, device, repeats, kept: tuple = (0, 0), input_bytes: int = 0):
         first = first[0] if isinstance(first, (tuple, list)) else first
         _sync(device)
         if cuda:
+            torch.cuda.empty_cache()  # the warm-up's cached blocks (eager runs before a capture) are not the form's
             torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(repeats):
@@ -161,6 +166,70 @@ def profile(fn, device, table=None, title="") -> tuple[int, int, float]:
     return launches, len(kernels), busy
 
 
+def allocation_site(frames) -> str:
+    """The innermost stack frame outside torch's own Python files: the line of model, pass or runner code
+    that asked for the memory ("?" when every frame is torch's)."""
+    for f in frames:
+        name = f.get("filename", "")
+        if "/torch/" not in name and not name.startswith("<"):
+            return f"{name.rsplit('/', 2)[-2]}/{name.rsplit('/', 1)[-1]}:{f.get('line', 0)} {f.get('name', '')}"
+    return "?"
+
+
+def _by_site(blocks) -> dict:
+    by_site: dict[str, tuple[int, int]] = {}
+    for size, site in blocks:
+        total, count = by_site.get(site, (0, 0))
+        by_site[site] = (total + size, count + 1)
+    return dict(sorted(by_site.items(), key=lambda kv: -kv[1][0]))
+
+
+def live_at_peak(trace) -> tuple[int, dict, dict]:
+    """(peak bytes, {allocation site: (bytes, blocks)} live at the peak, the same for what is still live
+    at the trace's end) of a ``torch.cuda.memory._snapshot()`` device trace, counted from the trace's start:
+    allocations made before it are not in it. An ``alloc`` event adds its block, ``free_completed``
+    removes it (``free_requested`` is the stream-ordered request: the memory is not reusable until it
+    completes)."""
+    live, current, peak, at_peak = {}, 0, 0, {}
+    for event in trace:
+        action, addr = event.get("action"), event.get("addr")
+        if action == "alloc":
+            live[addr] = (event["size"], allocation_site(event.get("frames", [])))
+            current += event["size"]
+            if current > peak:
+                peak, at_peak = current, dict(live)
+        elif action == "free_completed" and addr in live:
+            current -= live.pop(addr)[0]
+    return peak, _by_site(at_peak.values()), _by_site(live.values())
+
+
+class RecordedMemory:
+    """Context: the CUDA allocator's history recorded inside it; on leaving, prints the peak above the
+    start and the ``top`` allocation sites live at it, then those still live at the end (what the form
+    keeps: graph buffers, static states)."""
+
+    def __init__(self, title: str, top: int = 10):
+        self.title, self.top = title, top
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=4_000_000)
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        peak, at_peak, at_end = live_at_peak(snapshot["device_traces"][torch.cuda.current_device()])
+        print(f"memory, {self.title}: peak {peak / 2**30:.2f} GiB above the start; live at the peak:")
+        for site, (size, blocks) in list(at_peak.items())[:self.top]:
+            print(f"  {size / 2**20:>9.1f} MiB {blocks:>5} blocks  {site}")
+        print(f"  still live at the end: {sum(v[0] for v in at_end.values()) / 2**30:.2f} GiB")
+        for site, (size, blocks) in list(at_end.items())[:self.top]:
+            print(f"  {size / 2**20:>9.1f} MiB {blocks:>5} blocks  {site}")
+        return False
+
+
 def rel_error(out, ref) -> tuple[float, float]:
     """(relative L2, max abs) error of out against ref."""
     if out is None or ref is None:
@@ -187,7 +256,7 @@ def main(argv=None):
     print(f"device {name}; torch {torch.__version__}; Wan2.1-1.3B shapes, {args.layers} blocks, weights "
           f"{weights / gib:.2f} GiB bf16, Tc={args.chunk_frames} To={args.overlap_frames}, streamed "
           f"{first_g} chunk(s) per step (strmG: G per step); peak = GPU memory above "
-          f"the weights that each form needs itself (inputs, outputs, working memory, the stream's state and graph buffers); strm/wts = (weights + streamed peak) / weights; strm res = streamed peak of reserved memory above the weights' GiB (graph pools included); err = streamed vs converted, relative "
+          f"the weights that each form needs itself (inputs, outputs, working memory, the stream's state and graph buffers); strm/wts = (weights + streamed peak) / weights; strm* res = each stream's peak of reserved memory above the weights, GiB (its CUDA graphs' private pools, which allocated memory does not count, included); err = streamed vs converted, relative "
           f"L2 (bf16 tolerance {BF16_TOLERANCE:g}) and max abs")
     forms = {"orig": lambda a, kw: model(*a, **kw), "conv": lambda a, kw: hybrid(*a, **kw),
              "strm": lambda a, kw: runner(*a, **kw)}
@@ -206,7 +275,8 @@ def main(argv=None):
     header = f"{'frames':>6} {'latent':>6} {'tokens':>7} " + " ".join(f"{k + ' ms':>9}" for k in forms)
     header += "".join(f" {p + 'conv x':>8} {p + 'strm x':>8} {p + 's/c':>6}" for p, *_ in pairs) + " "
     header += " ".join(f"{k + ' GiB':>10}" for k in forms)
-    print(header + f" {'strm/wts':>8} {'strm res':>8}" + "".join(f" {p + 'err L2':>9} {p + 'err max':>9}" for p, *_ in pairs)
+    streams = [k for k in forms if k.startswith("strm")]
+    print(header + f" {'strm/wts':>8}" + "".join(f" {k + ' res':>10}" for k in streams) + "".join(f" {p + 'err L2':>9} {p + 'err max':>9}" for p, *_ in pairs)
           + f" {'ok':>3}", flush=True)
     rows, profiles = [], {}
     for frames in args.video_frames + args.stream_only:
@@ -218,8 +288,11 @@ def main(argv=None):
         for key, fn in forms.items():
             skip = fn is None or (key.startswith("orig") and frames > args.skip_original_above) or \
                    (frames in args.stream_only and key != "orig" and not (key.startswith("strm") and "+" not in key))
-            result[key] = (float("nan"), float("nan"), None, float("nan"), kept[key]) if skip else \
-                measure(lambda: fn(a, kw), device, args.repeats, kept[key], input_bytes)
+            record = frames in args.memory_at_peak and not skip and device.type == "cuda"
+            with RecordedMemory(f"{frames} frames {key} (first call and {args.repeats} more)") if record \
+                    else contextlib.nullcontext():
+                result[key] = (float("nan"), float("nan"), None, float("nan"), kept[key]) if skip else \
+                    measure(lambda: fn(a, kw), device, args.repeats, kept[key], input_bytes)
             kept[key] = result[key][4]
             if frames in args.profile_frames and not skip:
                 profiles[(frames, key)] = profile(lambda: fn(a, kw), device, args.profile_table, f"{frames} frames {key}")
@@ -230,7 +303,7 @@ def main(argv=None):
         line = f"{frames:>6} {latent:>6} {tokens:>7} " + " ".join(f"{t[k] * 1e3:>9.0f}" for k in forms)
         line += "".join(f" {t[o] / t[c]:>8.2f} {t[o] / t[s_]:>8.2f} {t[c] / t[s_]:>6.2f}" for _, o, c, s_ in pairs) + " "
         line += " ".join(f"{m[k] / gib:>10.2f}" for k in forms)
-        line += f" {(weights + m['strm']) / weights:>8.2f} {result['strm'][3] / gib:>8.2f}" + "".join(f" {e[0]:>9.1e} {e[1]:>9.1e}" for e in errs)
+        line += f" {(weights + m['strm']) / weights:>8.2f}" + "".join(f" {result[k][3] / gib:>10.2f}" for k in streams) + "".join(f" {e[0]:>9.1e} {e[1]:>9.1e}" for e in errs)
         print(line + f" {'yes' if ok else 'NO':>3}", flush=True)
         rows.append((frames, t, m, errs))
         del a, kw, result

@@ -9,6 +9,7 @@ on the exported program it compiles; ``rc.cost`` costs the graphs these produce.
 
     canonicalize -> find -> classify -> layout -> rewrite
         -> { (thread_state | infer_input_frames -> thread_state_matched) -> hoist_chunk_invariant
+             [-> write_states_in_place]   (CUDA graph runners, cuda_graph_step.py)
            | force_softmax | portable }
     portable -> [legalize_softplus -> legalize_rms_norm] -> legalize_split -> legalize_softmax -> legalize_permute_rank
              -> legalize_reshape_rank               (HTP / HTP_QUANTIZED, backends/qnn.py)
@@ -173,6 +174,17 @@ def _hoist_chunk_invariant(result: PassResult, ctx: PassContext) -> PassResult:
     return result.with_artifact("hoisted_step", hoist_chunk_invariant(program.module, invariant_inputs(program)))
 
 
+def _write_states_in_place(result: PassResult, ctx: PassContext) -> PassResult:
+    """artifacts: step_program and hoisted_step in, in_place_step out (the step writing its new states into
+    its state inputs, layer by layer: for runners that own the state buffers)."""
+    from .write_states_in_place import write_states_in_place
+    program, step = result.artifacts["step_program"], result.artifacts["hoisted_step"]
+    n_in = len(program.input_dims) + len(program.table_dims)
+    n_states = len(list(step.step.graph.find_nodes(op="placeholder"))) - n_in - step.n_hoisted
+    return result.with_artifact("in_place_step",
+                                write_states_in_place(step.step, slice(n_in, n_in + n_states), program.n_outputs))
+
+
 def _force_softmax(result: PassResult, ctx: PassContext) -> PassResult:
     """settings: record (site names or None for all), offload (device or None)."""
     from ..distill import softmax_forced
@@ -238,6 +250,8 @@ THREAD_STATE_MATCHED = Pass("thread_state_matched", _thread_state_matched,
                             "the step program of a fixed-shape export, from a chunk trace and a whole trace")
 HOIST_CHUNK_INVARIANT = Pass("hoist_chunk_invariant", _hoist_chunk_invariant,
                              "work the same for every chunk (text K/V, time embeddings) once per call")
+WRITE_STATES_IN_PLACE = Pass("write_states_in_place", _write_states_in_place,
+                             "each new state written into its state input right after its layer (graph runners)")
 FORCE_SOFTMAX = Pass("force_softmax", _force_softmax, "every site as the teacher's softmax, recording q, k, v, out")
 PORTABLE = Pass("portable", _portable, "the hybrid op and composite ops in standard aten ops for the backends")
 LEGALIZE_SPLIT = Pass("legalize_split", _on_program(legalize_split), "splits as slices (HTP takes no sequence ops)")
@@ -258,7 +272,8 @@ HTP = (LEGALIZE_SPLIT, LEGALIZE_SOFTMAX, LEGALIZE_PERMUTE_RANK, LEGALIZE_RESHAPE
 # Quantised HTP builds also need softplus as one op and RMS norms as LayerNorms; fp16 keeps the decomposed form (HTP's fp16
 # Softplus measured 10x less accurate: 0.013 vs 0.0014 on the feature map's softplus).
 HTP_QUANTIZED = (LEGALIZE_SOFTPLUS, LEGALIZE_RMS_NORM) + HTP  # after PORTABLE, for the qnn backend
-VARIANTS = {"stream": (THREAD_STATE, INFER_INPUT_FRAMES, THREAD_STATE_MATCHED, HOIST_CHUNK_INVARIANT),
+VARIANTS = {"stream": (THREAD_STATE, INFER_INPUT_FRAMES, THREAD_STATE_MATCHED, HOIST_CHUNK_INVARIANT,
+                       WRITE_STATES_IN_PLACE),
             "distill": (FORCE_SOFTMAX,), "build": (PORTABLE,), "htp": HTP_QUANTIZED}
 PIPELINE = CONVERSION + tuple(p for group in VARIANTS.values() for p in group)  # every pass, in order
 

@@ -47,11 +47,30 @@ def invariant_inputs(program) -> list[bool]:
     return [d is None for d in program.input_dims] + [d is None for d in program.table_dims]
 
 
+def _view_key(a: torch.Tensor) -> tuple:
+    return (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device)
+
+
+def same_view_groups(args) -> tuple:
+    """Per argument, the index of the first argument that is the very same view of the same memory
+    (itself where none is; -1 for non-tensors). Step programs take one table per layer that are all
+    slices of the same position table (Wan2.1: 4 per block): a graph keeps one static copy per group."""
+    first: dict[tuple, int] = {}
+    return tuple(first.setdefault(_view_key(a), i) if isinstance(a, torch.Tensor) else -1 for i, a in enumerate(args))
+
+
 def _signature(args) -> tuple:
-    """What a captured graph is specialised to: shapes, dtypes and devices of tensors, other values.
-    Not strides: arguments are copied into the graph's own buffers, whatever their layout (a chunk of a
+    """What a captured graph is specialised to: shapes, dtypes and devices of tensors, other values, and
+    which arguments are the same view (:func:`same_view_groups`: they share a static buffer). Not
+    strides: arguments are copied into the graph's own buffers, whatever their layout (a chunk of a
     longer video is a view with other strides, and takes the same graph)."""
-    return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("v", repr(a)) for a in args)
+    return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("v", repr(a))
+                 for a in args) + (same_view_groups(args),)
+
+
+def _state_key(states) -> tuple:
+    """States' shapes and dtypes: which graphs' static states a call's initial states can be."""
+    return tuple((tuple(t.shape), t.dtype) for t in states)
 
 
 class GraphedStep:
@@ -71,32 +90,54 @@ class GraphedStep:
         if shared_buffers is not None:
             for buffer, arg in zip(shared_buffers, args[shared]):
                 buffer.copy_(arg)
-        self.static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args[:shared.start]]
+        # arguments that are the same view (one position table sliced per layer) share one static copy
+        groups = same_view_groups(args[:shared.start])
+        self.static = []
+        for i, a in enumerate(args[:shared.start]):
+            self.static.append(self.static[groups[i]] if 0 <= groups[i] < i else
+                               a.clone() if isinstance(a, torch.Tensor) else a)
         self.static += list(shared_buffers) if shared_buffers is not None else \
             [a.clone() if isinstance(a, torch.Tensor) else a for a in args[shared]]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
-            module(*self.static)  # Triton compiles and autotunes, cuBLAS picks its algorithms: outside the capture
+            # Triton compiles and autotunes, cuBLAS picks its algorithms: outside the capture; on copies of
+            # the states, which a program that writes its states in place would otherwise advance
+            warm = [a.clone() if i in range(len(args))[state_slice] else a for i, a in enumerate(self.static)]
+            module(*warm)
+            del warm
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool):
             outs = list(module(*self.static))
             for dst, src in zip(self.static[state_slice], outs[n_outputs:]):
-                dst.copy_(src)
+                if src is not dst:  # a program from passes/write_states_in_place.py wrote it already
+                    dst.copy_(src)
         self.outputs = outs[:n_outputs]
 
     def pool(self):
         return self.graph.pool()
 
-    def __call__(self, args: list) -> list:
-        """Copy ``args`` into the static buffers (skipping those that are them), replay; returns fresh
-        chunk outputs followed by the (static) new states."""
+    def load(self, args: list) -> None:
+        """Copy ``args`` into the static buffers (skipping those that are them, and buffers loaded already:
+        arguments of one view group share one, and the signature guarantees they are the same view)."""
+        loaded = set()
         for dst, src in zip(self.static, args):
-            if isinstance(dst, torch.Tensor) and src.data_ptr() != dst.data_ptr():
-                dst.copy_(src)
+            if isinstance(dst, torch.Tensor) and id(dst) not in loaded:
+                loaded.add(id(dst))
+                if src.data_ptr() != dst.data_ptr():
+                    dst.copy_(src)
+
+    def replay(self) -> list:
+        """Replay on what the static buffers hold; returns fresh chunk outputs followed by the (static)
+        new states."""
         self.graph.replay()
         return [o.clone() for o in self.outputs] + list(self.static[self.state_slice])
+
+    def __call__(self, args: list) -> list:
+        """:meth:`load`, then :meth:`replay`."""
+        self.load(args)
+        return self.replay()
 
 
 class StepRunner:
@@ -108,10 +149,12 @@ class StepRunner:
         self.compile = compile
         self._hoisted: dict[int, HoistedStep] = {}
         self._compiled: dict[int, object] = {}
+        self._in_place: dict[int, object] = {}
         self._graphs: dict[tuple, GraphedStep | None] = {}
         self._weights: tuple | None = None
         self._pool = None
         self._shared_buffers: dict[tuple, list] = {}  # states + invariants, by signature: shared between graphs
+        self._state_buffers: dict[tuple, list] = {}  # the graphs' static states, by their shapes and dtypes
 
     def hoisted(self, program) -> HoistedStep:
         if id(program) not in self._hoisted:
@@ -130,6 +173,20 @@ class StepRunner:
             self._compiled[id(program)] = torch.compile(step.step, dynamic=False)
         return self._compiled[id(program)]
 
+    def graph_fn(self, program, step: HoistedStep):
+        """The chunk part a graph captures: :meth:`step_fn`, eagerly with every layer writing its new state
+        into the graph's static state buffers as soon as it is made (passes/write_states_in_place.py:
+        otherwise all layers' new states, 0.35 GiB for Wan2.1-1.3B, are alive at once before the graph
+        copies them in). Compiled steps stay as Inductor plans them."""
+        if self.compile:
+            return self.step_fn(program, step)
+        if id(program) not in self._in_place:
+            from .passes import pipeline  # the pass runs where every pass runs (passes/pipeline.py)
+            result = pipeline.run(pipeline.WRITE_STATES_IN_PLACE, pipeline.PassResult(step.step).with_artifact(
+                "step_program", program).with_artifact("hoisted_step", step))
+            self._in_place[id(program)] = result.artifacts["in_place_step"]
+        return self._in_place[id(program)]
+
     def call(self, device: torch.device) -> "_Call":
         """The executor of one model call on ``device``."""
         use_graphs = graphs_enabled(device, self.cuda_graphs) and not torch.is_grad_enabled()
@@ -138,6 +195,7 @@ class StepRunner:
             if weights != self._weights:  # new weights: graphs captured on the old addresses are stale
                 self._graphs.clear()
                 self._shared_buffers.clear()
+                self._state_buffers.clear()
                 self._pool = None
                 self._weights = weights
         return _Call(self, use_graphs)
@@ -154,11 +212,12 @@ class StepRunner:
             # last-chunk programs of a call run in that order, and each replay copies in what differs
             key_shared = _signature(args[n_in:])
             try:
-                graph = GraphedStep(self.step_fn(program, step), args, n_outputs=program.n_outputs,
+                graph = GraphedStep(self.graph_fn(program, step), args, n_outputs=program.n_outputs,
                                     state_slice=states, pool=self._pool,
                                     shared_buffers=self._shared_buffers.get(key_shared))
                 self._pool = graph.pool() if self._pool is None else self._pool
                 self._shared_buffers.setdefault(key_shared, graph.static[n_in:])
+                self._state_buffers.setdefault(_state_key(args[states]), graph.static[states])
             except Exception as err:  # a step that cannot be captured still runs, eagerly
                 logger.warning("rc.stream: the step program could not be captured as a CUDA graph (%s: %s); "
                                "running it eagerly", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
@@ -175,6 +234,19 @@ class _Call:
         self.use_graphs = use_graphs
         self._invariants: dict[int, tuple] = {}
 
+    def initial_states(self, program, device: torch.device) -> list:
+        """The states before a call's first chunk (S = 0, z = 0, an empty overlap cache). Where a graph
+        already holds static states of these shapes, they are zeroed in place and returned: the first
+        replay reads them where they are, and the state is never held twice (Wan2.1-1.3B's is 354 MiB)."""
+        if self.use_graphs:
+            like = [t for site in program.sites for t in site.initial(torch.device("meta"))]
+            buffers = self.runner._state_buffers.get(_state_key(like))
+            if buffers is not None and all(b.device == device for b in buffers):
+                for buffer in buffers:
+                    buffer.zero_()
+                return list(buffers)
+        return [t for site in program.sites for t in site.initial(device)]
+
     def __call__(self, program, inputs: list, tables: list, states: list) -> list:
         """(*chunk outputs, *new states) of one chunk, as ``program.module(*inputs, *tables, *states)``."""
         step = self.runner.hoisted(program)
@@ -184,12 +256,13 @@ class _Call:
         if self.use_graphs:
             graph = self.runner.graphed(program, step, args)
             if graph is not None:
-                out = graph(args)
+                graph.load(args)
                 # the invariants now live in the graph's buffers: later chunks pass those (no copy), and
-                # the ones computed for this call are freed
+                # the ones computed for this call are freed before the replay, not after it
                 self._invariants[id(program)] = tuple(graph.static[len(args) - step.n_hoisted:])
-                return out
+                del args
+                return graph.replay()
         return list(self.runner.step_fn(program, step)(*args))
 
 
-__all__ = ["GraphedStep", "StepRunner", "graphs_enabled", "invariant_inputs"]
+__all__ = ["GraphedStep", "StepRunner", "graphs_enabled", "invariant_inputs", "same_view_groups"]

@@ -255,7 +255,7 @@ class StreamRunner(torch.nn.Module):
             if id(program) not in tables:
                 tables[id(program)] = self._tables(program, plan.flat)
             if states is None:
-                states = [t for site in program.sites for t in site.initial(device)]
+                states = step.initial_states(program, device)  # the graphs' own buffers, zeroed, where there are
             inputs = _chunk(plan.flat, program.input_dims, start, stop)
             chunk_tables = _chunk(tables[id(program)], program.table_dims, start, stop, device)
             arguments = [*inputs, *chunk_tables, *states]

@@ -42,3 +42,23 @@ def test_measure_on_the_cpu_passes_what_the_form_keeps_through():
     median, peak, first, reserved, kept = bench.measure(lambda: torch.ones(3), torch.device("cpu"), 2, (5, 7))
     assert median >= 0 and first.tolist() == [1.0, 1.0, 1.0] and kept == (5, 7)
     assert math.isnan(peak) and math.isnan(reserved)
+
+
+def test_live_at_peak_replays_the_allocator_trace_and_groups_by_the_allocating_line():
+    bench = _bench()
+    model = [{"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
+             {"filename": "/repo/rehyat_compile/stream.py", "line": 40, "name": "run"}]
+    table = [{"filename": "/repo/rehyat_compile/cuda_graph_step.py", "line": 7, "name": "capture"}]
+    trace = [dict(action="alloc", addr=1, size=100, frames=model),
+             dict(action="alloc", addr=2, size=50, frames=table),
+             dict(action="free_requested", addr=1, size=100),  # not reusable yet: still counts
+             dict(action="alloc", addr=3, size=30, frames=model),
+             dict(action="free_completed", addr=1, size=100),
+             dict(action="alloc", addr=4, size=60, frames=[])]
+    peak, sites, at_end = bench.live_at_peak(trace)
+    assert peak == 180  # 100 + 50 + 30, before the first block was freed (later: 50 + 30 + 60 = 140)
+    assert sites == {"rehyat_compile/stream.py:40 run": (130, 2), "rehyat_compile/cuda_graph_step.py:7 capture": (50, 1)}
+    assert list(sites)[0].startswith("rehyat_compile/stream.py")  # largest first
+    assert at_end == {"rehyat_compile/stream.py:40 run": (30, 1), "rehyat_compile/cuda_graph_step.py:7 capture": (50, 1),
+                      "?": (60, 1)}
+    assert bench.allocation_site([{"filename": "/a/torch/x.py", "line": 3}]) == "?"

@@ -98,7 +98,7 @@ def test_pipeline_names_every_stage_in_order():
     names = [p.name for p in pipeline.PIPELINE]
     assert names[:5] == ["canonicalize", "find", "classify", "layout", "rewrite"]
     assert set(names[5:]) == {"thread_state", "infer_input_frames", "thread_state_matched", "hoist_chunk_invariant",
-                              "force_softmax", "portable",
+                              "write_states_in_place", "force_softmax", "portable",
                               "legalize_split", "legalize_softmax", "legalize_softplus", "legalize_rms_norm",
                               "legalize_permute_rank", "legalize_reshape_rank"}
     assert pipeline.CONVERSION == pipeline.ANALYSIS + (pipeline.REWRITE,)

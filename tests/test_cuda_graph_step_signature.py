@@ -1,0 +1,43 @@
+"""rehyat_compile/cuda_graph_step.py on the CPU: which step arguments a graph may hold in one static
+buffer (the same view of the same memory), and that a graph's signature tells calls apart by it."""
+import torch
+from hypothesis import given, settings, strategies as st
+
+import rehyat_compile as rc
+from rehyat_compile.cuda_graph_step import _signature, same_view_groups
+from rehyat_compile.zoo import make_wan_t2v
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=8), st.lists(st.booleans(), min_size=8, max_size=8))
+def test_arguments_group_exactly_when_they_are_the_same_view(picks, other_view):
+    base = torch.arange(24.0)
+    views = [base[0:12], base[12:24], base[0:12].view(3, 4), torch.zeros(12)]
+    args = []
+    for i, pick in enumerate(picks):
+        # the same pick twice is the same view only if made the same way: a fresh slice of the same range
+        args.append(base[0:12] if pick == 0 and other_view[i] else views[pick])
+    groups = same_view_groups(args + [3])
+    assert groups[-1] == -1  # not a tensor
+    for i, a in enumerate(args):
+        first = groups[i]
+        assert first <= i and args[first].data_ptr() == a.data_ptr() and args[first].shape == a.shape
+        assert all(not (b.data_ptr() == a.data_ptr() and b.shape == a.shape and b.stride() == a.stride())
+                   for b in args[:first])
+
+
+def test_a_call_whose_arguments_alias_differently_gets_another_graph():
+    t = torch.ones(4)
+    assert _signature([t, t]) != _signature([t, t.clone()])
+    assert _signature([t, t[:]]) == _signature([t, t])  # a new view object of the same memory: the same group
+
+
+def test_wan_step_tables_are_slices_of_one_table_so_a_graph_holds_them_once():
+    model, args, kwargs = make_wan_t2v(frames=7)
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1)
+    runner = rc.stream(hybrid, cuda_graphs=False)
+    _, _, arguments, _ = next(runner._chunk_calls(runner.plan(*args, **kwargs)))
+    tensors = [a for a in arguments if isinstance(a, torch.Tensor)]
+    groups = same_view_groups(arguments)
+    distinct = len({g for g, a in zip(groups, arguments) if isinstance(a, torch.Tensor)})
+    assert distinct < len(tensors)  # per-layer position tables: one buffer each group, not one per layer
