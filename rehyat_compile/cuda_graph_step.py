@@ -73,17 +73,75 @@ def _state_key(states) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for t in states)
 
 
+class CudaGraphs:
+    """How :class:`GraphedStep` warms up, captures and replays: with CUDA graphs (a side stream for the
+    warm-up, ``torch.cuda.graph`` for the capture)."""
+
+    def enabled(self, device: torch.device, requested: bool | None) -> bool:
+        return graphs_enabled(device, requested)
+
+    def warm_up(self, fn) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def capture(self, fn, pool, static: list):
+        """(graph, what ``fn`` returned while captured): nothing runs, ``static`` keeps its contents."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outs = fn()
+        return graph, outs
+
+    def replay(self, graph, outputs: list) -> None:
+        graph.replay()  # writes the captured outputs' memory
+
+    def pool(self, graph):
+        return graph.pool()
+
+
+class RerunGraphs(CudaGraphs):
+    """The reference semantics of :class:`CudaGraphs`, on any device: a capture records the function and
+    leaves the static buffers as they were (a CUDA capture runs nothing), a replay reruns it and writes
+    its results into the captured outputs. The tests run the graph runner's buffer handling with it on
+    the CPU (tests/test_cuda_graph_step_signature.py)."""
+
+    def enabled(self, device: torch.device, requested: bool | None) -> bool:
+        return requested is not False
+
+    def warm_up(self, fn) -> None:
+        fn()
+
+    def capture(self, fn, pool, static: list):
+        saved = [(t, t.clone()) for t in static if isinstance(t, torch.Tensor)]
+        outs = fn()
+        for t, value in saved:
+            t.copy_(value)
+        return fn, outs
+
+    def replay(self, graph, outputs: list) -> None:
+        for out, new in zip(outputs, graph()):
+            out.copy_(new)
+
+    def pool(self, graph):
+        return None
+
+
 class GraphedStep:
     """``module(*args)`` captured as one CUDA graph: static copies of ``args`` (``state_slice``: the
     ones that are states, updated in place by each replay; after them the hoisted invariants) and
     static outputs, of which the first ``n_outputs`` are chunk outputs and the rest the new states, in
     ``state_slice`` order. ``shared_buffers``: use these as the static states and invariants (another
     graph's: the full and the last chunk's graphs share them, so the state passes from one to the
-    other without a copy, and neither is held twice)."""
+    other without a copy, and neither is held twice). ``graphs``: :class:`CudaGraphs` (or the
+    reference :class:`RerunGraphs`)."""
 
-    def __init__(self, module, args: list, *, n_outputs: int, state_slice: slice, pool=None, shared_buffers=None):
+    def __init__(self, module, args: list, *, n_outputs: int, state_slice: slice, pool=None, shared_buffers=None,
+                 graphs: CudaGraphs | None = None):
         self.n_outputs = n_outputs
         self.state_slice = state_slice
+        self.graphs = CudaGraphs() if graphs is None else graphs
         # args[state_slice.start:] -- the states, then the hoisted invariants -- go into shared_buffers
         # when given (another graph's), else into copies that become this graph's
         shared = slice(state_slice.start, len(args))
@@ -98,25 +156,27 @@ class GraphedStep:
                                a.clone() if isinstance(a, torch.Tensor) else a)
         self.static += list(shared_buffers) if shared_buffers is not None else \
             [a.clone() if isinstance(a, torch.Tensor) else a for a in args[shared]]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
+        states = range(len(args))[state_slice]
+
+        def warm_up():
             # Triton compiles and autotunes, cuBLAS picks its algorithms: outside the capture; on copies of
             # the states, which a program that writes its states in place would otherwise advance
-            warm = [a.clone() if i in range(len(args))[state_slice] else a for i, a in enumerate(self.static)]
-            module(*warm)
-            del warm
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool):
+            module(*[a.clone() if i in states else a for i, a in enumerate(self.static)])
+
+        def body():
             outs = list(module(*self.static))
             for dst, src in zip(self.static[state_slice], outs[n_outputs:]):
                 if src is not dst:  # a program from passes/write_states_in_place.py wrote it already
                     dst.copy_(src)
+            return outs
+
+        with torch.no_grad():
+            self.graphs.warm_up(warm_up)
+            self.graph, outs = self.graphs.capture(body, pool, self.static)
         self.outputs = outs[:n_outputs]
 
     def pool(self):
-        return self.graph.pool()
+        return self.graphs.pool(self.graph)
 
     def load(self, args: list) -> None:
         """Copy ``args`` into the static buffers (skipping those that are them, and buffers loaded already:
@@ -131,7 +191,8 @@ class GraphedStep:
     def replay(self) -> list:
         """Replay on what the static buffers hold; returns fresh chunk outputs followed by the (static)
         new states."""
-        self.graph.replay()
+        with torch.no_grad():
+            self.graphs.replay(self.graph, self.outputs)
         return [o.clone() for o in self.outputs] + list(self.static[self.state_slice])
 
     def __call__(self, args: list) -> list:
@@ -143,9 +204,11 @@ class GraphedStep:
 class StepRunner:
     """Per-runner cache of hoisted programs and captured graphs; :meth:`call` starts one model call."""
 
-    def __init__(self, model: torch.nn.Module, cuda_graphs: bool | None = None, compile: bool = False):
+    def __init__(self, model: torch.nn.Module, cuda_graphs: bool | None = None, compile: bool = False,
+                 graphs: CudaGraphs | None = None):
         self.model = model
         self.cuda_graphs = cuda_graphs
+        self.graphs = CudaGraphs() if graphs is None else graphs  # RerunGraphs: the reference, on any device
         self.compile = compile
         self._hoisted: dict[int, HoistedStep] = {}
         self._compiled: dict[int, object] = {}
@@ -189,7 +252,7 @@ class StepRunner:
 
     def call(self, device: torch.device) -> "_Call":
         """The executor of one model call on ``device``."""
-        use_graphs = graphs_enabled(device, self.cuda_graphs) and not torch.is_grad_enabled()
+        use_graphs = self.graphs.enabled(device, self.cuda_graphs) and not torch.is_grad_enabled()
         if use_graphs:
             weights = tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
             if weights != self._weights:  # new weights: graphs captured on the old addresses are stale
@@ -214,7 +277,7 @@ class StepRunner:
             try:
                 graph = GraphedStep(self.graph_fn(program, step), args, n_outputs=program.n_outputs,
                                     state_slice=states, pool=self._pool,
-                                    shared_buffers=self._shared_buffers.get(key_shared))
+                                    shared_buffers=self._shared_buffers.get(key_shared), graphs=self.graphs)
                 self._pool = graph.pool() if self._pool is None else self._pool
                 self._shared_buffers.setdefault(key_shared, graph.static[n_in:])
                 self._state_buffers.setdefault(_state_key(args[states]), graph.static[states])
@@ -265,4 +328,4 @@ class _Call:
         return list(self.runner.step_fn(program, step)(*args))
 
 
-__all__ = ["GraphedStep", "StepRunner", "graphs_enabled", "invariant_inputs", "same_view_groups"]
+__all__ = ["CudaGraphs", "GraphedStep", "RerunGraphs", "StepRunner", "graphs_enabled", "invariant_inputs", "same_view_groups"]

@@ -1,0 +1,95 @@
+"""rehyat_compile/cuda_graph_step.py on the CPU: the graph runner's buffer handling on the reference
+graphs (RerunGraphs: a capture runs nothing, a replay reruns into the captured outputs) computes the
+eager stream; which step arguments a graph may hold in one static buffer (the same view of the same
+memory), and that a graph's signature tells calls apart by it. tests/test_cuda_graph_step.py runs
+the same on CUDA graphs, on a GPU."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import rehyat_compile as rc
+from rehyat_compile.cuda_graph_step import RerunGraphs, _signature, same_view_groups
+from rehyat_compile.zoo import make_wan_t2v
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=8), st.lists(st.booleans(), min_size=8, max_size=8))
+def test_arguments_group_exactly_when_they_are_the_same_view(picks, other_view):
+    base = torch.arange(24.0)
+    views = [base[0:12], base[12:24], base[0:12].view(3, 4), torch.zeros(12)]
+    args = []
+    for i, pick in enumerate(picks):
+        # the same pick twice is the same view only if made the same way: a fresh slice of the same range
+        args.append(base[0:12] if pick == 0 and other_view[i] else views[pick])
+    groups = same_view_groups(args + [3])
+    assert groups[-1] == -1  # not a tensor
+    for i, a in enumerate(args):
+        first = groups[i]
+        assert first <= i and args[first].data_ptr() == a.data_ptr() and args[first].shape == a.shape
+        assert all(not (b.data_ptr() == a.data_ptr() and b.shape == a.shape and b.stride() == a.stride())
+                   for b in args[:first])
+
+
+def test_a_call_whose_arguments_alias_differently_gets_another_graph():
+    t = torch.ones(4)
+    assert _signature([t, t]) != _signature([t, t.clone()])
+    assert _signature([t, t[:]]) == _signature([t, t])  # a new view object of the same memory: the same group
+
+
+def test_wan_step_tables_are_slices_of_one_table_so_a_graph_holds_them_once():
+    model, args, kwargs = make_wan_t2v(frames=7)
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1)
+    runner = rc.stream(hybrid, cuda_graphs=False)
+    _, _, arguments, _ = next(runner._chunk_calls(runner.plan(*args, **kwargs)))
+    tensors = [a for a in arguments if isinstance(a, torch.Tensor)]
+    groups = same_view_groups(arguments)
+    distinct = len({g for g, a in zip(groups, arguments) if isinstance(a, torch.Tensor)})
+    assert distinct < len(tensors)  # per-layer position tables: one buffer each group, not one per layer
+
+
+@pytest.fixture(scope="module")
+def wan():
+    model, args, kwargs = make_wan_t2v(frames=9)
+    hybrid = rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1)
+    return hybrid, args, kwargs
+
+
+def _reference_graphed(hybrid, chunks_per_step=1):
+    runner = rc.stream(hybrid, chunks_per_step=chunks_per_step)
+    runner._steps.graphs = RerunGraphs()
+    return runner
+
+
+@pytest.mark.parametrize("chunks_per_step", [1, 2])
+def test_graph_runner_buffers_compute_the_eager_stream_call_after_call(wan, chunks_per_step):
+    hybrid, args, kwargs = wan
+    graphed, eager = _reference_graphed(hybrid, chunks_per_step), rc.stream(hybrid, cuda_graphs=False)
+    shorter = (args[0][:, :, :5],)  # a shorter video: the same graphs plus a short last chunk's
+    with torch.no_grad():
+        for call_args in (args, shorter, args):
+            got, want = graphed(*call_args, **kwargs)[0], eager(*call_args, **kwargs)[0]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    graphs = [g for g in graphed._steps._graphs.values() if g is not None]
+    assert len(graphs) >= 2
+    # the states are one set of buffers, written in place by every graph, and a call starts on them zeroed
+    states = graphs[0].static[graphs[0].state_slice]
+    assert all(all(a is b for a, b in zip(g.static[g.state_slice], states, strict=True)) for g in graphs)
+    assert all(a is b for a, b in zip(next(iter(graphed._steps._state_buffers.values())), states, strict=True))
+    # per-layer position tables share one static copy per view group
+    for g in graphs:
+        own = g.static[:g.state_slice.start]
+        tensors = [t for t in own if isinstance(t, torch.Tensor)]
+        assert len({id(t) for t in tensors}) < len(tensors)
+
+
+def test_a_later_call_zeroes_the_states_it_starts_from(wan):
+    hybrid, args, kwargs = wan
+    graphed = _reference_graphed(hybrid)
+    with torch.no_grad():
+        graphed(*args, **kwargs)
+        call = graphed._steps.call(torch.device("cpu"))
+        program = graphed.program(*args, **kwargs)
+        states = call.initial_states(program, torch.device("cpu"))
+    buffers = next(iter(graphed._steps._state_buffers.values()))
+    assert all(s is b for s, b in zip(states, buffers, strict=True))
+    assert all(not s.any() for s in states)
