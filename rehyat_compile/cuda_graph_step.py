@@ -6,13 +6,15 @@
   its invariant part (text/cross-attention K/V, time embeddings ...) runs on a call's first chunk and
   its values are handed to every chunk of that call;
 * on CUDA (``cuda_graphs=True``, the default there) the chunk part is captured once per input
-  signature (shapes, not strides: every video length shares them) -- the full chunk and the short
-  last chunk each get their own graph, sharing one set of state and invariant buffers -- as a
-  :class:`GraphedStep` with static input and state buffers, and replayed per chunk. The captured
-  graph ends by copying the new states into its state buffers, so the state a replay returns is
-  already where the next replay reads it (no copy between chunks); a call's invariants are copied
-  into the shared buffers once, and the call's own copies freed (Wan2.1-1.3B's cross-attention K/V
-  are 94 MB);
+  signature (shapes, not strides: every video length shares them; and which arguments are the same
+  view, :func:`same_view_groups`) -- the full chunk and the short last chunk each get their own graph,
+  sharing one set of state and invariant buffers -- as a :class:`GraphedStep` with static input and
+  state buffers, and replayed per chunk. Each layer of the captured program writes its new state into
+  its state buffer (``passes/write_states_in_place.py``; a compiled program's graph copies them in at
+  its end), so the state a replay returns is already where the next replay reads it (no copy between
+  chunks), and a later call starts from those buffers zeroed; a call's invariants are copied into the
+  shared buffers once, and the call's own copies freed before the replay (Wan2.1-1.3B's cross-attention
+  K/V are 94 MB);
 * elsewhere, or where a capture fails (logged once), the chunk part runs eagerly: the same function;
 * ``compile=True`` runs the chunk part through ``torch.compile`` (Inductor fuses the element-wise work;
   the fused Triton step stays one node), inside the CUDA graph where there is one.
