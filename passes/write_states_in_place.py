@@ -15,6 +15,8 @@ at once (fx frees a value after its last use). The program then has the same out
 state inputs to hold them: only a runner that owns those buffers may call it.
 
 A state the program returns unchanged, or as a view of itself, is left as it is: there is nothing to copy.
+Nor is one whose old value the program also returns elsewhere (a view of it as an output, or as another
+state's new value), or whose new value is a view of another input: those keep the copy at the end.
 """
 from __future__ import annotations
 
@@ -29,13 +31,27 @@ def _position(graph: fx.Graph) -> dict[fx.Node, int]:
     return {node: i for i, node in enumerate(graph.nodes)}
 
 
-def state_copy_point(state: fx.Node, new: fx.Node, order: dict[fx.Node, int]) -> fx.Node | None:
+def _views_of(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """Per node, the nodes that are it or views of it (through view ops, schema alias info)."""
+    views: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:
+        views.setdefault(_alias_root(node), []).append(node)
+    return views
+
+
+def state_copy_point(state: fx.Node, new: fx.Node, order: dict[fx.Node, int], views: list[fx.Node],
+                     returned: list) -> fx.Node | None:
     """The node after which ``state.copy_(new)`` may run: the later of ``new`` and the last node other
-    than the output that reads ``state``; None where no copy is needed (``new`` is ``state`` or a view of
-    it) or where ``new`` is not a node of the graph (a constant)."""
-    if not isinstance(new, fx.Node) or _alias_root(new) is state:
+    than the output that reads ``state`` or a view of it (``views``: state and its views). None where no
+    copy is needed (``new`` is ``state`` or a view of it), where ``new`` is not a node of the graph (a
+    constant) or is a view of another input, and where the program returns ``state`` or a view of it in
+    another place (``returned``: the output values besides this state's own slot), whose old value an
+    early overwrite would change."""
+    if not isinstance(new, fx.Node) or _alias_root(new) is state or _alias_root(new).op == "placeholder":
         return None
-    readers = [u for u in state.users if u.op != "output"]
+    if any(isinstance(r, fx.Node) and r in views for r in returned):
+        return None
+    readers = [u for v in views for u in v.users if u.op != "output" and u not in views]
     return max([new, *readers], key=order.__getitem__)
 
 
@@ -54,9 +70,10 @@ def write_states_in_place(module: fx.GraphModule, state_slice: slice, n_outputs:
     if len(new_states) != len(states):
         raise ValueError(f"state_slice names {len(states)} state inputs but the program returns {len(new_states)} "
                          f"new states after its {n_outputs} outputs")
-    order = _position(graph)
+    order, views = _position(graph), _views_of(graph)
     for i, (state, new) in enumerate(zip(states, new_states)):
-        point = state_copy_point(state, new, order)
+        others = returned[:n_outputs + i] + returned[n_outputs + i + 1:]
+        point = state_copy_point(state, new, order, views.get(state, [state]), others)
         if point is None:
             continue
         with graph.inserting_after(point):

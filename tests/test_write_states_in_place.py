@@ -118,3 +118,38 @@ def test_the_pipeline_pass_finds_the_states_after_the_inputs_and_before_the_hois
     in_place = result.artifacts["in_place_step"]
     placeholders = list(in_place.graph.find_nodes(op="placeholder"))
     assert {c.args[0] for c in _copies(in_place)} == set(placeholders[states])
+
+
+def test_a_state_whose_old_value_is_returned_elsewhere_is_not_overwritten_early():
+    """new_0 is a view of state_1's OLD value, and the output reads state_1 through a view too: writing
+    state_1 in place would change both; new_1 = state_1 * 2 is copied only at the end (by the runner)."""
+    graph = fx.Graph()
+    x, s0, s1 = graph.placeholder("x"), graph.placeholder("state_0"), graph.placeholder("state_1")
+    old_view = graph.call_function(aten.view.default, (s1, [-1]))
+    new1 = graph.call_function(aten.mul.Tensor, (s1, 2.0))
+    y = graph.call_function(aten.add.Tensor, (x, x))
+    graph.output((y, old_view, new1))
+    program = fx.GraphModule(torch.nn.Module(), graph)
+    in_place = write_states_in_place(program, slice(1, 3), 1)
+    assert not _copies(in_place)  # state_0's new value is another input's view; state_1's old value is returned
+    states = [torch.randn(4), torch.randn(4)]
+    want = program(torch.ones(4), *[s.clone() for s in states])
+    got = in_place(torch.ones(4), *[s.clone() for s in states])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_readers_through_a_view_delay_the_copy():
+    graph = fx.Graph()
+    x, s0 = graph.placeholder("x"), graph.placeholder("state_0")
+    new0 = graph.call_function(aten.add.Tensor, (s0, x))
+    late_read = graph.call_function(aten.sum.default, (graph.call_function(aten.view.default, (s0, [-1])),))
+    graph.output((late_read, new0))
+    program = fx.GraphModule(torch.nn.Module(), graph)
+    in_place = write_states_in_place(program, slice(1, 2), 1)
+    order = {n: i for i, n in enumerate(in_place.graph.nodes)}
+    (copy,) = _copies(in_place)
+    sums = [n for n in in_place.graph.nodes if n.target is aten.sum.default]
+    assert order[copy] > order[sums[0]]
+    s = torch.randn(4)
+    torch.testing.assert_close(in_place(torch.ones(4), s.clone())[0], program(torch.ones(4), s.clone())[0])
