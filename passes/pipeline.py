@@ -175,14 +175,16 @@ def _hoist_chunk_invariant(result: PassResult, ctx: PassContext) -> PassResult:
 
 
 def _write_states_in_place(result: PassResult, ctx: PassContext) -> PassResult:
-    """artifacts: step_program and hoisted_step in, in_place_step out (the step writing its new states into
-    its state inputs, layer by layer: for runners that own the state buffers)."""
-    from .write_states_in_place import write_states_in_place
+    """artifacts: step_program and hoisted_step in; in_place_step (the step writing its new states into its
+    state inputs, layer by layer) and in_place_invariant (the hoisted part writing each value into a buffer
+    it is given) out: for runners that own the state and invariant buffers."""
+    from .write_states_in_place import write_outputs_into, write_states_in_place
     program, step = result.artifacts["step_program"], result.artifacts["hoisted_step"]
     n_in = len(program.input_dims) + len(program.table_dims)
     n_states = len(list(step.step.graph.find_nodes(op="placeholder"))) - n_in - step.n_hoisted
-    return result.with_artifact("in_place_step",
-                                write_states_in_place(step.step, slice(n_in, n_in + n_states), program.n_outputs))
+    in_place = write_states_in_place(step.step, slice(n_in, n_in + n_states), program.n_outputs)
+    return result.with_artifact("in_place_step", in_place).with_artifact(
+        "in_place_invariant", write_outputs_into(step.invariant))
 
 
 def _force_softmax(result: PassResult, ctx: PassContext) -> PassResult:

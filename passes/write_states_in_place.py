@@ -90,6 +90,40 @@ def write_states_in_place(module: fx.GraphModule, state_slice: slice, n_outputs:
     return result
 
 
+def write_outputs_into(module: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``module`` with one more placeholder per output, after its own (``into_0`` ...), that
+    writes every output into its placeholder as soon as the output is made, and returns the placeholders:
+    the fresh values die at once instead of living until the program returns. For a program whose
+    results a runner keeps in buffers it owns (the hoisted invariants of ``rc.stream``'s CUDA graphs:
+    Wan2.1-1.3B's cross-attention K/V, 91 MiB, would otherwise sit beside the buffers that keep them).
+    Outputs that are inputs, views of inputs or constants are copied at the end."""
+    if not isinstance(module, fx.GraphModule):
+        raise TypeError(f"module must be a torch.fx.GraphModule, got {type(module).__name__}")
+    graph = _copied(module)
+    output = next(n for n in graph.nodes if n.op == "output")
+    returned = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(None):
+        into = []
+        for i in reversed(range(len(returned))):  # inserting after the same node: reversed keeps the order
+            into.insert(0, graph.placeholder(f"into_{i}"))
+    order = _position(graph)
+    for i, (target, value) in enumerate(zip(into, returned)):
+        early = isinstance(value, fx.Node) and _alias_root(value).op != "placeholder"
+        with graph.inserting_after(value) if early else graph.inserting_before(output):
+            copied = graph.call_function(torch.ops.aten.copy_.default, (target, value))
+        if early:
+            for user in list(value.users):
+                if user is not copied and (user.op == "output" or order.get(user, -1) > order[value]):
+                    user.replace_input_with(value, target)
+        returned[i] = target
+    output.args = (tuple(returned),)
+    graph.lint()
+    result = _graph_module(module, graph)
+    result.recompile()
+    return result
+
+
 def _copied(module: fx.GraphModule) -> fx.Graph:
     """A deep copy of ``module``'s graph (the original stays usable as it is)."""
     graph = fx.Graph()
@@ -98,4 +132,4 @@ def _copied(module: fx.GraphModule) -> fx.Graph:
     return graph
 
 
-__all__ = ["state_copy_point", "write_states_in_place"]
+__all__ = ["state_copy_point", "write_outputs_into", "write_states_in_place"]

@@ -14,7 +14,7 @@
   its end), so the state a replay returns is already where the next replay reads it (no copy between
   chunks), and a later call starts from those buffers zeroed; a call's invariants are copied into the
   shared buffers once, and the call's own copies freed before the replay (Wan2.1-1.3B's cross-attention
-  K/V are 94 MB);
+  K/V are 94 MB); a later call with inputs of the same shapes writes them into those buffers directly;
 * elsewhere, or where a capture fails (logged once), the chunk part runs eagerly: the same function;
 * ``compile=True`` runs the chunk part through ``torch.compile`` (Inductor fuses the element-wise work;
   the fused Triton step stays one node), inside the CUDA graph where there is one.
@@ -220,6 +220,7 @@ class StepRunner:
         self._pool = None
         self._shared_buffers: dict[tuple, list] = {}  # states + invariants, by signature: shared between graphs
         self._state_buffers: dict[tuple, list] = {}  # the graphs' static states, by their shapes and dtypes
+        self._invariant_buffers: dict[tuple, tuple] = {}  # the graphs' hoisted values, by program and input shapes
 
     def hoisted(self, program) -> HoistedStep:
         if id(program) not in self._hoisted:
@@ -245,12 +246,30 @@ class StepRunner:
         copies them in). Compiled steps stay as Inductor plans them."""
         if self.compile:
             return self.step_fn(program, step)
+        return self._in_place_programs(program, step)[0]
+
+    def _in_place_programs(self, program, step: HoistedStep) -> tuple:
+        """(step, invariant) as passes/write_states_in_place.py rewrites them, made once per program."""
         if id(program) not in self._in_place:
             from .passes import pipeline  # the pass runs where every pass runs (passes/pipeline.py)
             result = pipeline.run(pipeline.WRITE_STATES_IN_PLACE, pipeline.PassResult(step.step).with_artifact(
                 "step_program", program).with_artifact("hoisted_step", step))
-            self._in_place[id(program)] = result.artifacts["in_place_step"]
+            self._in_place[id(program)] = (result.artifacts["in_place_step"], result.artifacts["in_place_invariant"])
         return self._in_place[id(program)]
+
+    def invariants(self, program, step: HoistedStep, inputs: list, tables: list) -> tuple:
+        """A call's hoisted values. Where a graph of an earlier call with inputs of these shapes keeps them
+        in its buffers, they are written there as they are made (the invariant program of
+        passes/write_states_in_place.py), not made beside the buffers and copied in."""
+        buffers = self._invariant_buffers.get((id(program), _signature([*inputs, *tables])))
+        if buffers is None:
+            return tuple(step.invariant(*inputs, *tables))
+        return tuple(self._in_place_programs(program, step)[1](*inputs, *tables, *buffers))
+
+    def keep_invariant_buffers(self, program, inputs: list, tables: list, buffers: tuple) -> None:
+        """Remember where a graph keeps this program's hoisted values, for calls with inputs of these shapes."""
+        if all(isinstance(b, torch.Tensor) for b in buffers):
+            self._invariant_buffers.setdefault((id(program), _signature([*inputs, *tables])), buffers)
 
     def call(self, device: torch.device) -> "_Call":
         """The executor of one model call on ``device``."""
@@ -315,8 +334,10 @@ class _Call:
     def __call__(self, program, inputs: list, tables: list, states: list) -> list:
         """(*chunk outputs, *new states) of one chunk, as ``program.module(*inputs, *tables, *states)``."""
         step = self.runner.hoisted(program)
-        if id(program) not in self._invariants:
-            self._invariants[id(program)] = tuple(step.invariant(*inputs, *tables))
+        first = id(program) not in self._invariants
+        if first:
+            self._invariants[id(program)] = self.runner.invariants(program, step, inputs, tables) if self.use_graphs \
+                else tuple(step.invariant(*inputs, *tables))
         args = [*inputs, *tables, *states, *self._invariants[id(program)]]
         if self.use_graphs:
             graph = self.runner.graphed(program, step, args)
@@ -325,6 +346,8 @@ class _Call:
                 # the invariants now live in the graph's buffers: later chunks pass those (no copy), and
                 # the ones computed for this call are freed before the replay, not after it
                 self._invariants[id(program)] = tuple(graph.static[len(args) - step.n_hoisted:])
+                if first:
+                    self.runner.keep_invariant_buffers(program, inputs, tables, self._invariants[id(program)])
                 del args
                 return graph.replay()
         return list(self.runner.step_fn(program, step)(*args))

@@ -93,3 +93,31 @@ def test_a_later_call_zeroes_the_states_it_starts_from(wan):
     buffers = next(iter(graphed._steps._state_buffers.values()))
     assert all(s is b for s, b in zip(states, buffers, strict=True))
     assert all(not s.any() for s in states)
+
+
+def test_later_calls_write_their_hoisted_values_into_the_graphs_buffers(wan):
+    """Call 2 (new text and timestep, same shapes) runs the invariant program that writes into the
+    graph's buffers; call 3 (a shorter text) has no buffers of its shapes yet and makes its own."""
+    hybrid, args, kwargs = wan
+    graphed, eager = _reference_graphed(hybrid), rc.stream(hybrid, cuda_graphs=False)
+    text = kwargs["encoder_hidden_states"]
+    calls = [kwargs, dict(kwargs, encoder_hidden_states=text.flip(1) * 0.5, timestep=kwargs["timestep"] + 100),
+             dict(kwargs, encoder_hidden_states=text[:, : text.shape[1] // 2])]
+    with torch.no_grad():
+        for call_kwargs in calls:
+            got, want = graphed(*args, **call_kwargs)[0], eager(*args, **call_kwargs)[0]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    steps = graphed._steps
+    assert len(steps._invariant_buffers) >= 2  # one set per text length
+    (_, in_place_invariant), *_ = steps._in_place.values()
+    n_into = len([n for n in in_place_invariant.graph.find_nodes(op="placeholder") if n.name.startswith("into_")])
+    assert n_into == len(next(iter(steps._invariant_buffers.values())))
+    with torch.no_grad():  # a call of the shapes seen before returns the kept buffers themselves
+        program = graphed.program(*args, **kwargs)
+        plan = graphed.plan(*args, **kwargs)
+        _, _, arguments, _ = next(graphed._chunk_calls(plan))
+        n_in = len(program.input_dims) + len(program.table_dims)
+        values = steps.invariants(program, steps.hoisted(program), arguments[:len(program.input_dims)],
+                                  arguments[len(program.input_dims):n_in])
+    kept = steps._invariant_buffers[(id(program), _signature(arguments[:n_in]))]
+    assert all(v is k for v, k in zip(values, kept, strict=True))

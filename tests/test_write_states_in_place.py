@@ -153,3 +153,27 @@ def test_readers_through_a_view_delay_the_copy():
     assert order[copy] > order[sums[0]]
     s = torch.randn(4)
     torch.testing.assert_close(in_place(torch.ones(4), s.clone())[0], program(torch.ones(4), s.clone())[0])
+
+
+def test_outputs_are_written_into_given_buffers_as_soon_as_they_are_made():
+    from rehyat_compile.passes.write_states_in_place import write_outputs_into
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    a = graph.call_function(aten.mul.Tensor, (x, 2.0))
+    b = graph.call_function(aten.add.Tensor, (a, 1.0))  # reads a after a is made: reads the buffer instead
+    c = graph.call_function(aten.sin.default, (b,))
+    graph.output((a, c, x))  # x: an input, copied at the end
+    program = fx.GraphModule(torch.nn.Module(), graph)
+    rewritten = write_outputs_into(program)
+    names = [n.name for n in rewritten.graph.find_nodes(op="placeholder")]
+    assert names == ["x", "into_0", "into_1", "into_2"]
+    order = {n: i for i, n in enumerate(rewritten.graph.nodes)}
+    copies = [n for n in rewritten.graph.nodes if n.target is aten.copy_.default]
+    adds = [n for n in rewritten.graph.nodes if n.target is aten.add.Tensor]
+    assert order[copies[0]] < order[adds[0]]  # a is written before b is computed
+    x_value = torch.randn(5)
+    buffers = [torch.empty(5) for _ in range(3)]
+    got = rewritten(x_value, *buffers)
+    for g, w, buf in zip(got, program(x_value), buffers, strict=True):
+        assert g is buf
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
