@@ -107,7 +107,7 @@ class RerunGraphs(CudaGraphs):
     """The reference semantics of :class:`CudaGraphs`, on any device: a capture records the function and
     leaves the static buffers as they were (a CUDA capture runs nothing), a replay reruns it and writes
     its results into the captured outputs. The tests run the graph runner's buffer handling with it on
-    the CPU (tests/test_cuda_graph_step_signature.py)."""
+    the CPU (tests/test_cuda_graph_step_reference.py)."""
 
     def enabled(self, device: torch.device, requested: bool | None) -> bool:
         return requested is not False
