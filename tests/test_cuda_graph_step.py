@@ -46,6 +46,9 @@ def test_graph_replay_equals_eager_stream_and_converted(wan_cuda):
     shared = slice(full.state_slice.start, None)
     assert len(full.static[shared]) > len(full.static[full.state_slice])
     assert all(x is y for x, y in zip(full.static[shared], last.static[shared], strict=True))
+    # the blocks' position-table slices (the same views) share one static copy per group
+    own = [t for t in full.static[:shared.start] if isinstance(t, torch.Tensor)]
+    assert len({id(t) for t in own}) < len(own)
 
 
 def test_second_call_replays_with_the_new_inputs(wan_cuda):
