@@ -16,19 +16,49 @@ state inputs to hold them: only a runner that owns those buffers may call it.
 
 A state the program returns unchanged, or as a view of itself, is left as it is: there is nothing to copy.
 Nor is one whose old value the program also returns elsewhere (a view of it as an output, or as another
-state's new value), or whose new value is a view of another input: those keep the copy at the end.
+state's new value), or whose new value is a view of another input or is written into by a later op:
+those keep the copy at the end.
 """
 from __future__ import annotations
 
 import torch
 from torch import fx
 
-from .hoist_chunk_invariant import _alias_root
+from .hoist_chunk_invariant import _alias_root, _written_roots
 from .thread_state import _graph_module
 
 
 def _position(graph: fx.Graph) -> dict[fx.Node, int]:
     return {node: i for i, node in enumerate(graph.nodes)}
+
+
+def _copy_of(module: fx.GraphModule) -> tuple[fx.Graph, fx.Node, list]:
+    """(a deep copy of ``module``'s graph, its output node, the returned values as a list)."""
+    if not isinstance(module, fx.GraphModule):
+        raise TypeError(f"module must be a torch.fx.GraphModule, got {type(module).__name__}")
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(module.graph, {}))
+    output = next(n for n in graph.nodes if n.op == "output")
+    returned = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    return graph, output, returned
+
+
+def _write_after(graph: fx.Graph, point: fx.Node, target: fx.Node, value: fx.Node, order: dict) -> None:
+    """``target.copy_(value)`` right after ``point``; the readers of ``value`` after it, and the output,
+    read ``target`` instead, so ``value`` dies at the copy."""
+    with graph.inserting_after(point):
+        copied = graph.call_function(torch.ops.aten.copy_.default, (target, value))
+    for user in list(value.users):
+        if user is not copied and (user.op == "output" or order.get(user, -1) > order[point]):
+            user.replace_input_with(value, target)
+
+
+def _finish(module: fx.GraphModule, graph: fx.Graph, output: fx.Node, returned: list) -> fx.GraphModule:
+    output.args = (tuple(returned),)
+    graph.lint()
+    result = _graph_module(module, graph)
+    result.recompile()
+    return result
 
 
 def _views_of(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
@@ -39,15 +69,22 @@ def _views_of(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     return views
 
 
+def _made_here(value, written: set) -> bool:
+    """``value`` is a tensor the graph makes and never writes into later (itself or through a view): one
+    whose value is final where it is made, so it may be copied out there."""
+    return isinstance(value, fx.Node) and _alias_root(value).op != "placeholder" and _alias_root(value) not in written
+
+
 def state_copy_point(state: fx.Node, new: fx.Node, order: dict[fx.Node, int], views: list[fx.Node],
-                     returned: list) -> fx.Node | None:
+                     returned: list, written: set = frozenset()) -> fx.Node | None:
     """The node after which ``state.copy_(new)`` may run: the later of ``new`` and the last node other
     than the output that reads ``state`` or a view of it (``views``: state and its views). None where no
     copy is needed (``new`` is ``state`` or a view of it), where ``new`` is not a node of the graph (a
-    constant) or is a view of another input, and where the program returns ``state`` or a view of it in
-    another place (``returned``: the output values besides this state's own slot), whose old value an
-    early overwrite would change."""
-    if not isinstance(new, fx.Node) or _alias_root(new) is state or _alias_root(new).op == "placeholder":
+    constant), is a view of another input or is written into by an op (``written``: the alias roots
+    in-place ops write, ``hoist_chunk_invariant._written_roots``), and where the program returns ``state``
+    or a view of it in another place (``returned``: the output values besides this state's own slot),
+    whose old value an early overwrite would change."""
+    if not _made_here(new, written):
         return None
     if any(isinstance(r, fx.Node) and r in views for r in returned):
         return None
@@ -59,35 +96,20 @@ def write_states_in_place(module: fx.GraphModule, state_slice: slice, n_outputs:
     """A copy of ``module`` (placeholders ``state_slice`` are its states, outputs ``n_outputs:`` the new
     states in the same order) that writes every new state into its state placeholder as early as it may
     (module docstring); the returned new states are the placeholders."""
-    if not isinstance(module, fx.GraphModule):
-        raise TypeError(f"module must be a torch.fx.GraphModule, got {type(module).__name__}")
-    graph = _copied(module)
-    placeholders = list(graph.find_nodes(op="placeholder"))
-    states = placeholders[state_slice]
-    output = next(n for n in graph.nodes if n.op == "output")
-    returned = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    graph, output, returned = _copy_of(module)
+    states = list(graph.find_nodes(op="placeholder"))[state_slice]
     new_states = returned[n_outputs:]
     if len(new_states) != len(states):
         raise ValueError(f"state_slice names {len(states)} state inputs but the program returns {len(new_states)} "
                          f"new states after its {n_outputs} outputs")
-    order, views = _position(graph), _views_of(graph)
+    order, views, written = _position(graph), _views_of(graph), _written_roots(graph)
     for i, (state, new) in enumerate(zip(states, new_states)):
         others = returned[:n_outputs + i] + returned[n_outputs + i + 1:]
-        point = state_copy_point(state, new, order, views.get(state, [state]), others)
-        if point is None:
-            continue
-        with graph.inserting_after(point):
-            copied = graph.call_function(torch.ops.aten.copy_.default, (state, new))
-        # readers of the new value after the copy, and the output, read the state input instead
-        for user in list(new.users):
-            if user is not copied and (user.op == "output" or order.get(user, -1) > order[point]):
-                user.replace_input_with(new, state)
-        returned[n_outputs + i] = state
-    output.args = (tuple(returned),)
-    graph.lint()
-    result = _graph_module(module, graph)
-    result.recompile()
-    return result
+        point = state_copy_point(state, new, order, views.get(state, [state]), others, written)
+        if point is not None:
+            _write_after(graph, point, state, new, order)
+            returned[n_outputs + i] = state
+    return _finish(module, graph, output, returned)
 
 
 def write_outputs_into(module: fx.GraphModule) -> fx.GraphModule:
@@ -96,40 +118,22 @@ def write_outputs_into(module: fx.GraphModule) -> fx.GraphModule:
     the fresh values die at once instead of living until the program returns. For a program whose
     results a runner keeps in buffers it owns (the hoisted invariants of ``rc.stream``'s CUDA graphs:
     Wan2.1-1.3B's cross-attention K/V, 91 MiB, would otherwise sit beside the buffers that keep them).
-    Outputs that are inputs, views of inputs or constants are copied at the end."""
-    if not isinstance(module, fx.GraphModule):
-        raise TypeError(f"module must be a torch.fx.GraphModule, got {type(module).__name__}")
-    graph = _copied(module)
-    output = next(n for n in graph.nodes if n.op == "output")
-    returned = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    Outputs that are inputs, views of inputs, constants or written into later are copied at the end."""
+    graph, output, returned = _copy_of(module)
     placeholders = list(graph.find_nodes(op="placeholder"))
     with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(None):
         into = []
         for i in reversed(range(len(returned))):  # inserting after the same node: reversed keeps the order
             into.insert(0, graph.placeholder(f"into_{i}"))
-    order = _position(graph)
+    order, written = _position(graph), _written_roots(graph)
     for i, (target, value) in enumerate(zip(into, returned)):
-        early = isinstance(value, fx.Node) and _alias_root(value).op != "placeholder"
-        with graph.inserting_after(value) if early else graph.inserting_before(output):
-            copied = graph.call_function(torch.ops.aten.copy_.default, (target, value))
-        if early:
-            for user in list(value.users):
-                if user is not copied and (user.op == "output" or order.get(user, -1) > order[value]):
-                    user.replace_input_with(value, target)
+        if _made_here(value, written):
+            _write_after(graph, value, target, value, order)
+        else:  # an input, a view of one, a constant or a tensor written into later: copied at the end
+            with graph.inserting_before(output):
+                graph.call_function(torch.ops.aten.copy_.default, (target, value))
         returned[i] = target
-    output.args = (tuple(returned),)
-    graph.lint()
-    result = _graph_module(module, graph)
-    result.recompile()
-    return result
-
-
-def _copied(module: fx.GraphModule) -> fx.Graph:
-    """A deep copy of ``module``'s graph (the original stays usable as it is)."""
-    graph = fx.Graph()
-    out = graph.graph_copy(module.graph, {})
-    graph.output(out)
-    return graph
+    return _finish(module, graph, output, returned)
 
 
 __all__ = ["state_copy_point", "write_outputs_into", "write_states_in_place"]

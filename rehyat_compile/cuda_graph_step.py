@@ -280,6 +280,7 @@ class StepRunner:
                 self._graphs.clear()
                 self._shared_buffers.clear()
                 self._state_buffers.clear()
+                self._invariant_buffers.clear()
                 self._pool = None
                 self._weights = weights
         return _Call(self, use_graphs)
@@ -336,6 +337,7 @@ class _Call:
         step = self.runner.hoisted(program)
         first = id(program) not in self._invariants
         if first:
+            # eager calls (gradients on, no graphs) make their own: the graphs' buffers are no autograd leaves
             self._invariants[id(program)] = self.runner.invariants(program, step, inputs, tables) if self.use_graphs \
                 else tuple(step.invariant(*inputs, *tables))
         args = [*inputs, *tables, *states, *self._invariants[id(program)]]

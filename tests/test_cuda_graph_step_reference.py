@@ -121,3 +121,14 @@ def test_later_calls_write_their_hoisted_values_into_the_graphs_buffers(wan):
                                   arguments[len(program.input_dims):n_in])
     kept = steps._invariant_buffers[(id(program), _signature(arguments[:n_in]))]
     assert all(v is k for v, k in zip(values, kept, strict=True))
+
+
+def test_new_weights_drop_the_kept_invariant_buffers(wan):
+    hybrid, args, kwargs = wan
+    graphed = _reference_graphed(hybrid)
+    with torch.no_grad():
+        graphed(*args, **kwargs)
+        assert graphed._steps._invariant_buffers
+        moved = hybrid.to(torch.float64).to(torch.float32)  # new parameter storage: new addresses
+        graphed._steps.call(torch.device("cpu"))
+    assert moved is hybrid and not graphed._steps._invariant_buffers and not graphed._steps._graphs

@@ -177,3 +177,28 @@ def test_outputs_are_written_into_given_buffers_as_soon_as_they_are_made():
     for g, w, buf in zip(got, program(x_value), buffers, strict=True):
         assert g is buf
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_a_value_written_into_after_it_is_made_is_copied_only_at_the_end():
+    """new_0 = state_0 + x, then new_0 += 1 in place: a copy right after the add would miss the += 1."""
+    from rehyat_compile.passes.write_states_in_place import write_outputs_into
+    graph = fx.Graph()
+    x, s0 = graph.placeholder("x"), graph.placeholder("state_0")
+    new0 = graph.call_function(aten.add.Tensor, (s0, x))
+    graph.call_function(aten.add_.Tensor, (graph.call_function(aten.view.default, (new0, [-1])), 1.0))
+    graph.output((x, new0))
+    program = fx.GraphModule(torch.nn.Module(), graph)
+    state = torch.randn(4)
+    want = program(torch.ones(4), state.clone())
+    in_place = write_states_in_place(program, slice(1, 2), 1)
+    assert not _copies(in_place)
+    got = in_place(torch.ones(4), state.clone())
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    into = write_outputs_into(program)
+    order = {n: i for i, n in enumerate(into.graph.nodes)}
+    copies = [n for n in into.graph.nodes if n.target is aten.copy_.default]
+    writes = [n for n in into.graph.nodes if n.target is aten.add_.Tensor]
+    assert all(order[c] > order[writes[0]] for c in copies)
+    buffers = [torch.empty(4), torch.empty(4)]
+    for g, w in zip(into(torch.ones(4), state.clone(), *buffers), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
