@@ -355,29 +355,24 @@ class StreamRunner(torch.nn.Module):
 def step_spans(frames: int, chunk_frames: int, chunks_per_step: int) -> list[tuple[int, int]]:
     """The (start, stop) frames of each step program call over a video of ``frames`` frames.
 
-    Steps of ``chunks_per_step`` (G) whole chunks while that many remain; the r < G whole chunks
-    left run as steps of the powers of two in r, largest first (r = 6: 4 + 2); a short last chunk
-    (``frames % chunk_frames`` frames) is a step of its own. Every step length is then one of
-    G, 4, 2, 1 ... chunks or the short chunk, whatever the video length: a runner that serves many
-    lengths captures at most log2(G) + 2 full-chunk graphs (and traces as many step programs where
-    the export has a fixed shape), instead of one per remainder. G = 1 is chunk by chunk."""
-    whole, short = divmod(frames, chunk_frames)
-    spans, start = [], 0
-
-    def take(chunks):
-        nonlocal start
-        spans.append((start, start + chunks * chunk_frames))
-        start += chunks * chunk_frames
-
-    for _ in range(whole // chunks_per_step):
-        take(chunks_per_step)
-    rest = whole % chunks_per_step
-    for bit in reversed(range(rest.bit_length())):
-        if rest >> bit & 1:
-            take(1 << bit)
-    if short:
-        spans.append((start, frames))
-    return spans
+    G = ``chunks_per_step`` = 1 is chunk by chunk: every whole chunk a step, a short last chunk
+    (``frames % chunk_frames`` frames) a step of its own. With G > 1, steps of G whole chunks while
+    more than that remains, then one last step of everything left: up to G whole chunks, the short
+    chunk among them (a step runs its chunks in the chunk-parallel form, which takes a short last
+    chunk as the converted model does). A call runs ceil(frames / (G * chunk_frames)) steps, the
+    fewest that steps of at most G chunks allow, and memory stays bounded by G, not by the video. A
+    runner serving many lengths captures the G-chunk graph once and one last-step graph per distinct
+    remainder (at most G * chunk_frames - 1 of them)."""
+    if frames <= 0:
+        return []
+    if chunks_per_step == 1:
+        whole, short = divmod(frames, chunk_frames)
+        spans = [(i * chunk_frames, (i + 1) * chunk_frames) for i in range(whole)]
+        return spans + ([(frames - short, frames)] if short else [])
+    step = chunks_per_step * chunk_frames
+    full = max(0, -(-frames // step) - 1)   # every step but the last is a full one
+    spans = [(i * step, (i + 1) * step) for i in range(full)]
+    return spans + [(full * step, frames)]
 
 
 def _check_several_chunks(program: StepProgram, chunks_per_step: int) -> None:

@@ -290,28 +290,27 @@ def test_several_chunks_per_step_is_the_same_function(frames, chunk, overlap, pa
 
 
 @given(frames=st.integers(1, 200), chunk=st.integers(1, 5), per_step=st.integers(1, 16))
-def test_steps_cover_the_video_in_few_distinct_lengths(frames, chunk, per_step):
+def test_steps_cover_the_video_in_the_fewest_bounded_steps(frames, chunk, per_step):
     spans = step_spans(frames, chunk, per_step)
     assert spans[0][0] == 0 and spans[-1][1] == frames
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))          # contiguous, in order
-    whole, short = divmod(frames, chunk)
     lengths = [stop - start for start, stop in spans]
-    # full steps of G chunks, then the remainder's powers of two largest first, then the short chunk
-    full = [n // chunk for n in lengths[:len(lengths) - bool(short)]]
-    assert full[:whole // per_step] == [per_step] * (whole // per_step)
-    rest = full[whole // per_step:]
-    assert sum(rest) == whole % per_step and rest == sorted(rest, reverse=True)
-    assert all(r & (r - 1) == 0 for r in rest) and len(set(rest)) == len(rest)
-    assert not short or lengths[-1] == short
+    whole, short = divmod(frames, chunk)
     if per_step == 1:
         assert lengths == [chunk] * whole + ([short] if short else [])
+        return
+    step = per_step * chunk
+    # every step but the last is G whole chunks, the last holds what is left (1 .. G chunks' frames)
+    assert lengths[:-1] == [step] * (len(lengths) - 1) and 0 < lengths[-1] <= step
+    assert len(spans) == -(-frames // step)                              # no fewer steps are possible
 
 
-def test_a_runner_over_many_lengths_needs_few_step_lengths():
-    """Every video length from 1 to 400 frames (Tc = 3, G = 7) uses 7, 4, 2 or 1 chunks per step or a
-    short chunk of 1 or 2 frames: 6 step lengths, where one step per remainder would need 21."""
-    lengths = {stop - start for f in range(1, 401) for start, stop in step_spans(f, 3, 7)}
-    assert lengths == {21, 12, 6, 3, 1, 2}
+def test_a_runner_over_many_lengths_captures_the_full_step_once():
+    """Every video length from 1 to 400 frames (Tc = 3, G = 7): full steps are all 21 frames, and the
+    last steps take each of the 21 lengths 1 .. 21 (one graph per remainder)."""
+    spans = [step_spans(f, 3, 7) for f in range(1, 401)]
+    assert {stop - start for s in spans for start, stop in s[:-1]} == {21}
+    assert {s[-1][1] - s[-1][0] for s in spans} == set(range(1, 22))
 
 
 @pytest.mark.slow
