@@ -462,6 +462,15 @@ def hybrid_attention_steps(q, k, v, fq, fk, state, *, tokens_per_frame, chunk_fr
     overlap_tokens = layout.overlap_frames * layout.tokens_per_frame
     state = initial_state(k, v, fk, overlap_tokens) if state is None else state
     _validate_state(state, k, v, fk, overlap_tokens)
+    if q.device.type == "cuda" and torch.compiler.is_dynamo_compiling():
+        # torch.compile: one opaque node that makes the chunk-parallel launch at run time (op.py); traced
+        # here, the fused launch would be refused and the chunks stepped one by one
+        from .op import hybrid_attention_steps_compiled
+        y, new = hybrid_attention_steps_compiled(q, k, v, fq, fk, state, dict(
+            tokens_per_frame=tokens_per_frame, chunk_frames=chunk_frames, overlap_frames=overlap_frames,
+            scale=resolve_scale(scale, q.shape[-1])))
+        last = frames % chunk_frames or chunk_frames
+        return y, _after_chunk(new, last, chunk_frames)
     if q.device.type == "cuda":  # one chunk-parallel launch per call (kernels/triton_step.py)
         from .kernels import fused_step_unavailable
         if fused_step_unavailable(q, k, v, fq, fk, state) is None:

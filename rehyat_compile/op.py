@@ -122,6 +122,38 @@ def hybrid_attention_step_compiled(q, k, v, fq, fk, state, layout: dict):
     return outs[0], HybridState(*outs[1:])
 
 
+STEPS_OP_NAME = "rehyat::hybrid_attention_steps"
+
+
+@torch.library.custom_op(STEPS_OP_NAME, mutates_args=())
+def _hybrid_attention_steps_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor,
+                               s: torch.Tensor, z: torch.Tensor, k_overlap: torch.Tensor, v_overlap: torch.Tensor,
+                               fk_overlap: torch.Tensor, overlap_valid: torch.Tensor, tokens_per_frame: int,
+                               chunk_frames: int, overlap_frames: int, scale: float
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .attention import hybrid_attention_steps  # eager here: the chunk-parallel launch on CUDA
+    state = HybridState(s, z, k_overlap, v_overlap, fk_overlap, overlap_valid)
+    y, new = hybrid_attention_steps(q, k, v, fq, fk, state, tokens_per_frame=tokens_per_frame,
+                                    chunk_frames=chunk_frames, overlap_frames=overlap_frames, scale=scale)
+    return _step_outputs(y, new, (q, k, v, fq, fk, *state))
+
+
+@_hybrid_attention_steps_op.register_fake
+def _(q, k, v, fq, fk, s, z, k_overlap, v_overlap, fk_overlap, overlap_valid, tokens_per_frame, chunk_frames,
+      overlap_frames, scale):
+    return (empty_bnhd(q), *(torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (s, z, k_overlap, v_overlap, fk_overlap, overlap_valid)))
+
+
+def hybrid_attention_steps_compiled(q, k, v, fq, fk, state, layout: dict):
+    """``rc.hybrid_attention_steps`` (several chunks, no extra tokens) as one ``rehyat::hybrid_attention_steps``
+    node under torch.compile: the chunk-parallel launch from the carried state at run time on CUDA (not
+    one traced step per chunk). ``layout``: validated keywords."""
+    outs = _hybrid_attention_steps_op(q, k, v, fq, fk, *state, **layout)
+    return outs[0], HybridState(*outs[1:])
+
+
 # ---------------------------------------------------------------------------------------------
 # The op's call, by name: the one place that knows the argument order
 # ---------------------------------------------------------------------------------------------

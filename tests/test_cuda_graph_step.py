@@ -107,21 +107,26 @@ def test_new_weights_are_recaptured(wan_cuda):
     assert _rel(after, expected) < 1e-3 and _rel(after, before) > 1e-2
 
 
-def test_compiled_stream_keeps_the_fused_step_as_one_node_and_equals_eager(wan_cuda, monkeypatch):
+@pytest.mark.parametrize("chunks_per_step,node", [(1, "hybrid_attention_step_compiled"),
+                                                   (2, "hybrid_attention_steps_compiled")])
+def test_compiled_stream_keeps_the_fused_step_as_one_node_and_equals_eager(wan_cuda, monkeypatch, chunks_per_step,
+                                                                           node):
+    """G = 1: one ``rehyat::hybrid_attention_step`` node per layer; G = 2: one ``rehyat::hybrid_attention_steps``
+    node (the chunk-parallel launch at run time), not the chunks traced one by one."""
     from rehyat_compile import op
     traced = []
-    original = op.hybrid_attention_step_compiled
+    original = getattr(op, node)
 
     def counting(*args, **kwargs):
         traced.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(op, "hybrid_attention_step_compiled", counting)
+    monkeypatch.setattr(op, node, counting)
     hybrid, args, kwargs = wan_cuda
     with torch.no_grad():
-        y_compiled = rc.stream(hybrid, compile=True)(*args, **kwargs)[0]
+        y_compiled = rc.stream(hybrid, compile=True, chunks_per_step=chunks_per_step)(*args, **kwargs)[0]
         y_eager = rc.stream(hybrid, cuda_graphs=False)(*args, **kwargs)[0]
-    assert traced  # Dynamo traced the step op, not the PyTorch step
+    assert traced  # Dynamo traced the op node, not the PyTorch step
     assert _rel(y_compiled, y_eager) < 2e-2  # the benchmark's bf16 tolerance
 
 

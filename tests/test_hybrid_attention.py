@@ -288,6 +288,27 @@ def test_custom_ops_pass_torch_library_opcheck():
     torch.library.opcheck(torch.ops.rehyat.hybrid_attention_step.default, step_args)
     q, k, v, fq, fk = step_args[:5]
     torch.library.opcheck(torch.ops.rehyat.hybrid_attention.default, (q, k, v, fq, fk, 4, 2, 1, True, 0, 0, 0.35))
+    steps_args = _step_op_args(frames=5)   # chunks of 2 frames: 2, 2 and a short 1
+    torch.library.opcheck(torch.ops.rehyat.hybrid_attention_steps.default, steps_args[:-3] + steps_args[-1:])
+
+
+@pytest.mark.parametrize("frames", [3, 4, 5])
+def test_steps_op_is_the_chunk_by_chunk_stream(frames):
+    """``rehyat::hybrid_attention_steps`` (the grouped step under torch.compile, op.py) computes what stepping
+    the chunks one by one computes, short last chunk included."""
+    args = _step_op_args(frames=frames)
+    q, k, v, fq, fk, *state = args[:11]
+    outs = torch.ops.rehyat.hybrid_attention_steps.default(*args[:-3], args[-1])
+    y, new = q.new_zeros(0), rc.attention.HybridState(*state)
+    ys = []
+    for start in range(0, frames, 2):
+        rows = slice(start * 4, min(start + 2, frames) * 4)
+        y, new = rc.hybrid_attention_step(q[:, :, rows], k[:, :, rows], v[:, :, rows], fq[:, :, rows],
+                                          fk[:, :, rows], new, tokens_per_frame=4, chunk_frames=2, overlap_frames=1)
+        ys.append(y)
+    torch.testing.assert_close(outs[0], torch.cat(ys, dim=2), rtol=1e-5, atol=1e-6)
+    for got, want in zip(outs[1:], new, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_step_op_outputs_never_share_an_input_memory():
