@@ -14,7 +14,8 @@
   its end), so the state a replay returns is already where the next replay reads it (no copy between
   chunks), and a later call starts from those buffers zeroed; a call's invariants are copied into the
   shared buffers once, and the call's own copies freed before the replay (Wan2.1-1.3B's cross-attention
-  K/V are 94 MB); a later call with inputs of the same shapes writes them into those buffers directly;
+  K/V are 94 MB); a later call with inputs of the same shapes writes them into those buffers directly,
+  through one captured graph of the invariant program (one launch where the program has ~780);
 * elsewhere, or where a capture fails (logged once), the chunk part runs eagerly: the same function;
 * ``compile=True`` runs the chunk part through ``torch.compile`` (Inductor fuses the element-wise work;
   the fused Triton step stays one node), inside the CUDA graph where there is one.
@@ -47,6 +48,26 @@ def graphs_enabled(device: torch.device, requested: bool | None) -> bool:
 def invariant_inputs(program) -> list[bool]:
     """Per placeholder of the step program (inputs, then tables): passed whole to every chunk."""
     return [d is None for d in program.input_dims] + [d is None for d in program.table_dims]
+
+
+def weight_addresses(model: torch.nn.Module) -> tuple:
+    """The addresses of every parameter and buffer of ``model`` (shared ones once), in module order: what
+    graphs captured on its weights depend on. A walk of the modules' own tables, which every call makes
+    before its first launch: ``parameters()`` names every member on the way (Wan2.1-1.3B: ~1,070 of
+    them, milliseconds of the host's time while the GPU waits)."""
+    seen, addresses, stack = set(), [], [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for table in (module._parameters, module._buffers):
+            for t in table.values():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    addresses.append(t.data_ptr())
+        stack.extend(reversed([m for m in module._modules.values() if m is not None]))
+    return tuple(addresses)
 
 
 def _view_key(a: torch.Tensor) -> tuple:
@@ -149,7 +170,8 @@ class GraphedStep:
         shared = slice(state_slice.start, len(args))
         if shared_buffers is not None:
             for buffer, arg in zip(shared_buffers, args[shared]):
-                buffer.copy_(arg)
+                if buffer is not arg:
+                    buffer.copy_(arg)
         # arguments that are the same view (one position table sliced per layer) share one static copy
         groups = same_view_groups(args[:shared.start])
         self.static = []
@@ -221,6 +243,7 @@ class StepRunner:
         self._shared_buffers: dict[tuple, list] = {}  # states + invariants, by signature: shared between graphs
         self._state_buffers: dict[tuple, list] = {}  # the graphs' static states, by their shapes and dtypes
         self._invariant_buffers: dict[tuple, tuple] = {}  # the graphs' hoisted values, by program and input shapes
+        self._invariant_graphs: dict[tuple, GraphedStep | None] = {}  # the programs that write them, captured
 
     def hoisted(self, program) -> HoistedStep:
         if id(program) not in self._hoisted:
@@ -261,10 +284,32 @@ class StepRunner:
         """A call's hoisted values. Where a graph of an earlier call with inputs of these shapes keeps them
         in its buffers, they are written there as they are made (the invariant program of
         passes/write_states_in_place.py), not made beside the buffers and copied in."""
-        buffers = self._invariant_buffers.get((id(program), _signature([*inputs, *tables])))
+        key = (id(program), _signature([*inputs, *tables]))
+        buffers = self._invariant_buffers.get(key)
         if buffers is None:
             return tuple(step.invariant(*inputs, *tables))
-        return tuple(self._in_place_programs(program, step)[1](*inputs, *tables, *buffers))
+        writes = self._in_place_programs(program, step)[1]
+        args = [*inputs, *tables, *buffers]
+        if key not in self._invariant_graphs:
+            self._invariant_graphs[key] = self._capture(
+                "the chunk-invariant program", lambda: GraphedStep(
+                    writes, args, n_outputs=0, state_slice=slice(len(inputs) + len(tables), len(args)),
+                    pool=self._pool, shared_buffers=buffers, graphs=self.graphs))
+        graph = self._invariant_graphs[key]
+        if graph is None:
+            return tuple(writes(*args))
+        # one replay instead of the program's launches one by one (Wan2.1-1.3B: ~780, all on the host's
+        # clock before the first step replay, while the GPU idles); its "states" are the kept buffers
+        return tuple(graph(args))
+
+    def _capture(self, what: str, make):
+        """``make()`` (a :class:`GraphedStep`), or None where the capture fails: that program then runs eagerly."""
+        try:
+            return make()
+        except Exception as err:
+            logger.warning("rc.stream: %s could not be captured as a CUDA graph (%s: %s); running it eagerly",
+                           what, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            return None
 
     def keep_invariant_buffers(self, program, inputs: list, tables: list, buffers: tuple) -> None:
         """Remember where a graph keeps this program's hoisted values, for calls with inputs of these shapes."""
@@ -275,12 +320,13 @@ class StepRunner:
         """The executor of one model call on ``device``."""
         use_graphs = self.graphs.enabled(device, self.cuda_graphs) and not torch.is_grad_enabled()
         if use_graphs:
-            weights = tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
+            weights = weight_addresses(self.model)
             if weights != self._weights:  # new weights: graphs captured on the old addresses are stale
                 self._graphs.clear()
                 self._shared_buffers.clear()
                 self._state_buffers.clear()
                 self._invariant_buffers.clear()
+                self._invariant_graphs.clear()
                 self._pool = None
                 self._weights = weights
         return _Call(self, use_graphs)
@@ -296,17 +342,13 @@ class StepRunner:
             # states + invariants, shared by every graph of the same signature: the full-chunk and the
             # last-chunk programs of a call run in that order, and each replay copies in what differs
             key_shared = _signature(args[n_in:])
-            try:
-                graph = GraphedStep(self.graph_fn(program, step), args, n_outputs=program.n_outputs,
-                                    state_slice=states, pool=self._pool,
-                                    shared_buffers=self._shared_buffers.get(key_shared), graphs=self.graphs)
+            graph = self._capture("the step program", lambda: GraphedStep(
+                self.graph_fn(program, step), args, n_outputs=program.n_outputs, state_slice=states, pool=self._pool,
+                shared_buffers=self._shared_buffers.get(key_shared), graphs=self.graphs))
+            if graph is not None:
                 self._pool = graph.pool() if self._pool is None else self._pool
                 self._shared_buffers.setdefault(key_shared, graph.static[n_in:])
                 self._state_buffers.setdefault(_state_key(args[states]), graph.static[states])
-            except Exception as err:  # a step that cannot be captured still runs, eagerly
-                logger.warning("rc.stream: the step program could not be captured as a CUDA graph (%s: %s); "
-                               "running it eagerly", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-                graph = None
             self._graphs[key] = graph
         return self._graphs[key]
 
@@ -355,4 +397,5 @@ class _Call:
         return list(self.runner.step_fn(program, step)(*args))
 
 
-__all__ = ["CudaGraphs", "GraphedStep", "RerunGraphs", "StepRunner", "graphs_enabled", "invariant_inputs", "same_view_groups"]
+__all__ = ["CudaGraphs", "GraphedStep", "RerunGraphs", "StepRunner", "graphs_enabled", "invariant_inputs", "same_view_groups",
+           "weight_addresses"]

@@ -62,6 +62,13 @@ def test_second_call_replays_with_the_new_inputs(wan_cuda):
         y_eager = eager(*other, **kwargs2)[0]
     assert _rel(y_graph, y_eager) < 1e-3
     assert sum(g is not None for g in graphed._steps._graphs.values()) == 2  # captured once, replayed
+    # a third call replays the chunk-invariant program's graph (captured by the second) on its own inputs
+    kwargs3 = dict(kwargs, encoder_hidden_states=-kwargs["encoder_hidden_states"], timestep=kwargs["timestep"] + 7)
+    with torch.no_grad():
+        y_graph = graphed(*args, **kwargs3)[0]
+        y_eager = eager(*args, **kwargs3)[0]
+    assert _rel(y_graph, y_eager) < 1e-3
+    assert any(g is not None for g in graphed._steps._invariant_graphs.values())
 
 
 def test_a_later_call_starts_from_the_graphs_own_state_buffers(wan_cuda):

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import rehyat_compile as rc
-from rehyat_compile.cuda_graph_step import RerunGraphs, _signature, same_view_groups
+from rehyat_compile.cuda_graph_step import RerunGraphs, _signature, same_view_groups, weight_addresses
 from rehyat_compile.zoo import make_wan_t2v
 
 
@@ -96,13 +96,15 @@ def test_a_later_call_zeroes_the_states_it_starts_from(wan):
 
 
 def test_later_calls_write_their_hoisted_values_into_the_graphs_buffers(wan):
-    """Call 2 (new text and timestep, same shapes) runs the invariant program that writes into the
-    graph's buffers; call 3 (a shorter text) has no buffers of its shapes yet and makes its own."""
+    """Call 2 (new text and timestep, same shapes) captures the invariant program that writes into the
+    graph's buffers and replays it; call 3 (a shorter text) has no buffers of its shapes yet and makes its
+    own; call 4 (other text of the first shape) replays the captured invariant graph on its inputs."""
     hybrid, args, kwargs = wan
     graphed, eager = _reference_graphed(hybrid), rc.stream(hybrid, cuda_graphs=False)
     text = kwargs["encoder_hidden_states"]
     calls = [kwargs, dict(kwargs, encoder_hidden_states=text.flip(1) * 0.5, timestep=kwargs["timestep"] + 100),
-             dict(kwargs, encoder_hidden_states=text[:, : text.shape[1] // 2])]
+             dict(kwargs, encoder_hidden_states=text[:, : text.shape[1] // 2]),
+             dict(kwargs, encoder_hidden_states=-text, timestep=kwargs["timestep"] + 7)]
     with torch.no_grad():
         for call_kwargs in calls:
             got, want = graphed(*args, **call_kwargs)[0], eager(*args, **call_kwargs)[0]
@@ -119,8 +121,23 @@ def test_later_calls_write_their_hoisted_values_into_the_graphs_buffers(wan):
         n_in = len(program.input_dims) + len(program.table_dims)
         values = steps.invariants(program, steps.hoisted(program), arguments[:len(program.input_dims)],
                                   arguments[len(program.input_dims):n_in])
-    kept = steps._invariant_buffers[(id(program), _signature(arguments[:n_in]))]
+    key = (id(program), _signature(arguments[:n_in]))
+    kept = steps._invariant_buffers[key]
     assert all(v is k for v, k in zip(values, kept, strict=True))
+    # written by one captured graph of the invariant program, whose "states" are those very buffers
+    graph = steps._invariant_graphs[key]
+    assert graph is not None and graph.outputs == []
+    assert all(s is k for s, k in zip(graph.static[graph.state_slice], kept, strict=True))
+
+
+def test_weight_addresses_name_every_parameter_and_buffer_once_and_see_a_replaced_one():
+    model, _, _ = make_wan_t2v(frames=3)
+    every = [t.data_ptr() for t in (*model.parameters(), *model.buffers())]
+    addresses = weight_addresses(model)
+    assert sorted(addresses) == sorted(every) and len(addresses) == len(every)
+    block = model.blocks[0].attn1.to_q
+    block.weight = torch.nn.Parameter(block.weight.detach() * 2)
+    assert weight_addresses(model) != addresses
 
 
 def test_new_weights_drop_the_kept_invariant_buffers(wan):
@@ -132,3 +149,4 @@ def test_new_weights_drop_the_kept_invariant_buffers(wan):
         moved = hybrid.to(torch.float64).to(torch.float32)  # new parameter storage: new addresses
         graphed._steps.call(torch.device("cpu"))
     assert moved is hybrid and not graphed._steps._invariant_buffers and not graphed._steps._graphs
+    assert not graphed._steps._invariant_graphs
