@@ -225,6 +225,25 @@ class GraphedStep:
         return self.replay()
 
 
+def _used_arguments(module, n: int) -> list[int]:
+    """Indices of the first ``n`` placeholders of ``module`` that its graph reads."""
+    placeholders = list(module.graph.find_nodes(op="placeholder"))[:n]
+    return [i for i, node in enumerate(placeholders) if node.users]
+
+
+class _OnArguments:
+    """``module`` called on only the arguments it reads (``used`` of its first ``n``), then the rest."""
+
+    def __init__(self, module, used: list[int], n: int):
+        self.module, self.used, self.n = module, used, n
+
+    def __call__(self, *args):
+        full = [None] * self.n
+        for i, a in zip(self.used, args):
+            full[i] = a
+        return self.module(*full, *args[len(self.used):])
+
+
 class StepRunner:
     """Per-runner cache of hoisted programs and captured graphs; :meth:`call` starts one model call."""
 
@@ -289,18 +308,22 @@ class StepRunner:
         if buffers is None:
             return tuple(step.invariant(*inputs, *tables))
         writes = self._in_place_programs(program, step)[1]
-        args = [*inputs, *tables, *buffers]
+        used = _used_arguments(writes, len(inputs) + len(tables))
+        taken = [[*inputs, *tables][i] for i in used]
         if key not in self._invariant_graphs:
             self._invariant_graphs[key] = self._capture(
                 "the chunk-invariant program", lambda: GraphedStep(
-                    writes, args, n_outputs=0, state_slice=slice(len(inputs) + len(tables), len(args)),
-                    pool=self._pool, shared_buffers=buffers, graphs=self.graphs))
+                    _OnArguments(writes, used, len(inputs) + len(tables)), [*taken, *buffers], n_outputs=0,
+                    state_slice=slice(len(taken), len(taken) + len(buffers)), pool=self._pool,
+                    shared_buffers=buffers, graphs=self.graphs))
         graph = self._invariant_graphs[key]
         if graph is None:
-            return tuple(writes(*args))
+            return tuple(writes(*inputs, *tables, *buffers))
         # one replay instead of the program's launches one by one (Wan2.1-1.3B: ~780, all on the host's
-        # clock before the first step replay, while the GPU idles); its "states" are the kept buffers
-        return tuple(graph(args))
+        # clock before the first step replay, while the GPU idles); its "states" are the kept buffers, and
+        # it keeps static copies only of the arguments it reads (text, timestep: not the chunk's latents
+        # and position tables)
+        return tuple(graph([*taken, *buffers]))
 
     def _capture(self, what: str, make):
         """``make()`` (a :class:`GraphedStep`), or None where the capture fails: that program then runs eagerly."""

@@ -128,6 +128,8 @@ def test_later_calls_write_their_hoisted_values_into_the_graphs_buffers(wan):
     graph = steps._invariant_graphs[key]
     assert graph is not None and graph.outputs == []
     assert all(s is k for s, k in zip(graph.static[graph.state_slice], kept, strict=True))
+    # static copies of what the invariant program reads only: not the chunk's latents or position tables
+    assert 0 < graph.state_slice.start < n_in
 
 
 def test_weight_addresses_name_every_parameter_and_buffer_once_and_see_a_replaced_one():
