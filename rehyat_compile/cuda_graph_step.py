@@ -263,6 +263,7 @@ class StepRunner:
         self._state_buffers: dict[tuple, list] = {}  # the graphs' static states, by their shapes and dtypes
         self._invariant_buffers: dict[tuple, tuple] = {}  # the graphs' hoisted values, by program and input shapes
         self._invariant_graphs: dict[tuple, GraphedStep | None] = {}  # the programs that write them, captured
+        self._state_keys: dict[int, tuple] = {}  # per step program: its states' shapes and dtypes
 
     def hoisted(self, program) -> HoistedStep:
         if id(program) not in self._hoisted:
@@ -339,6 +340,14 @@ class StepRunner:
         if all(isinstance(b, torch.Tensor) for b in buffers):
             self._invariant_buffers.setdefault((id(program), _signature([*inputs, *tables])), buffers)
 
+    def state_key(self, program) -> tuple:
+        """:func:`_state_key` of ``program``'s initial states, made once per program (on the meta device:
+        shapes and dtypes only), not on every call's host clock."""
+        if id(program) not in self._state_keys:
+            self._state_keys[id(program)] = _state_key(
+                [t for site in program.sites for t in site.initial(torch.device("meta"))])
+        return self._state_keys[id(program)]
+
     def call(self, device: torch.device) -> "_Call":
         """The executor of one model call on ``device``."""
         use_graphs = self.graphs.enabled(device, self.cuda_graphs) and not torch.is_grad_enabled()
@@ -389,8 +398,7 @@ class _Call:
         already holds static states of these shapes, they are zeroed in place and returned: the first
         replay reads them where they are, and the state is never held twice (Wan2.1-1.3B's is 354 MiB)."""
         if self.use_graphs:
-            like = [t for site in program.sites for t in site.initial(torch.device("meta"))]
-            buffers = self.runner._state_buffers.get(_state_key(like))
+            buffers = self.runner._state_buffers.get(self.runner.state_key(program))
             if buffers is not None and all(b.device == device for b in buffers):
                 for buffer in buffers:
                     buffer.zero_()
