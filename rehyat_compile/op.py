@@ -108,11 +108,15 @@ def _hybrid_attention_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _step_outputs(y, new, (q, k, v, fq, fk, *state))
 
 
+def _fake_step_outputs(q, *state) -> tuple:
+    """What :func:`_step_outputs` promises, for the step ops' fake implementations."""
+    return (empty_bnhd(q), *(torch.empty_like(t, memory_format=torch.contiguous_format) for t in state))
+
+
 @_hybrid_attention_step_op.register_fake
 def _(q, k, v, fq, fk, s, z, k_overlap, v_overlap, fk_overlap, overlap_valid, tokens_per_frame, chunk_frames,
       overlap_frames, extra_before, extra_after, scale):
-    return (empty_bnhd(q), *(torch.empty_like(t, memory_format=torch.contiguous_format)
-                 for t in (s, z, k_overlap, v_overlap, fk_overlap, overlap_valid)))
+    return _fake_step_outputs(q, s, z, k_overlap, v_overlap, fk_overlap, overlap_valid)
 
 
 def hybrid_attention_step_compiled(q, k, v, fq, fk, state, layout: dict):
@@ -142,8 +146,7 @@ def _hybrid_attention_steps_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 @_hybrid_attention_steps_op.register_fake
 def _(q, k, v, fq, fk, s, z, k_overlap, v_overlap, fk_overlap, overlap_valid, tokens_per_frame, chunk_frames,
       overlap_frames, scale):
-    return (empty_bnhd(q), *(torch.empty_like(t, memory_format=torch.contiguous_format)
-                 for t in (s, z, k_overlap, v_overlap, fk_overlap, overlap_valid)))
+    return _fake_step_outputs(q, s, z, k_overlap, v_overlap, fk_overlap, overlap_valid)
 
 
 def hybrid_attention_steps_compiled(q, k, v, fq, fk, state, layout: dict):

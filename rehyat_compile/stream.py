@@ -365,11 +365,7 @@ def step_spans(frames: int, chunk_frames: int, chunks_per_step: int) -> list[tup
     remainder (at most G * chunk_frames - 1 of them)."""
     if frames <= 0:
         return []
-    if chunks_per_step == 1:
-        whole, short = divmod(frames, chunk_frames)
-        spans = [(i * chunk_frames, (i + 1) * chunk_frames) for i in range(whole)]
-        return spans + ([(frames - short, frames)] if short else [])
-    step = chunks_per_step * chunk_frames
+    step = chunks_per_step * chunk_frames   # G = 1: the last step is the short chunk, or a whole one
     full = max(0, -(-frames // step) - 1)   # every step but the last is a full one
     spans = [(i * step, (i + 1) * step) for i in range(full)]
     return spans + [(full * step, frames)]

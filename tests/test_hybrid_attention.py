@@ -295,11 +295,15 @@ def test_custom_ops_pass_torch_library_opcheck():
 @pytest.mark.parametrize("frames", [3, 4, 5])
 def test_steps_op_is_the_chunk_by_chunk_stream(frames):
     """``rehyat::hybrid_attention_steps`` (the grouped step under torch.compile, op.py) computes what stepping
-    the chunks one by one computes, short last chunk included."""
+    the chunks one by one computes, short last chunk included, and from the empty state the causal
+    parallel form's output."""
     args = _step_op_args(frames=frames)
     q, k, v, fq, fk, *state = args[:11]
     outs = torch.ops.rehyat.hybrid_attention_steps.default(*args[:-3], args[-1])
-    y, new = q.new_zeros(0), rc.attention.HybridState(*state)
+    parallel = rc.hybrid_attention_chunked(q, k, v, fq, fk, tokens_per_frame=4, chunk_frames=2, overlap_frames=1,
+                                           causal=True, scale=args[-1])
+    torch.testing.assert_close(outs[0], parallel, rtol=1e-5, atol=1e-6)
+    new = rc.attention.HybridState(*state)
     ys = []
     for start in range(0, frames, 2):
         rows = slice(start * 4, min(start + 2, frames) * 4)
