@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import rehyat_compile as rc
-from rehyat_compile.cuda_graph_step import RerunGraphs, _signature, same_view_groups, weight_addresses
+from rehyat_compile.cuda_graph_step import GraphedStep, RerunGraphs, _signature, same_view_groups, weight_addresses
 from rehyat_compile.zoo import make_wan_t2v
 
 
@@ -152,3 +152,28 @@ def test_new_weights_drop_the_kept_invariant_buffers(wan):
         graphed._steps.call(torch.device("cpu"))
     assert moved is hybrid and not graphed._steps._invariant_buffers and not graphed._steps._graphs
     assert not graphed._steps._invariant_graphs
+
+
+class _WritesAndCountsWarmUps:
+    """A program that writes ``2 * x`` into its one "state" and returns it (the invariant program's form)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, x, into):
+        self.seen.append(into)
+        return (into.copy_(2 * x),)
+
+
+@pytest.mark.parametrize("reads_states", [True, False])
+def test_a_program_that_only_writes_its_states_warms_up_on_them_not_on_copies(reads_states):
+    x, buffer = torch.arange(4.0), torch.zeros(4)
+    program = _WritesAndCountsWarmUps()
+    graph = GraphedStep(program, [x, buffer], n_outputs=0, state_slice=slice(1, 2), shared_buffers=[buffer],
+                        graphs=RerunGraphs(), reads_states=reads_states)
+    warm_up_target = program.seen[0]
+    assert (warm_up_target is buffer) == (not reads_states)  # no transient second copy of the buffers
+    # either way the capture leaves the buffer as it was warmed up, and a replay writes the program's result
+    x.mul_(3)
+    (out,) = graph([x, buffer])
+    assert out is buffer and torch.equal(buffer, 2 * x)
