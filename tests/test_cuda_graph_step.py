@@ -166,3 +166,15 @@ def test_several_chunks_per_step_replay_the_fused_steps_in_one_graph(wan_cuda):
     assert _rel(y_grouped, y_single) < 2**-8
     assert _rel(y_grouped, y_conv) < 2e-2
     assert sum(g is not None for g in grouped._steps._graphs.values()) == 2
+
+
+def test_the_whole_videos_tables_stay_in_page_locked_host_memory_and_the_second_call_reuses_them(wan_cuda):
+    hybrid, args, kwargs = wan_cuda
+    runner = rc.stream(hybrid)
+    with torch.no_grad():
+        first = runner(*args, **kwargs)[0]
+        (_, tables), = runner._kept_tables.values()
+        second = runner(*args, **kwargs)[0]
+    assert tables and all(t.device.type == "cpu" and t.is_pinned() for t in tables if isinstance(t, torch.Tensor))
+    assert next(iter(runner._kept_tables.values()))[1] is tables
+    assert _rel(second, first) < 1e-3

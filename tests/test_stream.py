@@ -9,7 +9,7 @@ from torch.export import Dim
 import rehyat_compile as rc
 from rehyat_compile.passes.thread_state import STATE_FIELDS, thread_state
 from rehyat_compile.passes.rewrite_attention import ConversionOptions
-from rehyat_compile.stream import step_spans
+from rehyat_compile.stream import step_spans, table_home
 from rehyat_compile.transform import ConversionPlan
 from models import MODELS
 
@@ -336,3 +336,63 @@ def test_several_chunks_per_step_are_refused_for_extra_tokens_and_bad_counts():
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="chunks_per_step"):
             rc.stream(hybrid, chunks_per_step=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole video's position tables, kept between calls (stream.py, table_key / table_home)
+# ---------------------------------------------------------------------------------------------
+
+def _kept(runner, x, t):
+    return runner._kept_tables[id(runner.program(x, t))]
+
+
+def test_a_call_of_the_same_shapes_reuses_the_last_calls_tables_and_another_length_makes_new_ones():
+    model = TinyVideoDiT().eval()
+    runner = rc.stream(ExportedHybrid(model, *tiny_inputs(model, 4)))
+    x, t = tiny_inputs(model, 5, seed=1)
+    with torch.no_grad():
+        runner(x, t)
+        key, tables = _kept(runner, x, t)
+        assert tables and all(isinstance(table, torch.Tensor) for table in tables)
+        y = runner(x * 2, t.flip(1))  # other values, the same shapes: a denoising loop's next step
+        assert _kept(runner, x, t)[1] is tables
+        outputs_close(y, model(x * 2, t.flip(1)))
+        x3, t3 = tiny_inputs(model, 3, seed=2)
+        y3 = runner(x3, t3)
+        assert _kept(runner, x3, t3)[0] != key
+        outputs_close(y3, model(x3, t3))
+
+
+@pytest.mark.parametrize("constant", ["frame_embedding", "freq"])
+def test_tables_are_made_again_when_a_constant_they_read_changes_in_place(constant):
+    model = TinyVideoDiT().eval()
+    hybrid = ExportedHybrid(model, *tiny_inputs(model, 4))
+    runner = rc.stream(hybrid)
+    x, t = tiny_inputs(model, 5, seed=1)
+    with torch.no_grad():
+        before = runner(x, t)
+        _, old = _kept(runner, x, t)
+        weights = dict(hybrid.gm.named_parameters()) | dict(hybrid.gm.named_buffers())
+        weights[constant].mul_(-0.5)  # load_state_dict, an optimizer step: an in-place write
+        after = runner(x, t)
+        assert _kept(runner, x, t)[1] is not old
+        outputs_close(after, rc.stream(hybrid)(x, t))  # a fresh runner: nothing kept
+        assert rel_err(after, before) > 1e-3
+
+
+def test_tables_that_carry_gradients_are_made_on_every_call_and_not_kept():
+    model = TinyVideoDiT()
+    runner = rc.stream(ExportedHybrid(model, *tiny_inputs(model, 4)))
+    x, t = tiny_inputs(model, 5, seed=1)
+    runner(x, t).square().sum().backward()  # the learned frame embedding is a table that trains
+    embedding = dict(runner.hybrid.gm.named_parameters())["frame_embedding"]
+    assert embedding.grad is not None and embedding.grad.abs().sum() > 0
+    assert not runner._kept_tables
+
+
+def test_tables_live_in_host_memory_for_a_cuda_model_unless_a_table_device_is_named():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert table_home(cuda, None) == cpu
+    assert table_home(cuda, cuda) == cuda
+    assert table_home(cpu, None) == cpu
+    assert table_home(torch.device("meta"), None) == torch.device("meta")
