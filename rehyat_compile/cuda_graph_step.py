@@ -70,7 +70,8 @@ def weight_addresses(model: torch.nn.Module) -> tuple:
     return tuple(addresses)
 
 
-def _view_key(a: torch.Tensor) -> tuple:
+def view_key(a: torch.Tensor) -> tuple:
+    """Which view of which memory ``a`` is: two tensors with one key read the same elements."""
     return (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device)
 
 
@@ -79,7 +80,7 @@ def same_view_groups(args) -> tuple:
     (itself where none is; -1 for non-tensors). Step programs take one table per layer that are all
     slices of the same position table (Wan2.1: 4 per block): a graph keeps one static copy per group."""
     first: dict[tuple, int] = {}
-    return tuple(first.setdefault(_view_key(a), i) if isinstance(a, torch.Tensor) else -1 for i, a in enumerate(args))
+    return tuple(first.setdefault(view_key(a), i) if isinstance(a, torch.Tensor) else -1 for i, a in enumerate(args))
 
 
 def _signature(args) -> tuple:
@@ -97,14 +98,25 @@ def _state_key(states) -> tuple:
 
 
 class CudaGraphs:
-    """How :class:`GraphedStep` warms up, captures and replays: with CUDA graphs (a side stream for the
-    warm-up, ``torch.cuda.graph`` for the capture)."""
+    """How :class:`GraphedStep` warms up, captures and replays: with CUDA graphs (``torch.cuda.graph`` for
+    the capture). Every warm-up and capture of a runner runs on one side stream of its own: cuBLAS keeps
+    a 32 MiB workspace per stream it has run on, so a new stream per capture (the full chunk's, the last
+    chunk's, the invariant program's, per length) would leave one more behind each time."""
+
+    def __init__(self):
+        self._side: dict[int, torch.cuda.Stream] = {}  # per device index
+
+    def side_stream(self) -> "torch.cuda.Stream":
+        device = torch.cuda.current_device()
+        if device not in self._side:
+            self._side[device] = torch.cuda.Stream()
+        return self._side[device]
 
     def enabled(self, device: torch.device, requested: bool | None) -> bool:
         return graphs_enabled(device, requested)
 
     def warm_up(self, fn) -> None:
-        side = torch.cuda.Stream()
+        side = self.side_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             fn()
@@ -113,7 +125,7 @@ class CudaGraphs:
     def capture(self, fn, pool, static: list):
         """(graph, what ``fn`` returned while captured): nothing runs, ``static`` keeps its contents."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool, stream=self.side_stream()):
             outs = fn()
         return graph, outs
 
@@ -339,9 +351,13 @@ class StepRunner:
             return None
 
     def keep_invariant_buffers(self, program, inputs: list, tables: list, buffers: tuple) -> None:
-        """Remember where a graph keeps this program's hoisted values, for calls with inputs of these shapes."""
+        """Remember where a graph keeps this program's hoisted values, for calls with inputs of these shapes;
+        the program that writes them there is made now (passes/write_states_in_place.py, a pass over the
+        whole step program), not on the next call's clock: a compiled runner, whose graphs do not take it,
+        had paid it inside its second call."""
         if all(isinstance(b, torch.Tensor) for b in buffers):
             self._invariant_buffers.setdefault((id(program), _signature([*inputs, *tables])), buffers)
+            self._in_place_programs(program, self.hoisted(program))
 
     def state_key(self, program) -> tuple:
         """:func:`_state_key` of ``program``'s initial states, made once per program (on the meta device:
@@ -432,4 +448,4 @@ class _Call:
 
 
 __all__ = ["CudaGraphs", "GraphedStep", "RerunGraphs", "StepRunner", "graphs_enabled", "invariant_inputs", "same_view_groups",
-           "weight_addresses"]
+           "view_key", "weight_addresses"]

@@ -44,7 +44,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConversionError, ShapeError
 from .export import temporal_patch
-from .cuda_graph_step import StepRunner
+from .cuda_graph_step import StepRunner, view_key
 from .op import HybridCall, is_hybrid_node
 from .passes import pipeline
 from .passes.thread_state import STATE_FIELDS, FrameDim, StepProgram
@@ -256,12 +256,7 @@ class StreamRunner(torch.nn.Module):
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tables):
             self._kept_tables.pop(id(program), None)
             return tables
-        moved: dict[int, object] = {}  # a table returned twice stays one tensor
-        home = table_home(device, self.table_device)
-        for t in tables:
-            if id(t) not in moved:
-                moved[id(t)] = _to_home(t, home)
-        tables = tuple(moved[id(t)] for t in tables)
+        tables = tuple(move_views(tables, lambda t: _to_home(t, table_home(device, self.table_device))))
         self._kept_tables[id(program)] = (key, tables)
         return tables
 
@@ -573,16 +568,33 @@ def _to_home(x, home: torch.device):
     return x.pin_memory() if home.type == "cpu" and torch.cuda.is_available() else x
 
 
+def move_views(values, move) -> list:
+    """``move(x)`` for each tensor, once per distinct view (:func:`~rehyat_compile.cuda_graph_step.view_key`):
+    values that were the same view of the same memory (Wan2.1's 4 slices of one position table per
+    block) stay one tensor, which a CUDA graph then holds once."""
+    moved: dict[tuple, torch.Tensor] = {}
+    out = []
+    for x in values:
+        if isinstance(x, torch.Tensor):
+            key = view_key(x)
+            if key not in moved:
+                moved[key] = move(x)
+            x = moved[key]
+        out.append(x)
+    return out
+
+
 def _chunk(values, dims: list, start: int, stop: int, device=None) -> list:
-    """Each value restricted to token frames [start, stop) per its dim (None: unchanged)."""
+    """Each value restricted to token frames [start, stop) per its dim (None: unchanged), then moved to
+    ``device`` (where given) view by view (:func:`move_views`)."""
     out = []
     for x, fd in zip(values, dims):
         if fd is not None and (isinstance(x, torch.Tensor) or isinstance(fd, FrameCount)):
             x = fd.take(x, start, stop)
-        if isinstance(x, torch.Tensor) and device is not None:
-            x = x.to(device, non_blocking=True)
         out.append(x)
-    return out
+    if device is None:
+        return out
+    return move_views(out, lambda x: x.to(device, non_blocking=True))
 
 
 def _static_frame_inputs(flat: list, dims: list, frame_axis) -> bool:
@@ -686,4 +698,4 @@ def stream(hybrid, *, table_device=None, cuda_graphs=None, compile=False, chunks
                         chunks_per_step=chunks_per_step)
 
 
-__all__ = ["StreamRunner", "step_spans", "stream", "table_home", "table_key"]
+__all__ = ["StreamRunner", "move_views", "step_spans", "stream", "table_home", "table_key"]

@@ -177,3 +177,18 @@ def test_a_program_that_only_writes_its_states_warms_up_on_them_not_on_copies(re
     x.mul_(3)
     (out,) = graph([x, buffer])
     assert out is buffer and torch.equal(buffer, 2 * x)
+
+
+def test_a_compiled_runner_makes_the_in_place_invariant_program_in_its_first_call(wan, monkeypatch):
+    """Compiled step graphs do not take the in-place step program, so the invariant program that the
+    second call replays is made in the first, where the buffers it writes are kept (not on the second
+    call's clock)."""
+    hybrid, args, kwargs = wan
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)  # what is made, not Inductor, is checked
+    graphed = rc.stream(hybrid, compile=True)
+    graphed._steps.graphs = RerunGraphs()
+    with torch.no_grad():
+        graphed(*args, **kwargs)
+    steps = graphed._steps
+    assert steps._compiled and steps._invariant_buffers
+    assert set(steps._in_place) == set(steps._compiled)

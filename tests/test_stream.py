@@ -9,7 +9,7 @@ from torch.export import Dim
 import rehyat_compile as rc
 from rehyat_compile.passes.thread_state import STATE_FIELDS, thread_state
 from rehyat_compile.passes.rewrite_attention import ConversionOptions
-from rehyat_compile.stream import step_spans, table_home
+from rehyat_compile.stream import move_views, step_spans, table_home
 from rehyat_compile.transform import ConversionPlan
 from models import MODELS
 
@@ -396,3 +396,12 @@ def test_tables_live_in_host_memory_for_a_cuda_model_unless_a_table_device_is_na
     assert table_home(cuda, cuda) == cuda
     assert table_home(cpu, None) == cpu
     assert table_home(torch.device("meta"), None) == torch.device("meta")
+
+
+def test_values_that_are_one_view_move_as_one_tensor_and_other_views_apart():
+    base = torch.arange(12.0).view(3, 4)
+    same_a, same_b, other = base[:, ::2], base[:, ::2], base[:, 1::2]
+    moved = move_views([same_a, 7, same_b, other, torch.empty(0)], lambda t: t.clone())
+    assert moved[0] is moved[2] and moved[0] is not same_a and moved[1] == 7
+    assert moved[3] is not moved[0]
+    assert torch.equal(moved[0], same_a) and torch.equal(moved[3], other) and moved[4].numel() == 0
