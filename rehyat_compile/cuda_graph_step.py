@@ -323,6 +323,18 @@ class StepRunner:
         buffers = self._invariant_buffers.get(key)
         if buffers is None:
             return tuple(step.invariant(*inputs, *tables))
+        graph, writes, taken = self._invariant_graph(program, step, inputs, tables, key, buffers)
+        if graph is None:
+            return tuple(writes(*inputs, *tables, *buffers))
+        # one replay instead of the program's launches one by one (Wan2.1-1.3B: ~780, all on the host's
+        # clock before the first step replay, while the GPU idles); its "states" are the kept buffers, and
+        # it keeps static copies only of the arguments it reads (text, timestep: not the chunk's latents
+        # and position tables)
+        return tuple(graph([*taken, *buffers]))
+
+    def _invariant_graph(self, program, step: HoistedStep, inputs: list, tables: list, key: tuple, buffers: tuple):
+        """(the captured invariant program writing into ``buffers``, or None where capture failed; the
+        program; the arguments of ``inputs + tables`` it reads), captured on first use."""
         writes = self._in_place_programs(program, step)[1]
         used = _used_arguments(writes, len(inputs) + len(tables))
         taken = [[*inputs, *tables][i] for i in used]
@@ -332,14 +344,7 @@ class StepRunner:
                     _OnArguments(writes, used, len(inputs) + len(tables)), [*taken, *buffers], n_outputs=0,
                     state_slice=slice(len(taken), len(taken) + len(buffers)), pool=self._pool,
                     shared_buffers=buffers, graphs=self.graphs, reads_states=False))
-        graph = self._invariant_graphs[key]
-        if graph is None:
-            return tuple(writes(*inputs, *tables, *buffers))
-        # one replay instead of the program's launches one by one (Wan2.1-1.3B: ~780, all on the host's
-        # clock before the first step replay, while the GPU idles); its "states" are the kept buffers, and
-        # it keeps static copies only of the arguments it reads (text, timestep: not the chunk's latents
-        # and position tables)
-        return tuple(graph([*taken, *buffers]))
+        return self._invariant_graphs[key], writes, taken
 
     def _capture(self, what: str, make):
         """``make()`` (a :class:`GraphedStep`), or None where the capture fails: that program then runs eagerly."""
@@ -351,13 +356,16 @@ class StepRunner:
             return None
 
     def keep_invariant_buffers(self, program, inputs: list, tables: list, buffers: tuple) -> None:
-        """Remember where a graph keeps this program's hoisted values, for calls with inputs of these shapes;
-        the program that writes them there is made now (passes/write_states_in_place.py, a pass over the
-        whole step program), not on the next call's clock: a compiled runner, whose graphs do not take it,
-        had paid it inside its second call."""
+        """Remember where a graph keeps this program's hoisted values, for calls with inputs of these shapes,
+        and capture now the program that writes them there (passes/write_states_in_place.py), while the
+        first call warms up, not on the next call's clock: it had cost the second call the pass over
+        the whole step program (a compiled runner's: strm+c 951 ms timed vs 279 ms profiled, Wan2.1-1.3B
+        at 81 frames) and the capture (eager G = 7: 389 ms timed vs 359 ms profiled). Its warm-up writes
+        this call's values into the buffers, which hold them already."""
         if all(isinstance(b, torch.Tensor) for b in buffers):
-            self._invariant_buffers.setdefault((id(program), _signature([*inputs, *tables])), buffers)
-            self._in_place_programs(program, self.hoisted(program))
+            key = (id(program), _signature([*inputs, *tables]))
+            self._invariant_buffers.setdefault(key, buffers)
+            self._invariant_graph(program, self.hoisted(program), inputs, tables, key, self._invariant_buffers[key])
 
     def state_key(self, program) -> tuple:
         """:func:`_state_key` of ``program``'s initial states, made once per program (on the meta device:

@@ -96,9 +96,10 @@ def test_a_later_call_zeroes_the_states_it_starts_from(wan):
 
 
 def test_later_calls_write_their_hoisted_values_into_the_graphs_buffers(wan):
-    """Call 2 (new text and timestep, same shapes) captures the invariant program that writes into the
-    graph's buffers and replays it; call 3 (a shorter text) has no buffers of its shapes yet and makes its
-    own; call 4 (other text of the first shape) replays the captured invariant graph on its inputs."""
+    """Call 1 keeps its hoisted values in the graph's buffers and captures the invariant program that
+    writes into them; call 2 (new text and timestep, same shapes) replays it; call 3 (a shorter text) has
+    no buffers of its shapes yet and makes its own; call 4 (other text of the first shape) replays the
+    captured invariant graph on its inputs."""
     hybrid, args, kwargs = wan
     graphed, eager = _reference_graphed(hybrid), rc.stream(hybrid, cuda_graphs=False)
     text = kwargs["encoder_hidden_states"]
@@ -179,16 +180,19 @@ def test_a_program_that_only_writes_its_states_warms_up_on_them_not_on_copies(re
     assert out is buffer and torch.equal(buffer, 2 * x)
 
 
-def test_a_compiled_runner_makes_the_in_place_invariant_program_in_its_first_call(wan, monkeypatch):
-    """Compiled step graphs do not take the in-place step program, so the invariant program that the
-    second call replays is made in the first, where the buffers it writes are kept (not on the second
-    call's clock)."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_the_first_call_captures_the_invariant_program_the_second_replays(wan, monkeypatch, compile):
+    """Made and captured in the first call, where the buffers it writes are kept, not on the second
+    call's clock (compiled step graphs do not take the in-place step program: a compiled runner had made
+    the pass's programs in its second call)."""
     hybrid, args, kwargs = wan
     monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)  # what is made, not Inductor, is checked
-    graphed = rc.stream(hybrid, compile=True)
+    graphed = rc.stream(hybrid, compile=compile)
     graphed._steps.graphs = RerunGraphs()
     with torch.no_grad():
         graphed(*args, **kwargs)
     steps = graphed._steps
-    assert steps._compiled and steps._invariant_buffers
-    assert set(steps._in_place) == set(steps._compiled)
+    assert bool(steps._compiled) == compile and steps._invariant_buffers
+    assert id(graphed.program(*args, **kwargs)) in steps._in_place
+    assert set(steps._invariant_graphs) == set(steps._invariant_buffers)
+    assert all(g is not None for g in steps._invariant_graphs.values())
