@@ -247,17 +247,21 @@ class StreamRunner(torch.nn.Module):
         :func:`table_home` says: in host memory for a CUDA model, so the device holds one step's slices
         of them, not the whole video's (Wan2.1-1.3B at 641 frames: 257 MiB), and device memory does not
         grow with the video's length. Tables that carry gradients (a learned frame embedding, trained
-        through the stream) are made fresh on every call."""
+        through the stream) are made fresh on every call, and stay where they were made; a call with
+        an input :func:`table_key` cannot key makes its own too."""
         key = table_key(program, flat)
         kept = self._kept_tables.get(id(program))
-        if kept is not None and kept[0] == key:
+        if key is not None and kept is not None and kept[0] == key:
             return kept[1]
         tables = self._tables(program, flat)
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tables):
             self._kept_tables.pop(id(program), None)
             return tables
         tables = tuple(move_views(tables, lambda t: _to_home(t, table_home(device, self.table_device))))
-        self._kept_tables[id(program)] = (key, tables)
+        if key is None:
+            self._kept_tables.pop(id(program), None)
+        else:
+            self._kept_tables[id(program)] = (key, tables)
         return tables
 
     # -- running ----------------------------------------------------------------------------------
@@ -528,18 +532,25 @@ def _frames(flat: list, dims: list) -> int:
     raise ConversionError("no input of the model has a frame-dependent dim to chunk")
 
 
-def _value_key(x) -> tuple:
+def _value_key(x) -> tuple | None:
     """What a table module reads of one flat input: a tensor's shape, dtype and device (tables are made
-    from shapes and constants alone, passes/thread_state.py), any other value itself."""
+    from shapes and constants alone, passes/thread_state.py), a Python scalar's value; None for any other
+    value (whose equality a key cannot promise)."""
     if isinstance(x, torch.Tensor):
         return ("tensor", tuple(x.shape), x.dtype, x.device)
-    return ("value", repr(x))
+    if x is None or isinstance(x, (bool, int, float, str, torch.dtype, torch.device)):
+        return ("value", type(x).__name__, x)
+    return None
 
 
-def table_key(program: StepProgram, flat: list) -> tuple:
+def table_key(program: StepProgram, flat: list) -> tuple | None:
     """What ``program.table_module(*flat)`` depends on: the inputs' :func:`_value_key` and, per tensor the
     module reads (``get_attr``: RoPE frequencies, a learned frame embedding), its storage and version
-    counter, so new or updated weights (``.to()``, ``load_state_dict``, an optimizer step) give a new key."""
+    counter, so new or updated weights (``.to()``, ``load_state_dict``, an optimizer step) give a new key.
+    None where an input is neither a tensor nor a scalar: such a call's tables are not kept."""
+    inputs = tuple(_value_key(x) for x in flat)
+    if any(k is None for k in inputs):
+        return None
     constants = []
     for node in program.table_module.graph.find_nodes(op="get_attr"):
         value = program.table_module
@@ -548,7 +559,7 @@ def table_key(program: StepProgram, flat: list) -> tuple:
         if isinstance(value, torch.Tensor):
             constants.append((node.target, value.data_ptr(), value._version, tuple(value.shape), value.dtype,
                               value.device))
-    return tuple(_value_key(x) for x in flat), tuple(constants)
+    return inputs, tuple(constants)
 
 
 def table_home(device: torch.device, table_device: torch.device | None) -> torch.device:

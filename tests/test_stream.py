@@ -9,7 +9,7 @@ from torch.export import Dim
 import rehyat_compile as rc
 from rehyat_compile.passes.thread_state import STATE_FIELDS, thread_state
 from rehyat_compile.passes.rewrite_attention import ConversionOptions
-from rehyat_compile.stream import move_views, step_spans, table_home
+from rehyat_compile.stream import move_views, step_spans, table_home, table_key
 from rehyat_compile.transform import ConversionPlan
 from models import MODELS
 
@@ -405,3 +405,15 @@ def test_values_that_are_one_view_move_as_one_tensor_and_other_views_apart():
     assert moved[0] is moved[2] and moved[0] is not same_a and moved[1] == 7
     assert moved[3] is not moved[0]
     assert torch.equal(moved[0], same_a) and torch.equal(moved[3], other) and moved[4].numel() == 0
+
+
+def test_a_table_key_is_made_from_shapes_and_scalars_and_refused_for_other_values():
+    model = TinyVideoDiT().eval()
+    runner = rc.stream(ExportedHybrid(model, *tiny_inputs(model, 4)))
+    x, t = tiny_inputs(model, 5, seed=1)
+    program, flat = runner.program(x, t), runner.plan(x, t).flat
+    key = table_key(program, flat)
+    assert key is not None and key == table_key(program, [f * 2 for f in flat])  # values do not count
+    assert key != table_key(program, [flat[0][:, :, :4], flat[1][:, :4]])          # shapes do
+    assert table_key(program, [*flat, 3]) != table_key(program, [*flat, 4])
+    assert table_key(program, [*flat, [1, 2]]) is None  # a value whose equality a key cannot promise
