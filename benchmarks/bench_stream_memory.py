@@ -5,8 +5,9 @@ Model: diffusers ``WanTransformer3DModel`` with Wan2.1-1.3B widths (dim 1536 = 1
 FFN 8960, text dim 4096) but few layers, random weights, bf16; latent 60x104 (480x832 video) ->
 1560 tokens per latent frame; 512 text tokens. Peak memory is ``torch.cuda.max_memory_allocated``
 during one forward (no grad), reported in MiB as the absolute peak and the peak above what was
-allocated before the call (weights, inputs). The streamed form runs twice: position tables kept on
-the GPU, and computed/kept on the host (``table_device="cpu"``, one chunk's slice moved at a time).
+allocated before the call (weights, inputs). The streamed form runs twice: position tables computed
+on the GPU (the default; since d60a503 kept between calls in host memory, stream.py ``table_home``), and
+computed on the host (``table_device="cpu"``); both move one step's slice at a time.
 
     PYTHONPATH=. python benchmarks/bench_stream_memory.py [--frames 6 24] [--layers 2]
 """
@@ -66,7 +67,8 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | transform {time.perf_counter() - t0:.1f}s")
     print(f"model: Wan2.1-style dim 1536 (12x128), {args.layers} layers, bf16, 60x104 latent = 1560 tokens/frame, "
           f"Tc={args.chunk_frames} To={args.overlap_frames}, {len(hybrid.sites)} converted sites")
-    streams = {"streamed (tables on GPU)": rc.stream(hybrid), "streamed (tables on host)": rc.stream(hybrid, table_device="cpu")}
+    streams = {"streamed (tables made on GPU)": rc.stream(hybrid),
+               "streamed (tables made on host)": rc.stream(hybrid, table_device="cpu")}
 
     rows = []
     for frames in args.frames:
