@@ -544,11 +544,17 @@ def _value_key(x) -> tuple | None:
 
 
 def table_key(program: StepProgram, flat: list) -> tuple | None:
-    """What ``program.table_module(*flat)`` depends on: the inputs' :func:`_value_key` and, per tensor the
-    module reads (``get_attr``: RoPE frequencies, a learned frame embedding), its storage and version
-    counter, so new or updated weights (``.to()``, ``load_state_dict``, an optimizer step) give a new key.
-    None where an input is neither a tensor nor a scalar: such a call's tables are not kept."""
-    inputs = tuple(_value_key(x) for x in flat)
+    """What ``program.table_module(*flat)`` depends on: the :func:`_value_key` of the inputs it reads (Wan2.1:
+    the latents' shape, not the text's, so a negative prompt of another length keeps the tables) and,
+    per tensor the module reads (``get_attr``: RoPE frequencies, a learned frame embedding), its storage
+    and version counter, so new or updated weights (``.to()``, ``load_state_dict``, an optimizer step)
+    give a new key. None where an input it reads is neither a tensor nor a scalar: such a call's tables
+    are not kept."""
+    placeholders = list(program.table_module.graph.find_nodes(op="placeholder"))
+    if len(placeholders) != len(flat):  # not this program's inputs: nothing to key them by
+        return None
+    read = [x for node, x in zip(placeholders, flat) if node.users]
+    inputs = tuple(_value_key(x) for x in read)
     if any(k is None for k in inputs):
         return None
     constants = []

@@ -415,5 +415,23 @@ def test_a_table_key_is_made_from_shapes_and_scalars_and_refused_for_other_value
     key = table_key(program, flat)
     assert key is not None and key == table_key(program, [f * 2 for f in flat])  # values do not count
     assert key != table_key(program, [flat[0][:, :, :4], flat[1][:, :4]])          # shapes do
-    assert table_key(program, [*flat, 3]) != table_key(program, [*flat, 4])
-    assert table_key(program, [*flat, [1, 2]]) is None  # a value whose equality a key cannot promise
+    read = [i for i, node in enumerate(program.table_module.graph.find_nodes(op="placeholder")) if node.users]
+    assert read  # the frame count comes from an input's shape
+    for i, value, want_key in [(read[0], 3, True), (read[0], None, True), (read[0], [1, 2], False)]:
+        other = list(flat)
+        other[i] = value
+        assert (table_key(program, other) is not None) == want_key  # a list: equality a key cannot promise
+    assert table_key(program, [*flat[:read[0]], 3, *flat[read[0] + 1:]]) != \
+        table_key(program, [*flat[:read[0]], 4, *flat[read[0] + 1:]])
+
+
+def test_a_table_key_reads_only_the_inputs_the_tables_are_made_from():
+    from rehyat_compile.zoo import make_wan_t2v
+    model, args, kwargs = make_wan_t2v(frames=5)
+    runner = rc.stream(rc.transform(model, args, kwargs, chunk_frames=2, overlap_frames=1), cuda_graphs=False)
+    program = runner.program(*args, **kwargs)
+    text = kwargs["encoder_hidden_states"]
+    shorter = dict(kwargs, encoder_hidden_states=text[:, : text.shape[1] // 2])  # a negative prompt of another length
+    key = table_key(program, runner.plan(*args, **kwargs).flat)
+    assert key is not None and key == table_key(program, runner.plan(*args, **shorter).flat)
+    assert key != table_key(program, runner.plan(args[0][:, :, :3], **kwargs).flat)  # the latents' frames are read
