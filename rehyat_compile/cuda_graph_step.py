@@ -100,8 +100,9 @@ def _state_key(states) -> tuple:
 class CudaGraphs:
     """How :class:`GraphedStep` warms up, captures and replays: with CUDA graphs (``torch.cuda.graph`` for
     the capture). Every warm-up and capture of a runner runs on one side stream of its own: cuBLAS keeps
-    a 32 MiB workspace per stream it has run on, so a new stream per capture (the full chunk's, the last
-    chunk's, the invariant program's, per length) would leave one more behind each time."""
+    a workspace per stream it has run on, so a new stream per capture (the full chunk's, the last
+    chunk's, the invariant program's, per length) would leave one more behind each time (with one,
+    tests/test_cuda_graph_step.py's second call had allocated 34 MiB, more than its whole state)."""
 
     def __init__(self):
         self._side: dict[int, torch.cuda.Stream] = {}  # per device index
@@ -240,7 +241,7 @@ class GraphedStep:
         return self.replay()
 
 
-def _used_arguments(module, n: int) -> list[int]:
+def used_arguments(module, n: int) -> list[int]:
     """Indices of the first ``n`` placeholders of ``module`` that its graph reads."""
     placeholders = list(module.graph.find_nodes(op="placeholder"))[:n]
     return [i for i, node in enumerate(placeholders) if node.users]
@@ -336,7 +337,7 @@ class StepRunner:
         """(the captured invariant program writing into ``buffers``, or None where capture failed; the
         program; the arguments of ``inputs + tables`` it reads), captured on first use."""
         writes = self._in_place_programs(program, step)[1]
-        used = _used_arguments(writes, len(inputs) + len(tables))
+        used = used_arguments(writes, len(inputs) + len(tables))
         taken = [[*inputs, *tables][i] for i in used]
         if key not in self._invariant_graphs:
             self._invariant_graphs[key] = self._capture(
@@ -456,4 +457,4 @@ class _Call:
 
 
 __all__ = ["CudaGraphs", "GraphedStep", "RerunGraphs", "StepRunner", "graphs_enabled", "invariant_inputs", "same_view_groups",
-           "view_key", "weight_addresses"]
+           "used_arguments", "view_key", "weight_addresses"]
