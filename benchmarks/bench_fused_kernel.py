@@ -5,6 +5,7 @@ Wan2.1-1.3B self-attention shapes: batch 1, 12 heads x 128, 1560 tokens per late
 
     python benchmarks/bench_fused_kernel.py [--frames 6 11 21 41 81 121] [--non-causal] [--sweep]
     python benchmarks/bench_fused_kernel.py --step 21     # the recurrent step beside the parallel op
+    python benchmarks/bench_fused_kernel.py --feature-map 4680 32760 48360   # FeatureMap: fused vs PyTorch
 
 Per frame count and implementation: median ms (triton.testing.do_bench, L2 flushed between runs),
 peak memory above the inputs (MiB, output included), temporaries (peak minus the output) as % of
@@ -220,6 +221,35 @@ def step_table(frames: int) -> None:
           f"{par_flops / ms / 1e9:7.0f} {err:9.1e} (vs the parallel op)")
 
 
+def feature_map_table(token_counts) -> None:
+    """FeatureMap (Wan2.1 shapes: 12 heads, D 128, hidden 128, 64 features, gelu, softplus, degree 2) on
+    the model's ``[B, N, H, D]`` memory: the fused kernel beside the PyTorch form, side by side, with
+    the rate its bytes (x read, features written) would take at the card's copy bandwidth."""
+    torch.manual_seed(0)
+    fmap = rc.FeatureMap(HEADS, HEAD_DIM, FEATURES).to("cuda", torch.bfloat16)
+    from rehyat_compile.kernels.triton_feature_map import feature_map_fused
+    big = torch.empty(2 ** 30, device="cuda", dtype=torch.uint8)
+    copy_gbs = 2 * big.numel() / do_bench(lambda: big.clone(), warmup=10, rep=100, return_mode="median") / 1e6
+    del big
+    print(f"device {torch.cuda.get_device_name()}; copy bandwidth (1 GiB clone, read + write) {copy_gbs:.0f} GB/s")
+    print(f"{'tokens':>7} {'torch us':>9} {'fused us':>9} {'x torch':>8} {'fused GB/s':>11} {'bytes us':>9} {'relerr':>8}")
+    with torch.no_grad():
+        for n in token_counts:
+            x = torch.randn(1, n, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+            torch_us = 1e3 * do_bench(lambda: fmap.forward_torch(x), warmup=25, rep=200, return_mode="median")
+            fused_us = 1e3 * do_bench(lambda: feature_map_fused(fmap, x), warmup=25, rep=200, return_mode="median")
+            nbytes = x.numel() * 2 + n * HEADS * FEATURES * 2
+            ref = fmap.float().forward_torch(x.float())
+            fmap.to(torch.bfloat16)
+            err = ((feature_map_fused(fmap, x).float() - ref).norm() / ref.norm()).item()
+            print(f"{n:7d} {torch_us:9.1f} {fused_us:9.1f} {torch_us / fused_us:8.2f} {nbytes / fused_us / 1e3:11.0f} "
+                  f"{nbytes / copy_gbs / 1e3:9.1f} {err:8.1e}")
+    from rehyat_compile.kernels.triton_feature_map import _feature_map_tuned
+    print("autotune picks (key -> config):")
+    for key, config in _feature_map_tuned.cache.items():
+        print(f"  {key} -> {config}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[6, 11, 21, 41, 81, 121])
@@ -228,9 +258,14 @@ def main() -> None:
                         help="also time every block configuration of the fused kernel at this frame count")
     parser.add_argument("--step", type=int, default=0, metavar="FRAMES",
                         help="only the recurrent step: one chunk beside the parallel op on this many frames")
+    parser.add_argument("--feature-map", type=int, nargs="+", default=None, metavar="TOKENS",
+                        help="only FeatureMap: the fused kernel beside the PyTorch form at these token counts")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
+    if args.feature_map:
+        feature_map_table(args.feature_map)
+        return
     if args.step:
         step_table(args.step)
         return

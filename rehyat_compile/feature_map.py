@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,11 @@ class FeatureMap(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.heads or x.shape[-1] != self.head_dim:
             raise ShapeError(f"FeatureMap input must be [B, H={self.heads}, N, D={self.head_dim}], "
                              f"got {tuple(x.shape)}")
+        if x.device.type == "cuda" and torch.compiler.is_dynamo_compiling() and not self._needs_grad(x):
+            # torch.compile: one opaque node (``rehyat::feature_map``) that runs the fused kernel, instead
+            # of the PyTorch form Inductor would lower to two bmm and element-wise kernels
+            return torch.ops.rehyat.feature_map(x, self.w1, self.b1, self.w2, self.b2, self.activation,
+                                                self.positive, self.degree)
         if x.device.type == "cuda":  # the fused Triton kernel (kernels/triton_feature_map.py) where it applies
             from .kernels import fused_feature_map_unavailable
             if fused_feature_map_unavailable(self, x) is None:
@@ -67,10 +73,62 @@ class FeatureMap(nn.Module):
                 return feature_map_fused(self, x)
         return self.forward_torch(x)
 
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
     def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         """The map in PyTorch ops (any device, autograd): the reference of the fused kernel."""
-        out_dtype = torch.promote_types(x.dtype, self.w1.dtype)
-        h = ACTIVATIONS[self.activation](x.to(self.w1.dtype) @ self.w1 + self.b1)
-        u = POSITIVE[self.positive](h @ self.w2 + self.b2)
-        parts = u.chunk(self.degree, dim=-1)
-        return torch.cat([part ** (p + 1) for p, part in enumerate(parts)], dim=-1).to(out_dtype)
+        return feature_map_torch(x, self.w1, self.b1, self.w2, self.b2, self.activation, self.positive, self.degree)
+
+
+def feature_map_torch(x, w1, b1, w2, b2, activation: str, positive: str, degree: int) -> torch.Tensor:
+    """:class:`FeatureMap`'s function of its weights, in PyTorch ops."""
+    out_dtype = torch.promote_types(x.dtype, w1.dtype)
+    h = ACTIVATIONS[activation](x.to(w1.dtype) @ w1 + b1)
+    u = POSITIVE[positive](h @ w2 + b2)
+    parts = u.chunk(degree, dim=-1)
+    return torch.cat([part ** (p + 1) for p, part in enumerate(parts)], dim=-1).to(out_dtype)
+
+
+class FeatureMapWeights(NamedTuple):
+    """A :class:`FeatureMap`'s weights and options as plain values: what the custom op receives, with
+    the attributes the fused kernel reads from a module."""
+
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    activation: str
+    positive: str
+    degree: int
+
+    @property
+    def hidden(self) -> int:
+        return self.w1.shape[-1]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.w2.shape[-1]
+
+    def parameters(self):
+        return iter((self.w1, self.b1, self.w2, self.b2))
+
+
+@torch.library.custom_op("rehyat::feature_map", mutates_args=())
+def _feature_map_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                    activation: str, positive: str, degree: int) -> torch.Tensor:
+    """``FeatureMap`` under torch.compile (no gradients): the fused kernel where it applies, else the
+    PyTorch form. Traced graphs hold one node; the fake below gives its shape."""
+    weights = FeatureMapWeights(w1, b1, w2, b2, activation, positive, degree)
+    if x.device.type == "cuda":
+        from .kernels import fused_feature_map_unavailable
+        if fused_feature_map_unavailable(weights, x) is None:
+            from .kernels.triton_feature_map import feature_map_fused
+            return feature_map_fused(weights, x)
+    return feature_map_torch(x, w1, b1, w2, b2, activation, positive, degree).contiguous()
+
+
+@_feature_map_op.register_fake
+def _(x, w1, b1, w2, b2, activation, positive, degree):
+    bsz, heads, n, _ = x.shape
+    return x.new_empty(bsz, heads, n, w2.shape[-1], dtype=torch.promote_types(x.dtype, w1.dtype))

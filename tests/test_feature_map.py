@@ -52,3 +52,34 @@ def test_bad_configuration_names_the_argument(kwargs, word):
 def test_wrong_input_shape_is_reported():
     with pytest.raises(ValueError, match=r"H=2"):
         rc.FeatureMap(2, 4)(torch.randn(1, 3, 5, 4))
+
+
+def test_custom_op_is_the_modules_function_and_passes_opcheck():
+    from rehyat_compile.feature_map import FeatureMap  # noqa: F401  (registers rehyat::feature_map)
+    torch.manual_seed(0)
+    phi = rc.FeatureMap(2, 8, feature_dim=6, hidden=5, degree=3, activation="silu", positive="relu")
+    x = torch.randn(2, 2, 7, 8)
+    args = (x, phi.w1, phi.b1, phi.w2, phi.b2, phi.activation, phi.positive, phi.degree)
+    with torch.no_grad():
+        assert torch.equal(torch.ops.rehyat.feature_map(*args), phi.forward_torch(x))
+    torch.library.opcheck(torch.ops.rehyat.feature_map.default, tuple(a.detach() if torch.is_tensor(a) else a
+                                                                      for a in args),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_feature_map_is_one_node_with_the_fused_kernel():
+    graphs = []
+
+    def record(gm, _inputs):
+        graphs.append(gm)
+        return gm
+
+    phi = rc.FeatureMap(12, 128, 64).to("cuda", torch.bfloat16)
+    x = torch.randn(1, 4680, 12, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    with torch.no_grad():
+        got = torch.compile(phi, backend=record, fullgraph=True)(x)
+        ref = phi.forward_torch(x)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert any("rehyat.feature_map" in t for t in targets) and not any("bmm" in t or "matmul" in t for t in targets)
+    assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2

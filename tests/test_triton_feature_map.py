@@ -25,15 +25,16 @@ def _rel(a, b):
 @pytest.mark.parametrize("activation,positive,degree,hidden,feat", [
     ("gelu", "softplus", 2, 16, 16), ("relu", "relu", 1, 32, 16), ("silu", "exp", 2, 16, 32),
     ("identity", "softplus", 4, 24, 16)])   # hidden 24: a masked (padded) hidden block
-def test_fused_feature_map_equals_torch_form(activation, positive, degree, hidden, feat):
+@pytest.mark.parametrize("tokens", [20, 70])   # 70: 5 blocks over 2 programs a head, the last one partial
+def test_fused_feature_map_equals_torch_form(activation, positive, degree, hidden, feat, tokens):
     torch.manual_seed(0)
     fmap = FeatureMap(2, 16, feat, hidden=hidden, degree=degree, activation=activation, positive=positive,
                       init_bias=0.0).to(DEVICE, torch.float16)
-    x = torch.randn(1, 20, 2, 16, device=DEVICE, dtype=torch.float16).transpose(1, 2)   # [B,N,H,D] memory
+    x = torch.randn(1, tokens, 2, 16, device=DEVICE, dtype=torch.float16).transpose(1, 2)   # [B,N,H,D] memory
     with torch.no_grad():
         got = triton_feature_map.feature_map_fused(fmap, x)
         ref = fmap.forward_torch(x.float()) if DEVICE == "cpu" else fmap.float().forward_torch(x.float())
-    assert got.shape == (1, 2, 20, feat) and got.dtype == torch.float16
+    assert got.shape == (1, 2, tokens, feat) and got.dtype == torch.float16
     assert (got >= 0).all()
     assert _rel(got, ref) < 5e-3
 
